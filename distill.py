@@ -1,0 +1,224 @@
+"""Distill a dataset by matching expert training trajectories (MTT, SPEC 5).
+
+    python distill.py --dataset Digits --ipc 10                 # a new numbered folder under runs/
+    python distill.py --resume runs/003-Digits-ipc10-ConvNetD2  # continue it to the same --Iteration
+Defaults are the Digits quickstart; buffer.sh / distill.sh presets set the paper's rows.
+"""
+import argparse
+import os
+
+import torch
+from tqdm import tqdm
+
+from data import DATASETS, DEFAULT_MODEL, SUBSETS, DataError, check_dataset, load_dataset
+from evaluation import LR_DECAYS, evaluate_set, random_real
+from matching import matching_loss
+from networks import MODELS, get_network
+from reparam_module import ReparamModule
+from runlog import WANDB_MODES, RunLog, latest_run_dir, load_args, new_run_dir, save_args
+from trajectory_io import ExpertCursor, buffer_dir, validate_buffers
+from utils import UsageError, atomic_torch_save, atomic_write_json, fail, pick_device, rng_state, seed_everything, set_rng_state
+
+
+# ---------------------------------------------------------------- flags (defaults: Digits quickstart)
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # data / model
+    a('--dataset', default='Digits', choices=DATASETS)
+    a('--subset', default='imagenette', choices=list(SUBSETS), help='ImageNet subset')
+    a('--res', type=int, default=128, help='ImageNet subset resolution (pixels)')
+    a('--model', default=None, choices=list(MODELS), help="default: the dataset's ConvNet")
+    a('--zca', action='store_true', help='ZCA-whiten real and synthetic images (needs ZCA buffers)')
+    a('--data_path', default='data')
+    a('--buffer_path', default='buffers')
+    # synthetic set
+    a('--ipc', type=int, default=10, help='synthetic images per class')
+    a('--pix_init', default='real', choices=['real', 'noise'], help='synthetic image initialisation')
+    # trajectory matching
+    a('--Iteration', type=int, default=500, help='outer (image update) iterations')
+    a('--syn_steps', type=int, default=20, help='N: student steps on the synthetic set per iteration')
+    a('--expert_epochs', type=int, default=2, help='M: expert epochs the student must cover')
+    a('--max_start_epoch', type=int, default=10, help='T+: start epoch t ~ U{0..T+-1}')
+    a('--lr_img', type=float, default=100, help='SGD lr of the synthetic images')
+    a('--lr_lr', type=float, default=1e-5, help='SGD lr of the learnable student lr')
+    a('--lr_teacher', type=float, default=0.01, help='initial student lr (syn_lr)')
+    a('--batch_syn', type=int, default=None, help='student batch size; default: the whole synthetic set')
+    a('--syn_mom', type=float, default=0.0, help='student heavy-ball momentum (AST uses 0.9)')
+    a('--dsa', default='True', choices=['True', 'False'], help='DSA augmentation in the inner loop and eval')
+    a('--max_experts', type=int, default=None, help='use only the first K expert files')
+    a('--max_skips', type=int, default=10, help='stop after this many non-finite losses in a row')
+    # evaluation
+    a('--eval_mode', nargs='+', default=None, choices=list(MODELS), help='architectures to evaluate (default: --model)')
+    a('--eval_it', type=int, default=100, help='evaluate every this many iterations (and at the end)')
+    a('--num_eval', type=int, default=5, help='networks per architecture per evaluation')
+    a('--epoch_eval_train', type=int, default=1000, help='epochs to train each evaluation network')
+    a('--lr_decay', default='mtt', choices=list(LR_DECAYS), help='eval lr schedule: mtt x0.1 at E//2+1, ast x0.5')
+    # run
+    a('--seed', type=int, default=0)
+    a('--device', default='auto')
+    a('--run_dir', default='runs', help='numbered run folders go here')
+    a('--save_every', type=int, default=50, help='checkpoint every this many iterations')
+    a('--resume', default=None, help="run folder to continue, or 'latest'")
+    a('--wandb', default='auto', choices=WANDB_MODES, help='auto: WANDB_MODE, else online if logged in, else offline')
+    a('--project', default='ast-distill', help='wandb project')
+    return p
+
+
+def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
+    args.model = args.model or DEFAULT_MODEL[args.dataset]
+    args.eval_mode = args.eval_mode or [args.model]
+    return args
+
+
+# ---------------------------------------------------------------- setup (all checks before long work)
+
+def init_synthetic(data, ipc: int, pix_init: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if pix_init == 'real':
+        return random_real(data, ipc, generator)
+    labels = torch.arange(data.num_classes).repeat_interleave(ipc)
+    return torch.randn(len(labels), data.channel, *data.im_size, generator=generator), labels
+
+
+def prepare(args):
+    """Every check that can fail fast: data, model/size, ipc, buffers. Returns (data, expert files)."""
+    check_dataset(args.dataset, args.data_path, subset=args.subset)
+    folder = buffer_dir(args.buffer_path, args.dataset, args.model, zca=args.zca, subset=args.subset, res=args.res)
+    if not os.path.isdir(folder):
+        raise UsageError(f"no expert buffers at {folder}; run buffer.py with the same --dataset/--model/--zca "
+                         f"first (e.g. bash buffer.sh), or point --buffer_path at them")
+    data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res)
+    for m in [args.model] + args.eval_mode:
+        get_network(m, data.channel, data.num_classes, data.im_size)  # ValueError if the size does not fit
+    smallest = min(len(idx) for idx in data.indices_per_class())
+    if args.ipc > smallest:
+        raise UsageError(f"--ipc {args.ipc} is larger than the smallest class ({smallest} images); lower --ipc")
+    net = get_network(args.model, data.channel, data.num_classes, data.im_size)
+    files = validate_buffers(folder, dataset=args.dataset, model=args.model,
+                             param_shapes=[p.shape for p in net.parameters()],
+                             needed_epochs=args.max_start_epoch + args.expert_epochs)
+    return data, files[:args.max_experts]
+
+
+# ---------------------------------------------------------------- main loop
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.resume:
+        run_dir = latest_run_dir(args.run_dir) if args.resume == 'latest' else args.resume
+        if not run_dir or not os.path.exists(os.path.join(run_dir, 'checkpoint.pt')):
+            fail(f"--resume {args.resume}: no checkpoint.pt in {run_dir}; give a run folder of distill.py")
+        args = argparse.Namespace(**load_args(run_dir))  # the run's own flags, never wandb's
+        print(f"resuming {run_dir} (its args.json flags are used)")
+    else:
+        args = finalize_args(args)
+        run_dir = None
+    try:
+        device = pick_device(args.device)
+        data, files = prepare(args)
+    except (DataError, UsageError, ValueError) as e:
+        fail(str(e))
+
+    gen = seed_everything(args.seed)
+    syn_images, syn_labels = init_synthetic(data, args.ipc, args.pix_init, gen)
+    syn_images = syn_images.to(device).requires_grad_(True)
+    syn_labels = syn_labels.to(device)
+    syn_lr = torch.tensor(args.lr_teacher, device=device, requires_grad=True)
+    opt_img = torch.optim.SGD([syn_images], lr=args.lr_img, momentum=0.5)
+    opt_lr = torch.optim.SGD([syn_lr], lr=args.lr_lr, momentum=0.5)
+    cursor = ExpertCursor(files, args.seed)
+    num_syn = syn_images.shape[0]
+    batch_syn = args.batch_syn or num_syn
+    student = ReparamModule(get_network(args.model, data.channel, data.num_classes, data.im_size).to(device))
+    test_x, test_y = data.images_test.to(device), data.labels_test.to(device)
+    data_shape = (data.channel, data.im_size, data.num_classes)
+
+    state = {'it': 0, 'best_acc': -1.0, 'best_it': -1, 'skipped': 0, 'skips_in_row': 0}
+    if run_dir:  # resume: restore everything the loop reads
+        ckpt = torch.load(os.path.join(run_dir, 'checkpoint.pt'), map_location=device, weights_only=True)
+        with torch.no_grad():
+            syn_images.copy_(ckpt['images'])
+            syn_lr.copy_(ckpt['syn_lr'])
+        opt_img.load_state_dict(ckpt['opt_img'])
+        opt_lr.load_state_dict(ckpt['opt_lr'])
+        cursor.load_state_dict(ckpt['cursor'])
+        gen.set_state(ckpt['generator'])
+        set_rng_state(ckpt['rng'])
+        state = ckpt['state']
+        log = RunLog(run_dir, vars(args), wandb_mode=args.wandb, project=args.project, wandb_id=ckpt.get('wandb_id'))
+        log.truncate_after(state['it'] - 1)
+    else:
+        run_dir = new_run_dir(args.run_dir, f'{args.dataset}-ipc{args.ipc}-{args.model}')
+        save_args(run_dir, vars(args))
+        log = RunLog(run_dir, vars(args), wandb_mode=args.wandb, project=args.project)
+    print(f"run folder: {run_dir}  (wandb: {log.mode})")
+
+    def checkpoint():
+        atomic_torch_save({'images': syn_images.detach().cpu(), 'syn_lr': syn_lr.detach().cpu(),
+                           'labels': syn_labels.cpu(), 'opt_img': opt_img.state_dict(), 'opt_lr': opt_lr.state_dict(),
+                           'cursor': cursor.state_dict(), 'generator': gen.get_state(), 'rng': rng_state(),
+                           'state': state, 'wandb_id': log.wandb_id}, os.path.join(run_dir, 'checkpoint.pt'))
+
+    def evaluate(it: int):
+        results = evaluate_set(args.eval_mode, data_shape, syn_images, syn_labels, test_x, test_y,
+                               lr=syn_lr.item(), epochs=args.epoch_eval_train, num_eval=args.num_eval,
+                               seed=args.seed * 1000 + it, lr_decay=args.lr_decay)
+        metrics = {}
+        for r in results:
+            metrics[f'eval/{r.model}_mean'], metrics[f'eval/{r.model}_std'] = r.mean, r.std
+            tqdm.write(f"it {it}: {r}")
+        if results[0].mean > state['best_acc']:  # best is selected on the test set: labelled as such
+            state['best_acc'], state['best_it'] = results[0].mean, it
+            atomic_torch_save(syn_images.detach().cpu(), os.path.join(run_dir, 'images_best.pt'))
+            atomic_torch_save(syn_labels.cpu(), os.path.join(run_dir, 'labels_best.pt'))
+            atomic_torch_save(syn_lr.detach().cpu(), os.path.join(run_dir, 'lr_best.pt'))
+        metrics['eval/best_mean_selected_on_test'] = state['best_acc']
+        log.log(it, **metrics)
+        nrow = args.ipc if args.ipc > 1 else data.num_classes
+        log.save_grid(data.to_pixels(syn_images.detach().cpu()), nrow, 'synthetic_images', it)
+
+    bar = tqdm(range(state['it'], args.Iteration), initial=state['it'], total=args.Iteration, desc='distill')
+    for it in bar:
+        if it % args.eval_it == 0:
+            evaluate(it)
+        trajectory = cursor.next()
+        t = int(torch.randint(0, args.max_start_epoch, (1,), generator=gen))
+        loss = matching_loss(student, syn_images, syn_labels, syn_lr, trajectory[t],
+                             trajectory[t + args.expert_epochs], syn_steps=args.syn_steps, batch_syn=batch_syn,
+                             generator=gen, syn_mom=args.syn_mom, use_dsa=args.dsa == 'True')
+        opt_img.zero_grad(set_to_none=True)
+        opt_lr.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+            finite = bool(torch.isfinite(syn_images.grad).all() and torch.isfinite(syn_lr.grad))
+        if finite:  # a non-finite loss or gradient never reaches the images
+            opt_img.step()
+            opt_lr.step()
+            state['skips_in_row'] = 0
+        else:
+            state['skipped'] += 1
+            state['skips_in_row'] += 1
+        state['it'] = it + 1
+        log.log(it, loss=loss.item(), syn_lr=syn_lr.item(), start_epoch=t, skipped=state['skipped'])
+        bar.set_postfix(loss=f'{loss.item():.4f}', syn_lr=f'{syn_lr.item():.2e}', skipped=state['skipped'])
+        if state['skips_in_row'] >= args.max_skips:
+            checkpoint()
+            fail(f"matching loss or its gradient was non-finite {args.max_skips} iterations in a row (it {it}); "
+                 f"lower --lr_img / --lr_lr or --syn_steps, then --resume {run_dir}", code=3)
+        if state['it'] % args.save_every == 0:
+            checkpoint()
+    if state['it'] == args.Iteration and not os.path.exists(os.path.join(run_dir, 'final.json')):
+        evaluate(args.Iteration)
+        checkpoint()
+        summary = {'best_mean_selected_on_test': state['best_acc'], 'best_it': state['best_it'],
+                   'skipped_steps': state['skipped'], 'syn_lr': syn_lr.item()}
+        atomic_write_json(summary, os.path.join(run_dir, 'final.json'))
+        print(f"done: best {100 * state['best_acc']:.2f}% at it {state['best_it']} (selected on test); {run_dir}")
+    log.finish()
+    return run_dir
+
+
+if __name__ == '__main__':
+    main()

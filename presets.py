@@ -1,0 +1,94 @@
+"""Every preset, in one place: the rows of SPEC 11 plus the Digits quickstart.
+
+    python presets.py list                  # names
+    python presets.py distill cifar10_ipc10 # the flags distill.sh passes
+    python presets.py buffer cifar10_ipc10  # the flags buffer.sh passes (experts that row needs)
+A preset's buffer flags are derived from its distill row (same dataset/subset/res/model/zca),
+so `bash buffer.sh X && bash distill.sh X` always finds its experts. Experts always
+train at lr 0.01 (MTT); a row's lr_teacher is the initial student lr.
+"""
+import sys
+
+# ---------------------------------------------------------------- experts
+
+MTT_EXPERTS = {'num_experts': 100, 'train_epochs': 50}                # MTT paper: 100 experts x 50 epochs
+DIGITS_EXPERTS = {'num_experts': 8, 'train_epochs': 20}              # CPU quickstart: ~1-2 min
+
+# ---------------------------------------------------------------- distillation rows
+
+def _mtt(dataset, ipc, syn_steps, expert_epochs, max_start_epoch, lr_img, lr_lr, lr_teacher, batch_syn, zca, **extra):
+    row = {'dataset': dataset, 'ipc': ipc, 'syn_steps': syn_steps, 'expert_epochs': expert_epochs,
+           'max_start_epoch': max_start_epoch, 'lr_img': lr_img, 'lr_lr': lr_lr, 'lr_teacher': lr_teacher,
+           'Iteration': 5000, 'eval_it': 500, **extra}
+    if batch_syn is not None:  # None = the whole synthetic set
+        row['batch_syn'] = batch_syn
+    if zca:
+        row['zca'] = True
+    return row
+
+
+DISTILL = {
+    # Digits quickstart (CPU, a few minutes); tuned on Digits, see README
+    'digits_ipc1': {'dataset': 'Digits', 'ipc': 1, 'syn_steps': 20, 'expert_epochs': 2, 'max_start_epoch': 10,
+                    'lr_img': 100, 'lr_lr': 1e-5, 'lr_teacher': 0.01, 'Iteration': 300, 'eval_it': 100},
+    'digits_ipc10': {'dataset': 'Digits', 'ipc': 10, 'syn_steps': 20, 'expert_epochs': 2, 'max_start_epoch': 10,
+                     'lr_img': 100, 'lr_lr': 1e-5, 'lr_teacher': 0.01, 'Iteration': 300, 'eval_it': 100},
+    # MTT (SPEC 11)
+    'cifar10_ipc1': _mtt('CIFAR10', 1, 50, 2, 2, 100, 1e-7, 0.01, None, True),
+    'cifar10_ipc10': _mtt('CIFAR10', 10, 30, 2, 20, 100, 1e-5, 0.001, None, True),
+    'cifar10_ipc50': _mtt('CIFAR10', 50, 30, 2, 40, 1000, 1e-5, 0.001, None, False),
+    'cifar100_ipc1': _mtt('CIFAR100', 1, 20, 3, 20, 1000, 1e-5, 0.01, None, True),
+    'cifar100_ipc10': _mtt('CIFAR100', 10, 20, 2, 20, 1000, 1e-5, 0.01, None, False),
+    'cifar100_ipc50': _mtt('CIFAR100', 50, 80, 2, 40, 1000, 1e-5, 0.01, 125, True),
+    'tiny_ipc1': _mtt('Tiny', 1, 10, 2, 10, 1e4, 1e-4, 0.01, None, False),
+    'tiny_ipc10': _mtt('Tiny', 10, 20, 2, 40, 1e4, 1e-4, 0.01, 200, False),
+    'tiny_ipc50': _mtt('Tiny', 50, 20, 2, 40, 1e4, 1e-4, 0.01, 300, False),
+}
+for _subset in ('imagenette', 'imagewoof', 'imagefruit', 'imagemeow', 'imagesquawk', 'imageyellow'):
+    DISTILL[f'{_subset}_ipc1'] = _mtt('ImageNet', 1, 20, 2, 10, 1e3, 1e-6, 0.01, None, False, subset=_subset, res=128)
+    DISTILL[f'{_subset}_ipc10'] = _mtt('ImageNet', 10, 20, 2, 10, 1e3, 1e-6, 0.01, 20, False, subset=_subset, res=128)
+
+DEFAULT = 'digits_ipc10'
+BUFFER_KEYS = ('dataset', 'subset', 'res', 'model', 'zca')
+
+
+# ---------------------------------------------------------------- flags
+
+def to_flags(row: dict) -> list[str]:
+    flags = []
+    for key, value in row.items():
+        if value is True:
+            flags.append(f'--{key}')
+        elif isinstance(value, list):
+            flags += [f'--{key}', *map(str, value)]
+        else:
+            flags += [f'--{key}', str(value)]
+    return flags
+
+
+def distill_flags(name: str) -> list[str]:
+    return to_flags(DISTILL[name])
+
+
+def buffer_flags(name: str) -> list[str]:
+    row = DISTILL[name]
+    experts = DIGITS_EXPERTS if row['dataset'] == 'Digits' else MTT_EXPERTS
+    return to_flags({**{k: row[k] for k in BUFFER_KEYS if k in row}, **experts})
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ['list']:
+        print('\n'.join(DISTILL))
+        return 0
+    if len(argv) != 2 or argv[0] not in ('buffer', 'distill'):
+        print('usage: python presets.py list | buffer NAME | distill NAME', file=sys.stderr)
+        return 2
+    if argv[1] not in DISTILL:
+        print(f"error: unknown preset '{argv[1]}'; choose one of: {', '.join(DISTILL)}", file=sys.stderr)
+        return 2
+    print(' '.join((buffer_flags if argv[0] == 'buffer' else distill_flags)(argv[1])))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))

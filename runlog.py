@@ -1,0 +1,123 @@
+"""Run folders and logging: numbered folders, args.json, metrics.jsonl, image grids, optional wandb.
+
+The run folder is the source of truth; wandb only mirrors it (and is never read back).
+"""
+import io
+import json
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+
+from utils import atomic_write_bytes, atomic_write_json
+
+WANDB_MODES = ('auto', 'online', 'offline', 'disabled')
+
+
+# ---------------------------------------------------------------- run folders
+
+def new_run_dir(root: str, name: str) -> str:
+    """root/NNN-name with NNN one past the highest present; mkdir without exist_ok, so two runs never share one."""
+    os.makedirs(root, exist_ok=True)
+    while True:
+        numbers = [int(m.group(1)) for d in os.listdir(root) if (m := re.match(r'(\d+)-', d))]
+        path = os.path.join(root, f'{max(numbers, default=-1) + 1:03d}-{name}')
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def latest_run_dir(root: str) -> str | None:
+    runs = sorted((int(m.group(1)), d) for d in (os.listdir(root) if os.path.isdir(root) else [])
+                  if (m := re.match(r'(\d+)-', d)))
+    return os.path.join(root, runs[-1][1]) if runs else None
+
+
+# ---------------------------------------------------------------- wandb
+
+def resolve_wandb_mode(flag: str) -> str:
+    """auto: WANDB_MODE if set, else online when a wandb login exists, else offline."""
+    if flag != 'auto':
+        return flag
+    env = os.environ.get('WANDB_MODE')
+    if env:
+        return 'disabled' if env in ('disabled', 'dryrun_disabled') else env
+    netrc = os.path.expanduser('~/.netrc')
+    logged_in = bool(os.environ.get('WANDB_API_KEY')) or (
+        os.path.exists(netrc) and 'api.wandb.ai' in open(netrc).read())
+    return 'online' if logged_in else 'offline'
+
+
+# ---------------------------------------------------------------- images
+
+def image_grid_png(images: torch.Tensor, nrow: int, min_side: int = 32) -> bytes:
+    """PNG bytes of a grid of [N,C,H,W] images in [0,1]; tiny images are upscaled (nearest) to be seen."""
+    from torchvision.utils import make_grid
+    from PIL import Image
+    images = images.detach().float().cpu().clamp(0, 1)
+    if images.shape[-1] < min_side:
+        images = F.interpolate(images, scale_factor=min_side // images.shape[-1], mode='nearest')
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    if array.shape[2] == 1:
+        array = array[:, :, 0]
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format='PNG')
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- the log
+
+class RunLog:
+    """metrics.jsonl (one JSON object per line, always with 'it') mirrored to wandb when enabled."""
+
+    def __init__(self, run_dir: str, config: dict, *, wandb_mode: str = 'auto', project: str = 'ast-distill',
+                 wandb_id: str | None = None):
+        self.run_dir = run_dir
+        self.metrics_path = os.path.join(run_dir, 'metrics.jsonl')
+        self.mode = resolve_wandb_mode(wandb_mode)
+        self.wandb = None
+        if self.mode != 'disabled':
+            import wandb  # imported only when used: it is slow to import
+            self.wandb = wandb.init(project=project, dir=run_dir, config=config, mode=self.mode,
+                                    name=os.path.basename(run_dir), id=wandb_id, resume='allow' if wandb_id else None)
+        self.wandb_id = self.wandb.id if self.wandb else None
+
+    def truncate_after(self, it: int) -> None:
+        """On resume, drop lines written after the checkpoint so metrics.jsonl has each iteration once."""
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line)['it'] <= it]
+        atomic_write_bytes(''.join(keep).encode(), self.metrics_path)
+
+    def log(self, it: int, **metrics) -> None:
+        row = {'it': it, **{k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}}
+        with open(self.metrics_path, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+        if self.wandb:
+            self.wandb.log({k: v for k, v in row.items() if k != 'it'}, step=it)
+
+    def save_grid(self, images: torch.Tensor, nrow: int, name: str, it: int) -> str:
+        path = os.path.join(self.run_dir, f'{name}.png')
+        atomic_write_bytes(image_grid_png(images, nrow), path)
+        if self.wandb:
+            import wandb
+            self.wandb.log({name: wandb.Image(path)}, step=it)
+        return path
+
+    def finish(self) -> None:
+        if self.wandb:
+            self.wandb.finish()
+
+
+def save_args(run_dir: str, args: dict) -> None:
+    atomic_write_json(args, os.path.join(run_dir, 'args.json'))
+
+
+def load_args(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, 'args.json')) as f:
+        return json.load(f)

@@ -1,0 +1,76 @@
+"""The maths of the inner loop: one step is SGD, and the hypergradient matches finite differences."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from matching import matching_loss, syn_batches, unroll
+from networks import ConvNet
+from reparam_module import ReparamModule
+
+
+def tiny_problem(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    net = ConvNet(channel=1, num_classes=3, im_size=(8, 8), width=4, depth=1).to(dtype)
+    student = ReparamModule(net)
+    images = torch.randn(6, 1, 8, 8, dtype=dtype)
+    labels = torch.arange(3).repeat_interleave(2)
+    start = student.flat_param()
+    target = start + 0.05 * torch.randn_like(start)
+    return net, student, images, labels, start, target
+
+
+def test_one_inner_step_is_a_hand_written_sgd_step():
+    net, student, images, labels, start, _ = tiny_problem()
+    lr = 0.1
+    ws = unroll(student, images, labels, torch.tensor(lr, dtype=torch.float64), start, syn_steps=1,
+                batch_syn=6, generator=torch.Generator().manual_seed(0), use_dsa=False)
+    loss = F.cross_entropy(net(images), labels)
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    by_hand = torch.cat([(p - lr * g).reshape(-1) for p, g in zip(net.parameters(), grads)])
+    torch.testing.assert_close(ws[1], by_hand, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(ws[1], ws[0])
+
+
+def test_momentum_step_matches_heavy_ball():
+    _, student, images, labels, start, _ = tiny_problem()
+    lr, mu = 0.1, 0.9
+    gen = lambda: torch.Generator().manual_seed(0)
+    ws = unroll(student, images, labels, torch.tensor(lr, dtype=torch.float64), start, syn_steps=2,
+                batch_syn=6, generator=gen(), syn_mom=mu, use_dsa=False)
+    g1 = torch.autograd.grad(F.cross_entropy(student(images, start.requires_grad_()), labels), start)[0]
+    w1 = start.detach() - lr * g1
+    w1r = w1.clone().requires_grad_()
+    g2 = torch.autograd.grad(F.cross_entropy(student(images, w1r), labels), w1r)[0]
+    w2 = w1 - lr * (mu * g1 + g2)
+    torch.testing.assert_close(ws[2], w2, rtol=1e-10, atol=1e-12)
+
+
+def test_batches_cover_a_permutation_before_repeating():
+    batches = syn_batches(10, 4, 5, torch.Generator().manual_seed(0))
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4]
+    assert sorted(torch.cat(batches[:3]).tolist()) == list(range(10))
+
+
+@pytest.mark.parametrize('use_dsa', [False, True])
+def test_hypergradient_matches_central_finite_differences(use_dsa):
+    """dL/dS and dL/dα from back-propagation through N = 3 steps vs central differences (float64)."""
+    _, student, images, labels, start, target = tiny_problem()
+    lr = torch.tensor(0.05, dtype=torch.float64)
+
+    def loss_at(imgs, alpha):  # reseeded generator: the same batches and augmentation every call
+        return matching_loss(student, imgs, labels, alpha, start, target, syn_steps=3, batch_syn=4,
+                             generator=torch.Generator().manual_seed(1), use_dsa=use_dsa)
+
+    imgs = images.clone().requires_grad_(True)
+    alpha = lr.clone().requires_grad_(True)
+    loss_at(imgs, alpha).backward()
+    assert imgs.grad.abs().sum() > 0
+
+    eps = 1e-6
+    torch.manual_seed(3)
+    for _ in range(3):  # random directions in image space (the unroll itself needs autograd on)
+        d = torch.randn_like(images)
+        fd = (loss_at(images + eps * d, lr) - loss_at(images - eps * d, lr)) / (2 * eps)
+        torch.testing.assert_close((imgs.grad * d).sum(), fd.detach(), rtol=1e-5, atol=1e-9)
+    fd_lr = (loss_at(images, lr + eps) - loss_at(images, lr - eps)) / (2 * eps)
+    torch.testing.assert_close(alpha.grad, fd_lr.detach(), rtol=1e-5, atol=1e-9)

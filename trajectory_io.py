@@ -1,0 +1,169 @@
+"""Expert trajectories on disk, in the MTT buffer format.
+
+Layout: {buffer_path}/{dataset}[/{subset}/{res}][_NO_ZCA]/{model}/replay_buffer_{n}.pt
+Each .pt holds a list of trajectories; a trajectory is a list of E+1 snapshots (init, then after
+each epoch); a snapshot is a list of CPU float32 tensors in model.parameters() order. buffer.py
+writes one expert per file (file n = expert n, so names never race) plus replay_buffer_{n}.json
+metadata; MTT's files with several experts each read the same way.
+"""
+import glob
+import json
+import os
+import re
+
+import torch
+
+from utils import UsageError, atomic_torch_save, atomic_write_json
+
+
+# ---------------------------------------------------------------- paths
+
+def buffer_dir(buffer_path: str, dataset: str, model: str, *, zca: bool,
+               subset: str = 'imagenette', res: int = 128) -> str:
+    """MTT's folder naming: ImageNet subsets add /{subset}/{res}; no-ZCA runs add _NO_ZCA
+    (not for Tiny/ImageNet, which MTT never whitens and names plainly)."""
+    name = dataset
+    if dataset == 'ImageNet':
+        name = os.path.join(dataset, subset, str(res))
+    if not zca and dataset not in ('Tiny', 'ImageNet'):
+        name += '_NO_ZCA'
+    return os.path.join(buffer_path, name, model)
+
+
+def expert_path(folder: str, index: int) -> str:
+    return os.path.join(folder, f'replay_buffer_{index}.pt')
+
+
+def meta_path(folder: str, index: int) -> str:
+    return os.path.join(folder, f'replay_buffer_{index}.json')
+
+
+def expert_files(folder: str) -> list[str]:
+    """replay_buffer_{n}.pt files sorted by n."""
+    found = []
+    for path in glob.glob(os.path.join(folder, 'replay_buffer_*.pt')):
+        m = re.fullmatch(r'replay_buffer_(\d+)\.pt', os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+# ---------------------------------------------------------------- write
+
+def snapshot(model: torch.nn.Module) -> list[torch.Tensor]:
+    # .detach().cpu() of a CPU tensor is the same storage: clone, or every snapshot aliases the final weights.
+    return [p.detach().to('cpu', torch.float32, copy=True) for p in model.parameters()]
+
+
+def save_expert(folder: str, index: int, trajectory: list[list[torch.Tensor]], metadata: dict) -> None:
+    """Atomic: .pt first, then .json; an expert counts as saved once its .pt exists."""
+    atomic_torch_save([trajectory], expert_path(folder, index))
+    atomic_write_json(metadata, meta_path(folder, index))
+
+
+def expert_done(folder: str, index: int) -> bool:
+    return os.path.exists(expert_path(folder, index))
+
+
+# ---------------------------------------------------------------- read
+
+def load_trajectories(path: str) -> list[list[list[torch.Tensor]]]:
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated or foreign file
+        raise UsageError(f"cannot read expert buffer {path} ({type(e).__name__}); delete it and re-run buffer.py") from None
+    if not (isinstance(data, list) and data and isinstance(data[0], list) and data[0]
+            and isinstance(data[0][0], list)):
+        raise UsageError(f"{path} is not an MTT buffer (list of trajectories of lists of tensors); re-run buffer.py")
+    return data
+
+
+def trajectory_tensor(trajectory: list[list[torch.Tensor]]) -> torch.Tensor:
+    """[E+1, P] float32: one flat parameter vector per snapshot."""
+    return torch.stack([torch.cat([t.reshape(-1).float() for t in snap]) for snap in trajectory])
+
+
+def read_meta(folder: str, index: int) -> dict | None:
+    path = meta_path(folder, index)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def validate_buffers(folder: str, *, dataset: str, model: str, param_shapes: list[torch.Size],
+                     needed_epochs: int) -> list[str]:
+    """Check before distilling that buffers exist, belong to this dataset/model and are long enough.
+
+    needed_epochs = max_start_epoch + expert_epochs: the last snapshot index we will read.
+    Returns the expert files. Reads the first file fully (shapes, length) and every JSON sidecar.
+    """
+    files = expert_files(folder)
+    if not files:
+        raise UsageError(f"no expert buffers in {folder}; run buffer.py with the same --dataset/--model/--zca "
+                         f"first, or point --buffer_path at them")
+    for path in files:
+        index = int(re.search(r'(\d+)\.pt$', path).group(1))
+        meta = read_meta(folder, index)
+        if meta is None:
+            continue  # MTT buffers have no sidecar; the shape check below still runs
+        if meta.get('dataset') != dataset or meta.get('model') != model:
+            raise UsageError(f"{path} holds experts of {meta.get('dataset')}/{meta.get('model')}, not "
+                             f"{dataset}/{model}; use matching --dataset/--model or another --buffer_path")
+    first = load_trajectories(files[0])[0]
+    shapes = [tuple(t.shape) for t in first[0]]
+    if shapes != [tuple(s) for s in param_shapes]:
+        raise UsageError(f"{files[0]} does not fit model {model} (parameter shapes differ); "
+                         f"these buffers were made for another model or dataset")
+    last = len(first) - 1
+    if needed_epochs > last:
+        raise UsageError(f"max_start_epoch + expert_epochs = {needed_epochs} is past the end of the expert "
+                         f"trajectories ({last} epochs); lower --max_start_epoch or train experts longer")
+    return files
+
+
+class ExpertCursor:
+    """Walks all experts in a shuffled order, one file in memory at a time; resumable.
+
+    The order of files in each pass, and of trajectories within a file, is a pure function of
+    (seed, pass, position), so the state is three integers.
+    """
+
+    def __init__(self, files: list[str], seed: int):
+        self.files, self.seed = files, seed
+        self.epoch = self.file_pos = self.traj_pos = 0
+        self._cache = None  # (file index, trajectories as [E+1, P] tensors, order)
+
+    def _perm(self, n: int, *salt: int) -> list[int]:
+        g = torch.Generator().manual_seed(hash((self.seed,) + salt) % 2**62)
+        return torch.randperm(n, generator=g).tolist()
+
+    def _current(self):
+        file_index = self._perm(len(self.files), self.epoch)[self.file_pos]
+        if self._cache is None or self._cache[0] != (self.epoch, self.file_pos):
+            trajs = [trajectory_tensor(t) for t in load_trajectories(self.files[file_index])]
+            self._cache = ((self.epoch, self.file_pos), trajs, self._perm(len(trajs), self.epoch, self.file_pos))
+        return self._cache
+
+    def next(self) -> torch.Tensor:
+        _, trajs, order = self._current()
+        traj = trajs[order[self.traj_pos]]
+        self.traj_pos += 1
+        if self.traj_pos == len(trajs):
+            self.traj_pos, self._cache = 0, None
+            self.file_pos += 1
+            if self.file_pos == len(self.files):
+                self.file_pos, self.epoch = 0, self.epoch + 1
+        return traj
+
+    def state_dict(self) -> dict:
+        return {'epoch': self.epoch, 'file_pos': self.file_pos, 'traj_pos': self.traj_pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.file_pos, self.traj_pos = state['epoch'], state['file_pos'], state['traj_pos']
+        self._cache = None
+
+
+def avg_var(trajectory: torch.Tensor) -> float:
+    """AST's smoothness metric Avg_Var = mean_t ||θ_t - θ_{t+1}||² over a [E+1, P] trajectory."""
+    return (trajectory[1:] - trajectory[:-1]).pow(2).sum(1).mean().item()
