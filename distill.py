@@ -12,11 +12,15 @@ from tqdm import tqdm
 
 from data import DATASETS, DEFAULT_MODEL, SUBSETS, DataError, check_dataset, load_dataset
 from evaluation import LR_DECAYS, evaluate_set, random_real
-from matching import matching_loss
+from matching import ATT_METRICS, UNROLLS, Targets, match_and_backward
 from networks import MODELS, get_network
 from reparam_module import ReparamModule
 from runlog import WANDB_MODES, RunLog, latest_run_dir, load_args, new_run_dir, save_args
-from trajectory_io import ExpertCursor, buffer_dir, validate_buffers
+from ast_components import (balance_weight, intermediate_betas, intermediate_steps, kmeans_init,
+                            perturb_start)
+from mct import CompressedTrajectory, compressed_dir, load_compressed
+from reparam_module import load_flat_
+from trajectory_io import ExpertCursor, buffer_dir, load_trajectories, trajectory_tensor, validate_buffers
 from utils import UsageError, atomic_torch_save, atomic_write_json, fail, pick_device, rng_state, seed_everything, set_rng_state
 
 
@@ -35,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     a('--buffer_path', default='buffers')
     # synthetic set
     a('--ipc', type=int, default=10, help='synthetic images per class')
-    a('--pix_init', default='real', choices=['real', 'noise'], help='synthetic image initialisation')
+    a('--pix_init', default='real', choices=['real', 'noise', 'kmeans', 'avg'],
+      help="real: random real images; kmeans (AST's avg): real images nearest K-Means centroids of expert features")
     # trajectory matching
     a('--Iteration', type=int, default=500, help='outer (image update) iterations')
     a('--syn_steps', type=int, default=20, help='N: student steps on the synthetic set per iteration')
@@ -47,6 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     a('--batch_syn', type=int, default=None, help='student batch size; default: the whole synthetic set')
     a('--syn_mom', type=float, default=0.0, help='student heavy-ball momentum (AST uses 0.9)')
     a('--dsa', default='True', choices=['True', 'False'], help='DSA augmentation in the inner loop and eval')
+    a('--unroll', default='bptt', choices=UNROLLS,
+      help='bptt keeps every step graph; recompute is exact with constant graph memory (SPEC 12)')
+    a('--auto_steps', action='store_true', help='ATT: match at N_opt = argmin_n ||w_n - target|| (<= syn_steps)')
+    a('--att_metric', default='l1', choices=ATT_METRICS, help='ATT distance')
+    # AST components (SPEC 6), each independent of the others
+    a('--balance_loss', action='store_true', help='AST: scale the inner CE by ν(t)')
+    a('--balance_base', type=float, default=5.0, help='log base of ν (authors\' code: 5)')
+    a('--agg_middle_loss', action='store_true', help='AST: add intermediate matching terms θ*_{t+i} at step floor(iN/M)')
+    a('--adaptive_middle_loss', action='store_true', help='β_i = (i+1)/(1+M) instead of 1')
+    a('--weight_perturb', action='store_true', help='AST: start the student at θ*_t + ρ d (per-filter normalised d)')
+    a('--perturb_rho', type=float, default=0.1)
+    a('--perturb_variant', default='paper', choices=['paper', 'code'])
+    # MCT (SPEC 8)
+    a('--mct', action='store_true', help='read compressed buffers ({buffer}/mct{K}, compress_buffers.py) and '
+                                        'sample real-valued start epochs')
+    a('--mct_k', type=int, default=4, help='waypoints of the compressed buffers')
     a('--max_experts', type=int, default=None, help='use only the first K expert files')
     a('--max_skips', type=int, default=10, help='stop after this many non-finite losses in a row')
     # evaluation
@@ -74,9 +95,12 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
 
 # ---------------------------------------------------------------- setup (all checks before long work)
 
-def init_synthetic(data, ipc: int, pix_init: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def init_synthetic(data, ipc: int, pix_init: str, generator: torch.Generator, *, expert_net=None,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     if pix_init == 'real':
         return random_real(data, ipc, generator)
+    if pix_init in ('kmeans', 'avg'):
+        return kmeans_init(expert_net.eval(), data.images_train, data.labels_train, data.num_classes, ipc, seed)
     labels = torch.arange(data.num_classes).repeat_interleave(ipc)
     return torch.randn(len(labels), data.channel, *data.im_size, generator=generator), labels
 
@@ -95,10 +119,49 @@ def prepare(args):
     if args.ipc > smallest:
         raise UsageError(f"--ipc {args.ipc} is larger than the smallest class ({smallest} images); lower --ipc")
     net = get_network(args.model, data.channel, data.num_classes, data.im_size)
+    if args.mct:
+        folder = compressed_dir(folder, args.mct_k)
+        if not os.path.isdir(folder):
+            raise UsageError(f"no compressed buffers at {folder}; run compress_buffers.py --k {args.mct_k} "
+                             f"with the same --dataset/--model/--zca/--buffer_path first")
     files = validate_buffers(folder, dataset=args.dataset, model=args.model,
                              param_shapes=[p.shape for p in net.parameters()],
-                             needed_epochs=args.max_start_epoch + args.expert_epochs)
+                             needed_epochs=args.max_start_epoch + args.expert_epochs, compressed=args.mct)
     return data, files[:args.max_experts]
+
+
+# ---------------------------------------------------------------- expert points and AST pieces
+
+def trajectory_loader(mct: bool):
+    return load_compressed if mct else None  # None: the cursor's MTT loader
+
+
+def sample_start(max_start_epoch: int, continuous: bool, generator: torch.Generator) -> float | int:
+    """t ~ U{0..T+-1} (MTT), or t ~ U[0, T+) real-valued on a compressed trajectory (MCT)."""
+    if continuous:
+        return float(torch.rand((), generator=generator)) * max_start_epoch
+    return int(torch.randint(0, max_start_epoch, (1,), generator=generator))
+
+
+def point(trajectory, s) -> torch.Tensor:
+    """θ*(s): a stored snapshot, or MCT's convexified θ(s) for real s."""
+    return trajectory.at(s) if isinstance(trajectory, CompressedTrajectory) else trajectory[s]
+
+
+def expert_targets(trajectory, t, args) -> Targets:
+    middle = []
+    if args.agg_middle_loss:
+        steps = intermediate_steps(args.syn_steps, args.expert_epochs)
+        betas = intermediate_betas(args.expert_epochs, args.adaptive_middle_loss)
+        middle = [(n, point(trajectory, t + i), beta) for i, (n, beta) in enumerate(zip(steps, betas), start=1)]
+    return Targets(point(trajectory, t), point(trajectory, t + args.expert_epochs), middle)
+
+
+def final_expert_net(files: list[str], mct: bool, net: torch.nn.Module) -> torch.nn.Module:
+    """The first expert at its last epoch, for K-Means features."""
+    traj = (load_compressed if mct else lambda p: [trajectory_tensor(t) for t in load_trajectories(p)])(files[0])[0]
+    load_flat_(net, point(traj, traj.num_epochs if mct else -1))
+    return net
 
 
 # ---------------------------------------------------------------- main loop
@@ -109,7 +172,9 @@ def main(argv=None):
         run_dir = latest_run_dir(args.run_dir) if args.resume == 'latest' else args.resume
         if not run_dir or not os.path.exists(os.path.join(run_dir, 'checkpoint.pt')):
             fail(f"--resume {args.resume}: no checkpoint.pt in {run_dir}; give a run folder of distill.py")
-        args = argparse.Namespace(**load_args(run_dir))  # the run's own flags, never wandb's
+        saved = vars(build_parser().parse_args([]))  # defaults for flags newer than the run
+        saved.update(load_args(run_dir))
+        args = argparse.Namespace(**saved)  # the run's own flags, never wandb's
         print(f"resuming {run_dir} (its args.json flags are used)")
     else:
         args = finalize_args(args)
@@ -121,16 +186,23 @@ def main(argv=None):
         fail(str(e))
 
     gen = seed_everything(args.seed)
-    syn_images, syn_labels = init_synthetic(data, args.ipc, args.pix_init, gen)
+    expert_net = None
+    if args.pix_init in ('kmeans', 'avg'):
+        net = get_network(args.model, data.channel, data.num_classes, data.im_size)
+        expert_net = final_expert_net(files, args.mct, net).to(device)
+    syn_images, syn_labels = init_synthetic(data, args.ipc, args.pix_init, gen, expert_net=expert_net,
+                                            seed=args.seed)
     syn_images = syn_images.to(device).requires_grad_(True)
     syn_labels = syn_labels.to(device)
     syn_lr = torch.tensor(args.lr_teacher, device=device, requires_grad=True)
     opt_img = torch.optim.SGD([syn_images], lr=args.lr_img, momentum=0.5)
     opt_lr = torch.optim.SGD([syn_lr], lr=args.lr_lr, momentum=0.5)
-    cursor = ExpertCursor(files, args.seed)
+    cursor = ExpertCursor(files, args.seed, loader=trajectory_loader(args.mct))
     num_syn = syn_images.shape[0]
     batch_syn = args.batch_syn or num_syn
     student = ReparamModule(get_network(args.model, data.channel, data.num_classes, data.im_size).to(device))
+    param_shapes = student.param_shapes
+    n_finals = []  # ATT's N_opt since the last evaluation, for the histogram
     test_x, test_y = data.images_test.to(device), data.labels_test.to(device)
     data_shape = (data.channel, data.im_size, data.num_classes)
 
@@ -182,17 +254,25 @@ def main(argv=None):
     for it in bar:
         if it % args.eval_it == 0:
             evaluate(it)
+            log.histogram('att/n_opt', n_finals, it)
+            n_finals.clear()
         trajectory = cursor.next()
-        t = int(torch.randint(0, args.max_start_epoch, (1,), generator=gen))
-        loss = matching_loss(student, syn_images, syn_labels, syn_lr, trajectory[t],
-                             trajectory[t + args.expert_epochs], syn_steps=args.syn_steps, batch_syn=batch_syn,
-                             generator=gen, syn_mom=args.syn_mom, use_dsa=args.dsa == 'True')
+        t = sample_start(args.max_start_epoch, args.mct, gen)
+        targets = expert_targets(trajectory, t, args)
+        w0 = targets.start
+        if args.weight_perturb:
+            w0 = perturb_start(w0, param_shapes, rho=args.perturb_rho, generator=gen, variant=args.perturb_variant)
+        nu = balance_weight(t, args.max_start_epoch, base=args.balance_base) if args.balance_loss else 1.0
         opt_img.zero_grad(set_to_none=True)
         opt_lr.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
-        if finite:
-            loss.backward()
-            finite = bool(torch.isfinite(syn_images.grad).all() and torch.isfinite(syn_lr.grad))
+        loss, info = match_and_backward(student, syn_images, syn_labels, syn_lr, w0, targets,
+                                        syn_steps=args.syn_steps, batch_syn=batch_syn, generator=gen,
+                                        syn_mom=args.syn_mom, use_dsa=args.dsa == 'True', loss_weight=nu,
+                                        unroll_mode=args.unroll, auto_steps=args.auto_steps,
+                                        att_metric=args.att_metric)
+        n_finals.append(info['n_final'])
+        finite = bool(torch.isfinite(loss)) and syn_images.grad is not None and bool(
+            torch.isfinite(syn_images.grad).all() and torch.isfinite(syn_lr.grad))
         if finite:  # a non-finite loss or gradient never reaches the images
             opt_img.step()
             opt_lr.step()
@@ -201,7 +281,7 @@ def main(argv=None):
             state['skipped'] += 1
             state['skips_in_row'] += 1
         state['it'] = it + 1
-        log.log(it, loss=loss.item(), syn_lr=syn_lr.item(), start_epoch=t, skipped=state['skipped'])
+        log.log(it, loss=loss.item(), syn_lr=syn_lr.item(), start_epoch=t, nu=nu, skipped=state['skipped'], **info)
         bar.set_postfix(loss=f'{loss.item():.4f}', syn_lr=f'{syn_lr.item():.2e}', skipped=state['skipped'])
         if state['skips_in_row'] >= args.max_skips:
             checkpoint()

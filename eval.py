@@ -13,7 +13,7 @@ import torch
 from data import DATASETS, DEFAULT_MODEL, SUBSETS, DataError, load_dataset
 from evaluation import LR_DECAYS, evaluate_set, markdown_table, random_real
 from networks import MODELS, get_network
-from runlog import load_args
+from runlog import latest_run_dir, load_args
 from utils import UsageError, atomic_write_json, fail, pick_device, seed_everything
 
 
@@ -21,10 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument('--run', help='a distill.py run folder (uses images_best.pt, labels_best.pt, lr_best.pt)')
+    src.add_argument('--run', help="a distill.py run folder, or 'latest' in --run_dir (uses images_best.pt, labels_best.pt, lr_best.pt)")
     src.add_argument('--images', help='a tensor file of synthetic images (with --labels and --lr)')
     src.add_argument('--baseline', choices=['random', 'full'], help='random real images per class, or the full train set')
     a('--labels', help='labels tensor file for --images')
+    a('--run_dir', default='runs', help="where --run latest looks")
     a('--dataset', default='Digits', choices=DATASETS, help='ignored with --run (taken from its args.json)')
     a('--subset', default='imagenette', choices=list(SUBSETS))
     a('--res', type=int, default=128)
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_source(args, device):
     """Returns (data, images, labels, lr, name) for whichever source was asked for."""
+    if args.run == 'latest':
+        args.run = latest_run_dir(args.run_dir)
+        if args.run is None:
+            raise UsageError(f"--run latest: no run folders in {args.run_dir}; run distill.py first")
     if args.run:
         run_args = load_args(args.run)
         for key in ('dataset', 'subset', 'res', 'zca'):

@@ -12,7 +12,7 @@ import sys
 # ---------------------------------------------------------------- experts
 
 MTT_EXPERTS = {'num_experts': 100, 'train_epochs': 50}                # MTT paper: 100 experts x 50 epochs
-DIGITS_EXPERTS = {'num_experts': 8, 'train_epochs': 20}              # CPU quickstart: ~1-2 min
+DIGITS_EXPERTS = {'num_experts': 10, 'train_epochs': 20}             # CPU quickstart: ~1 min
 
 # ---------------------------------------------------------------- distillation rows
 
@@ -30,9 +30,11 @@ def _mtt(dataset, ipc, syn_steps, expert_epochs, max_start_epoch, lr_img, lr_lr,
 DISTILL = {
     # Digits quickstart (CPU, a few minutes); tuned on Digits, see README
     'digits_ipc1': {'dataset': 'Digits', 'ipc': 1, 'syn_steps': 20, 'expert_epochs': 2, 'max_start_epoch': 10,
-                    'lr_img': 100, 'lr_lr': 1e-5, 'lr_teacher': 0.01, 'Iteration': 300, 'eval_it': 100},
+                    'lr_img': 100, 'lr_lr': 1e-5, 'lr_teacher': 0.01, 'Iteration': 200, 'eval_it': 100,
+                    'num_eval': 3},
     'digits_ipc10': {'dataset': 'Digits', 'ipc': 10, 'syn_steps': 20, 'expert_epochs': 2, 'max_start_epoch': 10,
-                     'lr_img': 100, 'lr_lr': 1e-5, 'lr_teacher': 0.01, 'Iteration': 300, 'eval_it': 100},
+                     'lr_img': 100, 'lr_lr': 1e-5, 'lr_teacher': 0.01, 'Iteration': 300, 'eval_it': 100,
+                     'num_eval': 3},
     # MTT (SPEC 11)
     'cifar10_ipc1': _mtt('CIFAR10', 1, 50, 2, 2, 100, 1e-7, 0.01, None, True),
     'cifar10_ipc10': _mtt('CIFAR10', 10, 30, 2, 20, 100, 1e-5, 0.001, None, True),
@@ -48,7 +50,7 @@ for _subset in ('imagenette', 'imagewoof', 'imagefruit', 'imagemeow', 'imagesqua
     DISTILL[f'{_subset}_ipc1'] = _mtt('ImageNet', 1, 20, 2, 10, 1e3, 1e-6, 0.01, None, False, subset=_subset, res=128)
     DISTILL[f'{_subset}_ipc10'] = _mtt('ImageNet', 10, 20, 2, 10, 1e3, 1e-6, 0.01, 20, False, subset=_subset, res=128)
 
-DEFAULT = 'digits_ipc10'
+DEFAULT = 'digits_ipc1'  # what buffer.sh / distill.sh run with no preset
 BUFFER_KEYS = ('dataset', 'subset', 'res', 'model', 'zca')
 
 
@@ -81,8 +83,10 @@ def main(argv: list[str]) -> int:
         print('\n'.join(DISTILL))
         return 0
     if len(argv) != 2 or argv[0] not in ('buffer', 'distill'):
-        print('usage: python presets.py list | buffer NAME | distill NAME', file=sys.stderr)
+        print('usage: python presets.py list | buffer NAME|default | distill NAME|default', file=sys.stderr)
         return 2
+    if argv[1] == 'default':
+        argv = [argv[0], DEFAULT]
     if argv[1] not in DISTILL:
         print(f"error: unknown preset '{argv[1]}'; choose one of: {', '.join(DISTILL)}", file=sys.stderr)
         return 2

@@ -101,6 +101,12 @@ class RunLog:
         if self.wandb:
             self.wandb.log({k: v for k, v in row.items() if k != 'it'}, step=it)
 
+    def histogram(self, name: str, values: list, it: int) -> None:
+        """A histogram in wandb (metrics.jsonl already has the raw values per iteration)."""
+        if self.wandb and values:
+            import wandb
+            self.wandb.log({name: wandb.Histogram(values)}, step=it)
+
     def save_grid(self, images: torch.Tensor, nrow: int, name: str, it: int) -> str:
         path = os.path.join(self.run_dir, f'{name}.png')
         atomic_write_bytes(image_grid_png(images, nrow), path)

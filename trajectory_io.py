@@ -92,11 +92,12 @@ def read_meta(folder: str, index: int) -> dict | None:
 
 
 def validate_buffers(folder: str, *, dataset: str, model: str, param_shapes: list[torch.Size],
-                     needed_epochs: int) -> list[str]:
+                     needed_epochs: int, compressed: bool = False) -> list[str]:
     """Check before distilling that buffers exist, belong to this dataset/model and are long enough.
 
     needed_epochs = max_start_epoch + expert_epochs: the last snapshot index we will read.
     Returns the expert files. Reads the first file fully (shapes, length) and every JSON sidecar.
+    compressed: MCT files (mct.py), which keep per-layer sizes rather than shapes.
     """
     files = expert_files(folder)
     if not files:
@@ -110,12 +111,16 @@ def validate_buffers(folder: str, *, dataset: str, model: str, param_shapes: lis
         if meta.get('dataset') != dataset or meta.get('model') != model:
             raise UsageError(f"{path} holds experts of {meta.get('dataset')}/{meta.get('model')}, not "
                              f"{dataset}/{model}; use matching --dataset/--model or another --buffer_path")
-    first = load_trajectories(files[0])[0]
-    shapes = [tuple(t.shape) for t in first[0]]
-    if shapes != [tuple(s) for s in param_shapes]:
+    if compressed:
+        from mct import load_compressed  # mct builds on this module
+        first = load_compressed(files[0])[0]
+        found, wanted, last = first.layer_sizes.tolist(), [s.numel() for s in param_shapes], first.num_epochs
+    else:
+        first = load_trajectories(files[0])[0]
+        found, wanted, last = [tuple(t.shape) for t in first[0]], [tuple(s) for s in param_shapes], len(first) - 1
+    if found != wanted:
         raise UsageError(f"{files[0]} does not fit model {model} (parameter shapes differ); "
                          f"these buffers were made for another model or dataset")
-    last = len(first) - 1
     if needed_epochs > last:
         raise UsageError(f"max_start_epoch + expert_epochs = {needed_epochs} is past the end of the expert "
                          f"trajectories ({last} epochs); lower --max_start_epoch or train experts longer")
@@ -125,12 +130,14 @@ def validate_buffers(folder: str, *, dataset: str, model: str, param_shapes: lis
 class ExpertCursor:
     """Walks all experts in a shuffled order, one file in memory at a time; resumable.
 
+    loader(path) -> list of trajectories: [E+1, P] tensors (MTT) or mct.CompressedTrajectory.
     The order of files in each pass, and of trajectories within a file, is a pure function of
     (seed, pass, position), so the state is three integers.
     """
 
-    def __init__(self, files: list[str], seed: int):
+    def __init__(self, files: list[str], seed: int, loader=None):
         self.files, self.seed = files, seed
+        self.loader = loader or (lambda path: [trajectory_tensor(t) for t in load_trajectories(path)])
         self.epoch = self.file_pos = self.traj_pos = 0
         self._cache = None  # (file index, trajectories as [E+1, P] tensors, order)
 
@@ -141,7 +148,7 @@ class ExpertCursor:
     def _current(self):
         file_index = self._perm(len(self.files), self.epoch)[self.file_pos]
         if self._cache is None or self._cache[0] != (self.epoch, self.file_pos):
-            trajs = [trajectory_tensor(t) for t in load_trajectories(self.files[file_index])]
+            trajs = self.loader(self.files[file_index])
             self._cache = ((self.epoch, self.file_pos), trajs, self._perm(len(trajs), self.epoch, self.file_pos))
         return self._cache
 

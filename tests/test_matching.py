@@ -74,3 +74,64 @@ def test_hypergradient_matches_central_finite_differences(use_dsa):
         torch.testing.assert_close((imgs.grad * d).sum(), fd.detach(), rtol=1e-5, atol=1e-9)
     fd_lr = (loss_at(images, lr + eps) - loss_at(images, lr - eps)) / (2 * eps)
     torch.testing.assert_close(alpha.grad, fd_lr.detach(), rtol=1e-5, atol=1e-9)
+
+
+# ---------------------------------------------------------------- recompute == bptt, ATT
+
+from matching import Targets, final_step, match_and_backward  # noqa: E402
+
+
+def grads_of(mode, *, syn_mom=0.0, auto_steps=False, middle=True, loss_weight=1.0, use_dsa=True):
+    _, student, images, labels, start, target = tiny_problem()
+    imgs = images.clone().requires_grad_(True)
+    alpha = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    mid = [(2, start + 0.5 * (target - start), 1.0)] if middle else []
+    loss, info = match_and_backward(student, imgs, labels, alpha, start, Targets(start, target, mid), syn_steps=5,
+                                    batch_syn=4, generator=torch.Generator().manual_seed(2), syn_mom=syn_mom,
+                                    use_dsa=use_dsa, loss_weight=loss_weight, unroll_mode=mode, auto_steps=auto_steps)
+    return loss, info, imgs.grad, alpha.grad
+
+
+@pytest.mark.parametrize('syn_mom', [0.0, 0.9])
+@pytest.mark.parametrize('auto_steps', [False, True])
+def test_recompute_equals_bptt(syn_mom, auto_steps):
+    lb, ib, gb, ab = grads_of('bptt', syn_mom=syn_mom, auto_steps=auto_steps, loss_weight=1.3)
+    lr_, ir, gr, ar = grads_of('recompute', syn_mom=syn_mom, auto_steps=auto_steps, loss_weight=1.3)
+    assert ib['n_final'] == ir['n_final']
+    torch.testing.assert_close(lr_, lb, rtol=1e-10, atol=0)
+    assert gb.abs().sum() > 0 and ab.abs() > 0
+    torch.testing.assert_close(gr, gb, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(ar, ab, rtol=1e-5, atol=1e-12)
+
+
+def test_bptt_with_every_term_matches_finite_differences():
+    """Momentum, a balanced-loss weight and an intermediate term on: dL/dS still equals central differences."""
+    _, student, images, labels, start, target = tiny_problem()
+    mid = [(2, start + 0.5 * (target - start), 0.7)]
+
+    def loss_at(imgs, alpha, grad=False):
+        imgs = imgs.clone().requires_grad_(grad)
+        a = torch.tensor(alpha, dtype=torch.float64, requires_grad=grad)
+        loss, _ = match_and_backward(student, imgs, labels, a, start, Targets(start, target, mid), syn_steps=4,
+                                     batch_syn=4, generator=torch.Generator().manual_seed(4), syn_mom=0.9,
+                                     loss_weight=1.7, unroll_mode='bptt')
+        return loss, imgs.grad, a.grad
+
+    _, g_img, g_lr = loss_at(images, 0.05, grad=True)
+    eps = 1e-6
+    d = torch.randn_like(images)
+    fd = (loss_at(images + eps * d, 0.05)[0] - loss_at(images - eps * d, 0.05)[0]) / (2 * eps)
+    torch.testing.assert_close((g_img * d).sum(), fd, rtol=1e-5, atol=1e-9)
+    fd_lr = (loss_at(images, 0.05 + eps)[0] - loss_at(images, 0.05 - eps)[0]) / (2 * eps)
+    torch.testing.assert_close(g_lr, fd_lr, rtol=1e-5, atol=1e-9)
+
+
+def test_att_picks_the_step_where_the_target_was_planted():
+    _, student, images, labels, start, _ = tiny_problem()
+    ws = unroll(student, images, labels, torch.tensor(0.3, dtype=torch.float64), start, syn_steps=8, batch_syn=6,
+                generator=torch.Generator().manual_seed(0), use_dsa=False)
+    ws = [w.detach() for w in ws]
+    for k in (1, 3, 8):
+        assert final_step(ws, ws[k], auto_steps=True, metric='l1') == k
+        assert final_step(ws, ws[k], auto_steps=True, metric='l2') == k
+    assert final_step(ws, ws[3], auto_steps=False) == 8

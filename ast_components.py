@@ -1,0 +1,269 @@
+"""AST components (arXiv 2310.10541), one small pure function each.
+
+The expert-training and distillation loops compose these behind flags
+(SPEC sections 4 and 6):
+
+* smooth experts:  ``loss_decay_factor`` (``--loss_decay``) and
+  ``gradient_penalty`` (``--gp``);
+* distillation:    ``balance_weight`` (``--balance_loss``),
+  ``intermediate_steps`` / ``intermediate_betas`` (``--agg_middle_loss``,
+  ``--adaptive_middle_loss``), ``perturb_start`` (``--weight_perturb``) and
+  ``kmeans_init`` (``--pix_init kmeans``, AST's 'avg').
+
+Where the paper and the authors' code disagree, ``variant='paper'`` (default)
+follows the paper and ``variant='code'`` the code.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+VARIANTS = ('paper', 'code')
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+
+
+# --------------------------------------------------------------------------
+# Smooth experts (SPEC 4): loss decay and gradient penalty
+# --------------------------------------------------------------------------
+
+def loss_decay_factor(epoch: int, variant: str = 'paper') -> float:
+    """λ_e multiplying the expert's CE loss at (0-based) ``epoch``.
+
+    paper: 0.5, 0.6, 0.7, 0.8, 0.9 for epochs 0..4, then 1.0.
+    code:  0.5, 0.55, ..., 0.95 for epochs 0..9, then 1.0.
+    """
+    _check_variant(variant)
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    ramp = 5 if variant == 'paper' else 10
+    if epoch >= ramp:
+        return 1.0
+    # (ramp + e) / (2 ramp) == 0.5 + 0.5 e / ramp, written as one division so
+    # the result is the correctly rounded decimal (0.8, not 0.8000000000000002).
+    return (ramp + epoch) / (2 * ramp)
+
+
+# μ the authors use for each variant; gradient_penalty's own default is the
+# paper's, so callers of the 'code' variant pass GP_DEFAULT_MU['code'].
+GP_DEFAULT_MU = {'paper': 1.0, 'code': 2.0}
+
+
+def gradient_penalty(net: nn.Module, x: Tensor, mu: float = 1.0, K: float = 1.0,
+                     variant: str = 'paper') -> Tensor:
+    """Input-gradient penalty on the summed logits, differentiable in ``net``.
+
+    paper: mu * mean_i (||∇_x Σ_c f(x_i)_c||_2 - K)^2, norm per sample over C,H,W.
+    code:  mu * mean_{i,h,w} (||∇_x Σ_c f(x_i)_c [:, h, w]||_2 - K)^2, norm over
+           channels per pixel.  The authors use mu = 2 here: pass
+           ``mu=GP_DEFAULT_MU['code']`` (the default mu is the paper's 1).
+
+    ``x`` is the un-augmented [B, C, H, W] batch; it is not modified.  The
+    gradient of the batch sum is taken, which equals the per-sample gradient
+    for nets without cross-sample coupling (everything but train-mode BatchNorm).
+    """
+    _check_variant(variant)
+    if x.dim() != 4:
+        raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")
+    # A fresh leaf, so the caller's tensor neither needs nor gets requires_grad.
+    x = x.detach().requires_grad_(True)
+    out = net(x)
+    # create_graph: the penalty itself is back-propagated into net's parameters.
+    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    if variant == 'paper':
+        norms = grad.flatten(1).norm(dim=1)          # [B]
+    else:
+        norms = grad.norm(dim=1)                     # [B, H, W]
+    return mu * ((norms - K) ** 2).mean()
+
+
+# --------------------------------------------------------------------------
+# Balanced inner loss (SPEC 6)
+# --------------------------------------------------------------------------
+
+def balance_weight(t: int, max_start_epoch: int, base: float = 5.0,
+                   theta: float = 8.0) -> float:
+    """ν multiplying the student's inner CE loss when starting at epoch ``t``.
+
+    middle = T+ // 2; ν = log_b(t - middle + ϑ) for t >= middle, else
+    1 / log_b(middle - t + ϑ): early (large-gradient) starts are damped, late
+    ones amplified.
+    """
+    if base <= 0 or base == 1:
+        raise ValueError(f"log base must be positive and != 1, got {base}")
+    middle = max_start_epoch // 2
+    if t >= middle:
+        return math.log(t - middle + theta) / math.log(base)
+    return math.log(base) / math.log(middle - t + theta)
+
+
+# --------------------------------------------------------------------------
+# Intermediate matching (SPEC 6)
+# --------------------------------------------------------------------------
+
+def intermediate_steps(syn_steps: int, expert_epochs: int) -> list[int]:
+    """Student steps n_i = floor(i N / M), i = 1..M-1, matched to θ*_{t+i}.
+
+    With N < M some n_i repeat or are 0 (the start itself); the caller decides
+    whether that configuration makes sense.
+    """
+    if syn_steps < 1 or expert_epochs < 1:
+        raise ValueError(f"syn_steps and expert_epochs must be >= 1, got "
+                         f"{syn_steps} and {expert_epochs}")
+    return [i * syn_steps // expert_epochs for i in range(1, expert_epochs)]
+
+
+def intermediate_betas(expert_epochs: int, adaptive: bool) -> list[float]:
+    """β_i for i = 1..M-1: 1, or (i + 1) / (1 + M) when adaptive."""
+    if expert_epochs < 1:
+        raise ValueError(f"expert_epochs must be >= 1, got {expert_epochs}")
+    M = expert_epochs
+    if adaptive:
+        return [(i + 1) / (1 + M) for i in range(1, M)]
+    return [1.0] * (M - 1)
+
+
+# --------------------------------------------------------------------------
+# Weight perturbation of the student's start (SPEC 6)
+# --------------------------------------------------------------------------
+
+def _normalised_direction(d: Tensor, w: Tensor, per_filter: bool) -> Tensor:
+    """Rescale d so each filter (or the whole tensor) has w's Frobenius norm."""
+    if per_filter:
+        d_norm = d.flatten(1).norm(dim=1).view(-1, *([1] * (d.dim() - 1)))
+        w_norm = w.flatten(1).norm(dim=1).view_as(d_norm)
+    else:
+        d_norm, w_norm = d.norm(), w.norm()
+    # A Gaussian draw is never exactly 0, but guard the division anyway.
+    return d / d_norm.clamp_min(torch.finfo(d.dtype).tiny) * w_norm
+
+
+def perturb_start(flat: Tensor, param_shapes: Sequence[torch.Size], rho: float = 0.1,
+                  generator: torch.Generator | None = None,
+                  variant: str = 'paper') -> Tensor:
+    """Perturbed copy of the student's starting point θ*_t (a flat vector).
+
+    ``flat`` is laid out as the concatenation of tensors of ``param_shapes``
+    (``module.parameters()`` order).  Only parameters with ndim >= 2 (conv and
+    linear weights) are perturbed; biases and norm parameters are copied as is.
+
+    paper: d ~ N(0, 1), each filter (slice along dim 0) rescaled to the norm of
+           θ's filter, result θ + rho * d.
+    code:  d rescaled to the norm of the whole tensor, result θ + d ⊙ θ as the
+           SPEC words it; ``rho`` is not used by this variant.
+
+    d is drawn on the CPU from ``generator`` (reproducible on any device) and
+    moved to ``flat``'s device and dtype.  Returns a new detached tensor.
+    """
+    _check_variant(variant)
+    numels = [math.prod(s) for s in param_shapes]
+    if flat.dim() != 1 or flat.numel() != sum(numels):
+        raise ValueError(f"flat vector has shape {tuple(flat.shape)}, expected "
+                         f"[{sum(numels)}] for the given parameter shapes")
+    draw_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    pieces = []
+    with torch.no_grad():
+        for w, shape in zip(torch.split(flat.detach(), numels), param_shapes):
+            w = w.view(shape)
+            if len(shape) < 2:
+                pieces.append(w.clone())
+                continue
+            d = torch.randn(shape, generator=generator, dtype=draw_dtype)
+            d = d.to(device=flat.device, dtype=flat.dtype)
+            if variant == 'paper':
+                new = w + rho * _normalised_direction(d, w, per_filter=True)
+            else:
+                new = w + _normalised_direction(d, w, per_filter=False) * w
+            pieces.append(new)
+    return torch.cat([p.reshape(-1) for p in pieces])
+
+
+# --------------------------------------------------------------------------
+# Representative (K-Means) initialisation of the synthetic set (SPEC 6)
+# --------------------------------------------------------------------------
+
+def _features(net: nn.Module, images: Tensor, batch_size: int) -> np.ndarray:
+    """Penultimate features of ``images`` as a float64 numpy array."""
+    with torch.no_grad():
+        feats = [net.embed(images[s:s + batch_size]).flatten(1).cpu()
+                 for s in range(0, len(images), batch_size)]
+    return torch.cat(feats).double().numpy()
+
+
+def _cluster_quotas(ipc: int) -> list[int]:
+    """Images per cluster: ipc clusters of 1, or 10 clusters sharing ipc."""
+    if ipc <= 10:
+        return [1] * ipc
+    base, extra = divmod(ipc, 10)
+    return [base + (1 if k < extra else 0) for k in range(10)]
+
+
+def _pick_nearest_distinct(feats: np.ndarray, centroids: np.ndarray,
+                           quotas: list[int]) -> list[int]:
+    """Rows of ``feats`` nearest each centroid, all distinct, quota per centroid.
+
+    Clusters pick in turns (every cluster's 1st image, then every 2nd, ...), so
+    no cluster loses its nearest images to a cluster that asks for many; an
+    image already taken is skipped in favour of the next nearest.
+    """
+    dist = ((feats[None, :, :] - centroids[:, None, :]) ** 2).sum(-1)  # [K, n]
+    order = np.argsort(dist, axis=1, kind='stable')
+    taken = np.zeros(len(feats), dtype=bool)
+    cursor = [0] * len(quotas)
+    picks: list[list[int]] = [[] for _ in quotas]
+    for _round in range(max(quotas)):
+        for k, quota in enumerate(quotas):
+            if len(picks[k]) >= quota:
+                continue
+            while taken[order[k, cursor[k]]]:
+                cursor[k] += 1
+            i = int(order[k, cursor[k]])
+            taken[i] = True
+            picks[k].append(i)
+    return [i for p in picks for i in p]
+
+
+def kmeans_init(net: nn.Module, images: Tensor, labels: Tensor, num_classes: int,
+                ipc: int, seed: int, batch_size: int = 512) -> tuple[Tensor, Tensor]:
+    """ipc real images per class nearest the K-Means centroids of their features.
+
+    ``net`` is an expert at its final snapshot, already in eval mode and on
+    ``images``' device (train-mode BatchNorm would update its running stats).
+    Per class: K = ipc clusters for ipc <= 10, else 10 clusters taking
+    ipc // 10 images each (the first ipc % 10 clusters one more);
+    ``KMeans(n_clusters=K, n_init=10, random_state=seed)``.  The chosen images
+    are distinct (see ``_pick_nearest_distinct``).
+
+    Returns (copies of the chosen images [num_classes * ipc, C, H, W], labels),
+    class-major, clusters in K-Means order within a class.
+    """
+    from sklearn.cluster import KMeans  # local: only this initialiser needs it
+
+    if ipc < 1:
+        raise ValueError(f"ipc must be >= 1, got {ipc}")
+    per_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
+    # Check every class before clustering any, so a bad ipc fails at once.
+    for c, idx in enumerate(per_class):
+        if ipc > len(idx):
+            raise ValueError(f"ipc {ipc} is larger than class {c}'s {len(idx)} images; "
+                             f"lower --ipc")
+    quotas = _cluster_quotas(ipc)
+    chosen: list[Tensor] = []
+    for idx in per_class:
+        feats = _features(net, images[idx], batch_size)
+        km = KMeans(n_clusters=len(quotas), n_init=10, random_state=seed).fit(feats)
+        rows = _pick_nearest_distinct(feats, km.cluster_centers_, quotas)
+        chosen.append(idx[torch.as_tensor(rows, dtype=torch.long, device=idx.device)])
+    sel = torch.cat(chosen)
+    # Advanced indexing already copies, so the result never aliases the real set.
+    x = images[sel].detach()
+    y = torch.arange(num_classes, device=labels.device).repeat_interleave(ipc)
+    return x, y.to(labels.dtype)

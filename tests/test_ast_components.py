@@ -1,0 +1,251 @@
+"""Tests for ast_components.py (AST: smooth experts and distillation components)."""
+import math
+
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
+
+import data
+from ast_components import (GP_DEFAULT_MU, balance_weight, gradient_penalty,
+                            intermediate_betas, intermediate_steps, kmeans_init,
+                            loss_decay_factor, perturb_start)
+from networks import ConvNet, get_network
+from reparam_module import ReparamModule
+
+# --------------------------------------------------------------------------
+# Loss decay
+# --------------------------------------------------------------------------
+
+
+def test_loss_decay_paper_schedule():
+    got = [loss_decay_factor(e) for e in range(12)]
+    assert got == [0.5, 0.6, 0.7, 0.8, 0.9] + [1.0] * 7
+
+
+def test_loss_decay_code_schedule():
+    got = [loss_decay_factor(e, variant='code') for e in range(12)]
+    assert got == [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.0]
+
+
+def test_loss_decay_rejects_unknown_variant():
+    with pytest.raises(ValueError):
+        loss_decay_factor(0, variant='paper2')
+
+
+# --------------------------------------------------------------------------
+# Gradient penalty
+# --------------------------------------------------------------------------
+
+def _tiny_net(seed=0):
+    torch.manual_seed(seed)
+    return ConvNet(1, 3, (8, 8), width=4, depth=1).double()
+
+
+def _reference_penalty(net, x, mu, K, variant):
+    """Per-sample input gradients by a loop, then the formula by hand."""
+    terms = []
+    for i in range(len(x)):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(net(xi).sum(), xi, create_graph=True)
+        g = g[0]                                   # [C, H, W]
+        if variant == 'paper':
+            terms.append((torch.sqrt((g ** 2).sum()) - K) ** 2)
+        else:
+            per_pixel = torch.sqrt((g ** 2).sum(dim=0))   # [H, W]
+            terms.append(((per_pixel - K) ** 2).mean())
+    return mu * torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize('variant', ['paper', 'code'])
+def test_gradient_penalty_matches_direct_computation(variant):
+    net = _tiny_net()
+    torch.manual_seed(1)
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    x_before = x.clone()
+    mu, K = GP_DEFAULT_MU[variant], 0.7
+    got = gradient_penalty(net, x, mu=mu, K=K, variant=variant)
+    want = _reference_penalty(net, x, mu, K, variant)
+    assert got.shape == ()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # the caller's batch is neither modified nor turned into a grad leaf
+    assert torch.equal(x, x_before) and not x.requires_grad
+
+    # differentiable w.r.t. the parameters, with the same gradient as the reference
+    names, params = zip(*net.named_parameters())
+    g_got = torch.autograd.grad(got, params, allow_unused=True)
+    g_want = torch.autograd.grad(want, params, allow_unused=True)
+    for p, a, b in zip(params, g_got, g_want):
+        a = torch.zeros_like(p) if a is None else a
+        b = torch.zeros_like(p) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+    grads = dict(zip(names, g_got))
+    # the conv and linear weights shape the input gradient, so they get one
+    assert grads['features.0.weight'].abs().sum() > 0
+    assert grads['classifier.weight'].abs().sum() > 0
+
+
+def test_gradient_penalty_variants_differ_and_default_mu():
+    net = _tiny_net()
+    torch.manual_seed(2)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    p = gradient_penalty(net, x)
+    assert torch.allclose(p, _reference_penalty(net, x, 1.0, 1.0, 'paper'))
+    assert not torch.allclose(p, gradient_penalty(net, x, variant='code'))
+    assert GP_DEFAULT_MU == {'paper': 1.0, 'code': 2.0}
+
+
+# --------------------------------------------------------------------------
+# Balanced inner loss
+# --------------------------------------------------------------------------
+
+def test_balance_weight_values():
+    T, middle = 20, 10
+    assert balance_weight(0, T) == pytest.approx(1 / (math.log(18) / math.log(5)), rel=1e-12)
+    assert balance_weight(middle, T) == pytest.approx(math.log(8) / math.log(5), rel=1e-12)
+    assert balance_weight(T - 1, T) == pytest.approx(math.log(17) / math.log(5), rel=1e-12)
+    # below the middle the weight is < 1, growing with t
+    assert balance_weight(0, T) < balance_weight(9, T) < 1 < balance_weight(middle, T)
+    # base and theta are honoured
+    assert balance_weight(3, T, base=math.e, theta=4.0) == pytest.approx(1 / math.log(11), rel=1e-12)
+
+
+# --------------------------------------------------------------------------
+# Intermediate matching
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize('N, M, want', [(20, 2, [10]), (30, 3, [10, 20]), (7, 3, [2, 4]),
+                                        (20, 1, [])])
+def test_intermediate_steps(N, M, want):
+    assert intermediate_steps(N, M) == want
+
+
+def test_intermediate_betas():
+    assert intermediate_betas(3, adaptive=False) == [1.0, 1.0]
+    assert intermediate_betas(3, adaptive=True) == pytest.approx([2 / 4, 3 / 4])
+    assert intermediate_betas(1, adaptive=True) == []
+
+
+# --------------------------------------------------------------------------
+# Weight perturbation
+# --------------------------------------------------------------------------
+
+def _convnet_flat(dtype=torch.float32):
+    torch.manual_seed(0)
+    net = get_network('ConvNetD2', 3, 10, (16, 16)).to(dtype)
+    rep = ReparamModule(net)
+    return rep.flat_param(), rep.param_shapes
+
+
+def _split(flat, shapes):
+    numels = [math.prod(s) for s in shapes]
+    return [t.view(s) for t, s in zip(torch.split(flat, numels), shapes)]
+
+
+def test_perturb_paper_per_filter_norms_and_untouched_1d():
+    flat, shapes = _convnet_flat()
+    assert sum(len(s) >= 2 for s in shapes) == 3 and sum(len(s) < 2 for s in shapes) == 7
+    before = flat.clone()
+    rho = 0.1
+    new = perturb_start(flat, shapes, rho=rho, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(flat, before)                       # input untouched
+    assert new.shape == flat.shape and new.dtype == flat.dtype
+    for w, w_new in zip(_split(flat, shapes), _split(new, shapes)):
+        if w.dim() < 2:
+            assert torch.equal(w_new, w)                   # biases / norm params exact
+            continue
+        diff = (w_new - w).flatten(1).norm(dim=1)
+        torch.testing.assert_close(diff, rho * w.flatten(1).norm(dim=1), rtol=1e-4, atol=1e-7)
+        assert not torch.equal(w_new, w)
+
+
+def test_perturb_is_reproducible_per_generator_seed():
+    flat, shapes = _convnet_flat()
+    a = perturb_start(flat, shapes, generator=torch.Generator().manual_seed(7))
+    b = perturb_start(flat, shapes, generator=torch.Generator().manual_seed(7))
+    c = perturb_start(flat, shapes, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_perturb_code_variant_whole_tensor_and_untouched_1d():
+    flat, shapes = _convnet_flat(torch.float64)
+    before = flat.clone()
+    new = perturb_start(flat, shapes, generator=torch.Generator().manual_seed(3), variant='code')
+    assert torch.equal(flat, before) and new.dtype == torch.float64
+    for w, w_new in zip(_split(flat, shapes), _split(new, shapes)):
+        if w.dim() < 2:
+            assert torch.equal(w_new, w)
+            continue
+        # θ' = θ + d ⊙ θ with ||d||_F = ||θ||_F, so d = (θ' - θ) / θ
+        d = (w_new - w) / w
+        torch.testing.assert_close(d.norm(), w.norm(), rtol=1e-6, atol=0)
+
+
+def test_perturb_rejects_wrong_length():
+    flat, shapes = _convnet_flat()
+    with pytest.raises(ValueError):
+        perturb_start(flat[:-1], shapes)
+
+
+# --------------------------------------------------------------------------
+# K-Means (representative) initialisation
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def digits_and_net():
+    real = data.load_dataset('Digits')
+    torch.manual_seed(0)
+    net = get_network('ConvNetW32', 1, 10, (8, 8)).eval()
+    # K-Means on ~144 points is ~10x slower with OpenMP threads fighting over
+    # busy cores than single-threaded; the results do not depend on it.
+    with threadpool_limits(limits=1):
+        yield real, net
+
+
+def _row_index(pool, img):
+    """Index of ``img`` among the rows of ``pool`` (exact match), else -1."""
+    hits = torch.nonzero((pool.flatten(1) == img.flatten()).all(dim=1)).flatten()
+    return int(hits[0]) if len(hits) == 1 else -1
+
+
+@pytest.mark.parametrize('ipc', [1, 3, 10, 50])
+def test_kmeans_init(digits_and_net, ipc):
+    real, net = digits_and_net
+    seed = 0
+    x, y = kmeans_init(net, real.images_train, real.labels_train, real.num_classes, ipc, seed)
+    assert x.shape == (real.num_classes * ipc, 1, 8, 8)
+    assert torch.equal(y, torch.arange(real.num_classes).repeat_interleave(ipc))
+    assert x.data_ptr() != real.images_train.data_ptr()
+    for c, idx in enumerate(real.indices_per_class()):
+        pool = real.images_train[idx]
+        chosen = [_row_index(pool, img) for img in x[c * ipc:(c + 1) * ipc]]
+        assert all(i >= 0 for i in chosen)                 # real train images of class c
+        assert len(set(chosen)) == ipc                     # all distinct
+        if ipc > 10:
+            continue
+        # refit K-Means on recomputed features: each pick is the image nearest
+        # its centroid among those not already picked for an earlier cluster
+        with torch.no_grad():
+            feats = net.embed(pool).double().numpy()
+        centers = KMeans(n_clusters=ipc, n_init=10, random_state=seed).fit(feats).cluster_centers_
+        dist = ((feats[None] - centers[:, None]) ** 2).sum(-1)
+        n_global_nearest = 0
+        for k, i in enumerate(chosen):
+            free = [j for j in range(len(pool)) if j not in chosen[:k]]
+            assert dist[k, i] == pytest.approx(dist[k, free].min(), rel=1e-9, abs=1e-12)
+            n_global_nearest += int(dist[k, i] == dist[k].min())
+        assert n_global_nearest >= ipc - 1                 # collisions are rare
+        if ipc == 1:
+            # one cluster: the image nearest the class mean feature
+            mean_dist = ((feats - feats.mean(0)) ** 2).sum(1)
+            assert chosen[0] == int(mean_dist.argmin())
+
+
+def test_kmeans_init_ipc_larger_than_class(digits_and_net):
+    real, net = digits_and_net
+    smallest = min(len(i) for i in real.indices_per_class())
+    with pytest.raises(ValueError, match='larger than class'):
+        kmeans_init(net, real.images_train, real.labels_train, real.num_classes, smallest + 1, 0)
+    with pytest.raises(ValueError):
+        kmeans_init(net, real.images_train, real.labels_train, real.num_classes, 0, 0)

@@ -1,0 +1,206 @@
+"""End to end on Digits: buffer.py -> distill.py -> eval.py, resume, NaN safety, wandb offline, input errors."""
+import glob
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+import buffer
+import distill
+import eval as eval_script
+import matching
+
+MODEL = 'ConvNetW32'
+TINY = ['--model', MODEL, '--ipc', '2', '--syn_steps', '3', '--expert_epochs', '1', '--max_start_epoch', '2',
+        '--num_eval', '1', '--epoch_eval_train', '3', '--lr_img', '10', '--seed', '0']
+
+
+@pytest.fixture(scope='module')
+def buffers(tmp_path_factory):
+    path = tmp_path_factory.mktemp('buffers')
+    buffer.main(['--num_experts', '2', '--train_epochs', '3', '--model', MODEL, '--buffer_path', str(path)])
+    return str(path)
+
+
+def run_distill(buffers, runs, *extra):
+    return distill.main(TINY + ['--buffer_path', buffers, '--run_dir', str(runs), *extra])
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def wandb_history(run_dir):
+    """Decode the offline .wandb file (leveldb-log framing of protobuf Records) into history dicts."""
+    from wandb.proto import wandb_internal_pb2
+    path = glob.glob(os.path.join(run_dir, 'wandb', 'offline-run-*', 'run-*.wandb'))[0]
+    raw, i, block, buf, rows = open(path, 'rb').read(), 7, 32768, b'', []
+    assert raw[:4] == b':W&B'
+    while i + 7 <= len(raw):
+        if block - i % block < 7:  # block trailer padding
+            i += block - i % block
+            continue
+        _, n, kind = struct.unpack('<IHB', raw[i:i + 7])
+        buf, i = buf + raw[i + 7:i + 7 + n], i + 7 + n
+        if kind in (1, 4):  # FULL or LAST chunk
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            buf = b''
+            if rec.WhichOneof('record_type') == 'history':
+                rows.append({(it.key or '/'.join(it.nested_key)): json.loads(it.value_json) for it in rec.history.item})
+    return rows
+
+
+def test_end_to_end_buffer_distill_eval_with_wandb_offline(buffers, tmp_path, monkeypatch):
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    run_dir = run_distill(buffers, tmp_path / 'runs', '--Iteration', '4', '--eval_it', '2', '--wandb', 'auto')
+    assert os.path.basename(run_dir) == '000-Digits-ipc2-ConvNetW32'
+    for name in ('args.json', 'metrics.jsonl', 'images_best.pt', 'labels_best.pt', 'lr_best.pt',
+                 'synthetic_images.png', 'checkpoint.pt', 'final.json'):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    images = torch.load(os.path.join(run_dir, 'images_best.pt'), weights_only=True)
+    labels = torch.load(os.path.join(run_dir, 'labels_best.pt'), weights_only=True)
+    assert images.shape == (20, 1, 8, 8) and labels.tolist() == [c for c in range(10) for _ in range(2)]
+    assert open(os.path.join(run_dir, 'synthetic_images.png'), 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+    assert json.load(open(os.path.join(run_dir, 'args.json')))['ipc'] == 2
+    rows = metrics(run_dir)
+    losses = {r['it']: r['loss'] for r in rows if 'loss' in r}
+    assert sorted(losses) == [0, 1, 2, 3] and all(v > 0 for v in losses.values())
+    assert sorted(r['it'] for r in rows if 'eval/ConvNetW32_mean' in r) == [0, 2, 4]
+    # what wandb wrote offline holds the same numbers
+    history = wandb_history(run_dir)
+    logged = {h['_step']: h['loss'] for h in history if 'loss' in h}
+    assert logged == pytest.approx(losses)
+    assert any('eval/ConvNetW32_mean' in h for h in history)
+    # a second run gets the next number
+    assert os.path.basename(run_distill(buffers, tmp_path / 'runs', '--Iteration', '1', '--eval_it', '5',
+                                        '--wandb', 'disabled')).startswith('001-')
+    # eval.py scores the saved set on two architectures and writes JSON
+    out = tmp_path / 'eval.json'
+    eval_script.main(['--run', run_dir, '--eval_mode', MODEL, 'ConvNetD2', '--num_eval', '2',
+                      '--epoch_eval_train', '2', '--out', str(out)])
+    result = json.load(open(out))
+    assert set(result['results']) == {MODEL, 'ConvNetD2'}
+    assert all(len(r['accs']) == 2 and 0 <= r['mean'] <= 1 for r in result['results'].values())
+    assert result['lr'] == pytest.approx(torch.load(os.path.join(run_dir, 'lr_best.pt'), weights_only=True).item())
+
+
+def test_eval_baselines(tmp_path):
+    out = tmp_path / 'r.json'
+    eval_script.main(['--baseline', 'random', '--ipc', '3', '--eval_mode', MODEL, '--num_eval', '2',
+                      '--epoch_eval_train', '2', '--out', str(out)])
+    r = json.load(open(out))
+    assert r['num_images'] == 30 and len(r['results'][MODEL]['accs']) == 2
+    eval_script.main(['--baseline', 'full', '--eval_mode', 'ConvNetD2', '--num_eval', '1', '--epoch_eval_train', '3',
+                      '--lr', '0.05', '--out', str(out)])
+    r = json.load(open(out))
+    assert r['num_images'] == 1437 and r['results']['ConvNetD2']['mean'] > 0.6  # 3 epochs on all data: ~89%
+
+
+def test_resume_continues_to_the_same_result(buffers, tmp_path, monkeypatch):
+    common = ['--Iteration', '6', '--eval_it', '3', '--save_every', '2', '--wandb', 'disabled']
+    straight = run_distill(buffers, tmp_path / 'a', *common)
+
+    calls = {'n': 0}
+    real = matching.match_and_backward
+
+    def dies_at_iteration_5(*args, **kwargs):
+        calls['n'] += 1
+        if calls['n'] == 5:
+            raise KeyboardInterrupt  # as if the job were killed during iteration 4
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill, 'match_and_backward', dies_at_iteration_5)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(buffers, tmp_path / 'b', *common)
+    interrupted = glob.glob(str(tmp_path / 'b' / '000-*'))[0]
+    assert torch.load(os.path.join(interrupted, 'checkpoint.pt'), weights_only=True)['state']['it'] == 4
+    monkeypatch.setattr(distill, 'match_and_backward', real)
+    distill.main(['--resume', 'latest', '--run_dir', str(tmp_path / 'b')])
+
+    a = torch.load(os.path.join(straight, 'checkpoint.pt'), weights_only=True)
+    b = torch.load(os.path.join(interrupted, 'checkpoint.pt'), weights_only=True)
+    assert a['state']['it'] == b['state']['it'] == 6
+    torch.testing.assert_close(b['images'], a['images'], rtol=0, atol=1e-6)
+    torch.testing.assert_close(b['syn_lr'], a['syn_lr'], rtol=0, atol=1e-9)
+    assert [r['it'] for r in metrics(interrupted)] == [r['it'] for r in metrics(straight)]
+
+
+def test_non_finite_loss_never_reaches_the_images(buffers, tmp_path, monkeypatch):
+    real = matching.match_and_backward
+
+    def poisoned(*a, **k):  # NaN in both the loss and the image gradient
+        loss, info = real(*a, **k)
+        a[1].grad.mul_(float('nan'))
+        return loss * float('nan'), info
+
+    monkeypatch.setattr(distill, 'match_and_backward', poisoned)
+    with pytest.raises(SystemExit) as stop:
+        run_distill(buffers, tmp_path, '--Iteration', '10', '--eval_it', '100', '--max_skips', '3',
+                    '--wandb', 'disabled')
+    assert stop.value.code == 3
+    run_dir = glob.glob(str(tmp_path / '000-*'))[0]
+    ckpt = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
+    initial = torch.load(os.path.join(run_dir, 'images_best.pt'), weights_only=True)  # saved by the it-0 eval
+    assert ckpt['state']['skipped'] == 3 and ckpt['state']['it'] == 3
+    assert torch.equal(ckpt['images'], initial)
+    assert ckpt['syn_lr'].item() == pytest.approx(0.01)
+
+
+def test_one_nan_step_is_skipped_and_the_run_goes_on(buffers, tmp_path, monkeypatch):
+    real, calls = matching.match_and_backward, {'n': 0}
+
+    def nan_once(*a, **k):  # a finite loss whose image gradient is NaN, once
+        calls['n'] += 1
+        loss, info = real(*a, **k)
+        if calls['n'] == 2:
+            a[1].grad.mul_(float('nan'))
+        return loss, info
+
+    monkeypatch.setattr(distill, 'match_and_backward', nan_once)
+    run_dir = run_distill(buffers, tmp_path, '--Iteration', '3', '--eval_it', '100', '--wandb', 'disabled')
+    ckpt = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
+    assert ckpt['state']['skipped'] == 1 and torch.isfinite(ckpt['images']).all()
+    assert [r['skipped'] for r in metrics(run_dir) if 'loss' in r] == [0, 1, 1]
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--ipc', '500'], 'larger than the smallest class'),
+    (['--max_start_epoch', '3'], 'past the end of the expert trajectories'),
+    (['--model', 'ConvNetW64'], 'no expert buffers'),
+])
+def test_bad_input_fails_fast_with_one_line(buffers, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as stop:
+        run_distill(buffers, tmp_path, '--wandb', 'disabled', *flags)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / '000-Digits-ipc2-ConvNetW32')  # failed before creating a run
+
+
+def test_every_ast_att_component_runs_together_in_both_unroll_modes(buffers, tmp_path):
+    """All AST flags + ATT + student momentum: recompute gives the same images as bptt after 2 iterations."""
+    flags = ['--Iteration', '2', '--eval_it', '100', '--wandb', 'disabled', '--pix_init', 'kmeans',
+             '--balance_loss', '--agg_middle_loss', '--adaptive_middle_loss', '--weight_perturb', '--syn_mom', '0.9',
+             '--auto_steps', '--expert_epochs', '2', '--max_start_epoch', '1']
+    runs = {}
+    for mode in ('bptt', 'recompute'):
+        run_dir = run_distill(buffers, tmp_path / mode, *flags, '--unroll', mode)
+        runs[mode] = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
+        rows = [r for r in metrics(run_dir) if 'loss' in r]
+        assert all('loss_mid1' in r and 'nu' in r and 1 <= r['n_final'] <= 3 for r in rows)
+    torch.testing.assert_close(runs['recompute']['images'], runs['bptt']['images'], rtol=1e-4, atol=1e-5)
+    assert runs['bptt']['state']['skipped'] == 0
+
+
+def test_mct_run_samples_real_valued_start_epochs(buffers, tmp_path):
+    import compress_buffers
+    stats = compress_buffers.main(['--buffer_path', buffers, '--dataset', 'Digits', '--model', MODEL, '--k', '3'])
+    assert stats['files'] == 2 and stats['ratio'] < 1
+    run_dir = run_distill(buffers, tmp_path, '--mct', '--mct_k', '3', '--Iteration', '3', '--eval_it', '100',
+                          '--wandb', 'disabled')
+    starts = [r['start_epoch'] for r in metrics(run_dir) if 'loss' in r]
+    assert len(starts) == 3 and all(0 <= s < 2 for s in starts) and any(s != int(s) for s in starts)
