@@ -3,6 +3,7 @@
     python presets.py list                  # names
     python presets.py distill cifar10_ipc10 # the flags distill.sh passes
     python presets.py buffer cifar10_ipc10  # the flags buffer.sh passes (experts that row needs)
+    python presets.py run distill cifar10_ipc10 --wandb offline   # what distill.sh does
 A preset's buffer flags are derived from its distill row (same dataset/subset/res/model/zca),
 so `bash buffer.sh X && bash distill.sh X` always finds its experts. Experts always
 train at lr 0.01 (MTT); a row's lr_teacher is the initial student lr.
@@ -50,8 +51,19 @@ for _subset in ('imagenette', 'imagewoof', 'imagefruit', 'imagemeow', 'imagesqua
     DISTILL[f'{_subset}_ipc1'] = _mtt('ImageNet', 1, 20, 2, 10, 1e3, 1e-6, 0.01, None, False, subset=_subset, res=128)
     DISTILL[f'{_subset}_ipc10'] = _mtt('ImageNet', 10, 20, 2, 10, 1e3, 1e-6, 0.01, 20, False, subset=_subset, res=128)
 
+# AST (SPEC 11, the authors' README): smooth experts in their own buffer folder, every component on,
+# student momentum 0.9. Values the README does not give are the MTT row's.
+AST_EXPERTS = {'optim': 'sgdmom', 'loss_decay': True, 'gp': True, 'buffer_path': 'buffers/ast'}
+AST_DISTILL = {'pix_init': 'kmeans', 'weight_perturb': True, 'agg_middle_loss': True, 'balance_loss': True,
+               'syn_mom': 0.9, 'buffer_path': 'buffers/ast'}
+DISTILL['cifar100_ipc1_ast'] = {**_mtt('CIFAR100', 1, 20, 3, 20, 1000, 1e-5, 0.01, None, True), **AST_DISTILL}
+DISTILL['cifar100_ipc10_ast'] = {**_mtt('CIFAR100', 10, 20, 2, 30, 1000, 1e-5, 0.01, 128, False), **AST_DISTILL}
+DISTILL['cifar10_ipc10_ast'] = {**_mtt('CIFAR10', 10, 30, 2, 20, 100, 1e-5, 0.001, None, True), **AST_DISTILL}
+DISTILL['digits_ipc1_ast'] = {**DISTILL['digits_ipc1'], **AST_DISTILL}
+EXPERT_RECIPE = {name: AST_EXPERTS for name in DISTILL if name.endswith('_ast')}
+
 DEFAULT = 'digits_ipc1'  # what buffer.sh / distill.sh run with no preset
-BUFFER_KEYS = ('dataset', 'subset', 'res', 'model', 'zca')
+BUFFER_KEYS = ('dataset', 'subset', 'res', 'model', 'zca', 'buffer_path')
 
 
 # ---------------------------------------------------------------- flags
@@ -75,10 +87,26 @@ def distill_flags(name: str) -> list[str]:
 def buffer_flags(name: str) -> list[str]:
     row = DISTILL[name]
     experts = DIGITS_EXPERTS if row['dataset'] == 'Digits' else MTT_EXPERTS
-    return to_flags({**{k: row[k] for k in BUFFER_KEYS if k in row}, **experts})
+    return to_flags({**{k: row[k] for k in BUFFER_KEYS if k in row}, **experts, **EXPERT_RECIPE.get(name, {})})
+
+
+def run(script: str, argv: list[str]) -> None:
+    """buffer.sh / distill.sh: `run SCRIPT [PRESET] [extra flags]`; echo the command, then become it."""
+    import os
+    name = argv[0] if argv and not argv[0].startswith('-') else DEFAULT
+    extra = argv[1:] if argv and not argv[0].startswith('-') else argv
+    if name not in DISTILL:
+        print(f"error: unknown preset '{name}'; choose one of: {', '.join(DISTILL)}", file=sys.stderr)
+        sys.exit(2)
+    flags = (buffer_flags if script == 'buffer' else distill_flags)(name)
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{script}.py'), *flags, *extra]
+    print('+ python ' + ' '.join(cmd[1:]), file=sys.stderr, flush=True)
+    os.execv(sys.executable, cmd)
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ['run'] and len(argv) >= 2 and argv[1] in ('buffer', 'distill'):
+        run(argv[1], argv[2:])
     if argv[:1] == ['list']:
         print('\n'.join(DISTILL))
         return 0

@@ -105,19 +105,27 @@ def test_recompute_equals_bptt(syn_mom, auto_steps):
 
 
 def test_bptt_with_every_term_matches_finite_differences():
-    """Momentum, a balanced-loss weight and an intermediate term on: dL/dS still equals central differences."""
+    """Every AST component on (perturbed start, balanced-loss ν, intermediate term with adaptive β, student
+    momentum) and DSA: dL/dS and dL/dα still equal central differences, in both unroll modes."""
+    from ast_components import balance_weight, intermediate_betas, perturb_start
     _, student, images, labels, start, target = tiny_problem()
-    mid = [(2, start + 0.5 * (target - start), 0.7)]
+    mid = [(2, start + 0.5 * (target - start), intermediate_betas(2, adaptive=True)[0])]
+    w0 = perturb_start(start, student.param_shapes, rho=0.1, generator=torch.Generator().manual_seed(7))
+    nu = balance_weight(3, 20)
+    assert not torch.equal(w0, start) and nu != 1.0
 
-    def loss_at(imgs, alpha, grad=False):
+    def loss_at(imgs, alpha, grad=False, mode='bptt'):
         imgs = imgs.clone().requires_grad_(grad)
         a = torch.tensor(alpha, dtype=torch.float64, requires_grad=grad)
-        loss, _ = match_and_backward(student, imgs, labels, a, start, Targets(start, target, mid), syn_steps=4,
+        loss, _ = match_and_backward(student, imgs, labels, a, w0, Targets(start, target, mid), syn_steps=4,
                                      batch_syn=4, generator=torch.Generator().manual_seed(4), syn_mom=0.9,
-                                     loss_weight=1.7, unroll_mode='bptt')
+                                     loss_weight=nu, unroll_mode=mode)
         return loss, imgs.grad, a.grad
 
     _, g_img, g_lr = loss_at(images, 0.05, grad=True)
+    _, g_img_rc, g_lr_rc = loss_at(images, 0.05, grad=True, mode='recompute')
+    torch.testing.assert_close(g_img_rc, g_img, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(g_lr_rc, g_lr, rtol=1e-5, atol=1e-12)
     eps = 1e-6
     d = torch.randn_like(images)
     fd = (loss_at(images + eps * d, 0.05)[0] - loss_at(images - eps * d, 0.05)[0]) / (2 * eps)

@@ -18,10 +18,22 @@ def test_preset_parses_into_valid_flags(name):
     for key, value in row.items():
         assert getattr(d, key) == value, key
     b = buffer.build_parser().parse_args(presets.buffer_flags(name))
-    assert (b.dataset, b.zca) == (d.dataset, d.zca)
+    assert (b.dataset, b.zca, b.buffer_path) == (d.dataset, d.zca, d.buffer_path)  # distill finds the experts
     if d.dataset == 'ImageNet':
         assert (b.subset, b.res) == (d.subset, d.res)
     assert b.train_epochs >= d.max_start_epoch + d.expert_epochs  # the experts are long enough for the row
+
+
+def test_ast_presets_train_smooth_experts_and_switch_every_component_on():
+    for name in ('cifar100_ipc1_ast', 'cifar100_ipc10_ast', 'cifar10_ipc10_ast', 'digits_ipc1_ast'):
+        b = buffer.build_parser().parse_args(presets.buffer_flags(name))
+        assert (b.optim, b.loss_decay, b.gp) == ('sgdmom', 'paper', 'paper')
+        d = distill.build_parser().parse_args(presets.distill_flags(name))
+        assert d.pix_init == 'kmeans' and d.weight_perturb and d.agg_middle_loss and d.balance_loss
+        assert d.syn_mom == 0.9
+    d = distill.build_parser().parse_args(presets.distill_flags('cifar100_ipc1_ast'))
+    assert (d.syn_steps, d.expert_epochs, d.max_start_epoch, d.zca, d.lr_img) == (20, 3, 20, True, 1000)
+    assert distill.build_parser().parse_args(presets.distill_flags('cifar100_ipc10_ast')).batch_syn == 128
 
 
 def test_every_mtt_row_of_the_spec_is_a_preset():

@@ -1,0 +1,164 @@
+"""Benchmarks on the current device: prints a table and writes JSON (bench.json).
+
+    python bench.py                      # everything below
+    python bench.py --only distill       # unroll modes x syn_steps x ipc: s/iteration and peak memory
+    python bench.py --only expert eval
+Distill numbers come from one fresh subprocess per configuration (Digits, ConvNetD2, batch_syn = all),
+so each peak is that configuration's own: on CUDA torch.cuda.max_memory_allocated, on CPU the growth
+of the process's peak RSS over its RSS just before the first iteration.
+"""
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+# ---------------------------------------------------------------- what is measured
+
+UNROLL_MODES = ('bptt', 'recompute')
+SYN_STEPS = (10, 20, 40, 80)
+IPCS = (1, 10)
+TIMED_ITERS = 3          # after one warm-up iteration
+
+
+def current_rss_mib() -> float:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def distill_child(unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
+    """One configuration, in this (fresh) process."""
+    from data import load_dataset
+    from evaluation import random_real
+    from matching import Targets, match_and_backward
+    from networks import get_network
+    from reparam_module import ReparamModule
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    data = load_dataset('Digits')
+    gen = torch.Generator().manual_seed(0)
+    images, labels = random_real(data, ipc, gen)
+    images, labels = images.to(dev).requires_grad_(True), labels.to(dev)
+    syn_lr = torch.tensor(0.01, device=dev, requires_grad=True)
+    student = ReparamModule(get_network('ConvNetD2', data.channel, data.num_classes, data.im_size).to(dev))
+    w0 = student.flat_param()
+    target = w0 + 0.01 * torch.randn(w0.shape, generator=gen).to(dev)  # matching cost does not depend on the values
+    targets = Targets(w0, target)
+
+    def step():
+        images.grad = syn_lr.grad = None
+        match_and_backward(student, images, labels, syn_lr, w0, targets, syn_steps=syn_steps,
+                           batch_syn=images.shape[0], generator=gen, unroll_mode=unroll)
+        if dev.type == 'cuda':
+            torch.cuda.synchronize()
+
+    base = current_rss_mib()
+    if dev.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+    step()  # warm-up
+    times = []
+    for _ in range(TIMED_ITERS):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20 if dev.type == 'cuda' else peak_rss_mib() - base
+    return {'unroll': unroll, 'syn_steps': syn_steps, 'ipc': ipc, 'sec_per_iter': statistics.median(times),
+            'peak_mib': peak, 'device': device}
+
+
+def bench_distill(device: str) -> list[dict]:
+    rows = []
+    for ipc in IPCS:
+        for unroll in UNROLL_MODES:
+            for steps in SYN_STEPS:
+                out = subprocess.run([sys.executable, __file__, '--child', unroll, str(steps), str(ipc), device],
+                                     capture_output=True, text=True, check=True)
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                r = rows[-1]
+                print(f"distill ipc {ipc:>2} {unroll:>9} syn_steps {steps:>2}: {r['sec_per_iter']:.3f} s/it, "
+                      f"peak +{r['peak_mib']:.1f} MiB", flush=True)
+    return rows
+
+
+def bench_expert(device: str) -> dict:
+    from data import load_dataset
+    from networks import get_network
+    from training import train_epoch
+    dev = torch.device(device)
+    data = load_dataset('Digits')
+    x, y = data.images_train.to(dev), data.labels_train.to(dev)
+    torch.manual_seed(0)
+    net = get_network('ConvNetD2', data.channel, data.num_classes, data.im_size).to(dev)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    train_epoch(net, x, y, opt, batch_size=256, generator=gen)  # warm-up
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        train_epoch(net, x, y, opt, batch_size=256, generator=gen)
+        times.append(time.perf_counter() - start)
+    r = {'sec_per_expert_epoch': statistics.median(times), 'images_per_epoch': len(y)}
+    print(f"expert epoch (Digits, {len(y)} images, ConvNetD2): {r['sec_per_expert_epoch']:.3f} s", flush=True)
+    return r
+
+
+def bench_eval(device: str) -> list[dict]:
+    from data import load_dataset
+    from evaluation import random_real, train_and_test
+    dev = torch.device(device)
+    data = load_dataset('Digits')
+    rows = []
+    for ipc in IPCS:
+        images, labels = random_real(data, ipc, torch.Generator().manual_seed(0))
+        start = time.perf_counter()
+        train_and_test('ConvNetD2', (data.channel, data.im_size, data.num_classes), images.to(dev), labels.to(dev),
+                       data.images_test.to(dev), data.labels_test.to(dev), lr=0.01, epochs=1000, seed=0)
+        rows.append({'ipc': ipc, 'sec_per_eval_network': time.perf_counter() - start, 'epochs': 1000})
+        print(f"evaluation network (ipc {ipc}, 1000 epochs, ConvNetD2): {rows[-1]['sec_per_eval_network']:.2f} s",
+              flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--only', nargs='+', default=['distill', 'expert', 'eval'], choices=['distill', 'expert', 'eval'])
+    p.add_argument('--device', default='auto')
+    p.add_argument('--out', default='bench.json')
+    p.add_argument('--child', nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        unroll, steps, ipc, device = args.child
+        print(json.dumps(distill_child(unroll, int(steps), int(ipc), device)))
+        return
+    device = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device
+    result = {'device': torch.cuda.get_device_name() if device == 'cuda' else f'cpu ({torch.get_num_threads()} threads)',
+              'torch': torch.__version__}
+    if 'distill' in args.only:
+        result['distill'] = bench_distill(device)
+        for ipc in IPCS:
+            for unroll in UNROLL_MODES:
+                by = {r['syn_steps']: r for r in result['distill'] if r['ipc'] == ipc and r['unroll'] == unroll}
+                print(f"ipc {ipc} {unroll}: peak(80)/peak(10) = {by[80]['peak_mib'] / by[10]['peak_mib']:.2f}")
+            ratio = [r['sec_per_iter'] for r in result['distill'] if r['ipc'] == ipc and r['unroll'] == 'recompute']
+            base = [r['sec_per_iter'] for r in result['distill'] if r['ipc'] == ipc and r['unroll'] == 'bptt']
+            print(f"ipc {ipc}: time recompute/bptt = " + ', '.join(f'{a / b:.2f}' for a, b in zip(ratio, base)))
+    if 'expert' in args.only:
+        result['expert'] = bench_expert(device)
+    if 'eval' in args.only:
+        result['eval'] = bench_eval(device)
+    with open(args.out, 'w') as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == '__main__':
+    main()

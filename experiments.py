@@ -1,0 +1,180 @@
+"""Digits studies, written as Markdown tables into results/ (and shown in the README).
+
+    python experiments.py smoothness   # AST Table VII analogue: expert recipes -> Avg_Var, expert acc, ipc-1 distilled acc
+    python experiments.py ablation     # AST Table VIII analogue at ipc 1: smooth experts -> +kmeans -> ... -> +perturb
+    python experiments.py methods      # MTT vs AST vs ATT vs MCT at ipc 1 and 10, plus MCT storage
+    python experiments.py all
+Every distilled set is scored on its FINAL images (not the best-on-test) by --num_eval fresh networks;
+cells are mean ± std over all (distillation seed x network) accuracies. Finished runs are cached in
+results/cache.json, so an interrupted study resumes where it stopped.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+import buffer
+import compress_buffers
+import distill
+from data import load_dataset
+from evaluation import evaluate_set
+from trajectory_io import buffer_dir, expert_files, read_meta
+from utils import atomic_write_json
+
+# ---------------------------------------------------------------- settings (Digits, CPU)
+
+EXPERTS = ['--num_experts', '10', '--train_epochs', '20']          # per expert recipe
+RECIPES = {                                                          # buffer.py flags
+    'SGD (MTT)': [],
+    'SGD + momentum': ['--optim', 'sgdmom'],
+    'SGD + momentum + gp + loss decay (AST)': ['--optim', 'sgdmom', '--gp', '--loss_decay'],
+}
+BASE = ['--syn_steps', '20', '--expert_epochs', '2', '--max_start_epoch', '10', '--lr_img', '100',
+        '--lr_lr', '1e-5', '--lr_teacher', '0.01']                   # the digits_ipc1 preset's matching flags
+AST_STUDENT = ['--syn_mom', '0.9']                                  # AST's student momentum, used with smooth experts
+ABLATION = [                                                         # cumulative, as the paper's Table VIII
+    ('smooth experts', []),
+    ('+ K-Means init', ['--pix_init', 'kmeans']),
+    ('+ balanced inner loss', ['--pix_init', 'kmeans', '--balance_loss']),
+    ('+ intermediate matching', ['--pix_init', 'kmeans', '--balance_loss', '--agg_middle_loss']),
+    ('+ weight perturbation', ['--pix_init', 'kmeans', '--balance_loss', '--agg_middle_loss', '--weight_perturb']),
+]
+AST_ALL = ABLATION[-1][1]
+METHODS = {  # name -> (expert recipe, distill flags)
+    'MTT': ('SGD (MTT)', []),
+    'AST': ('SGD + momentum + gp + loss decay (AST)', AST_STUDENT + AST_ALL),
+    'ATT': ('SGD (MTT)', ['--auto_steps']),
+    'MCT': ('SGD (MTT)', ['--mct']),
+}
+
+
+# ---------------------------------------------------------------- runs
+
+class Study:
+    def __init__(self, root: str, seeds: int, num_eval: int, iterations: dict[int, int]):
+        self.root, self.seeds, self.num_eval, self.iterations = root, seeds, num_eval, iterations
+        self.cache_path = os.path.join(root, 'cache.json')
+        self.cache = json.load(open(self.cache_path)) if os.path.exists(self.cache_path) else {}
+
+    def buffers(self, recipe: str) -> str:
+        path = os.path.join(self.root, 'buffers', recipe.split(' (')[0].replace(' + ', '+').replace(' ', '_'))
+        buffer.main(RECIPES[recipe] + EXPERTS + ['--buffer_path', path])
+        return path
+
+    def expert_stats(self, recipe: str) -> dict:
+        folder = buffer_dir(self.buffers(recipe), 'Digits', 'ConvNetD2', zca=False)
+        metas = [read_meta(folder, i) for i in range(len(expert_files(folder)))]
+        return {'avg_var': [m['avg_var'] for m in metas], 'test_acc': [m['test_acc'] for m in metas]}
+
+    def score(self, recipe: str, flags: list[str], ipc: int) -> list[float]:
+        """Distill with each seed, score the final images with num_eval networks; cached."""
+        accs = []
+        for seed in range(self.seeds):
+            key = json.dumps([recipe, flags, ipc, seed, self.iterations[ipc], self.num_eval])
+            if key not in self.cache:
+                self.cache[key] = self._one(recipe, flags, ipc, seed)
+                atomic_write_json(self.cache, self.cache_path)
+            accs += self.cache[key]['accs']
+        return accs
+
+    def _one(self, recipe: str, flags: list[str], ipc: int, seed: int) -> dict:
+        buffers = self.buffers(recipe)
+        if '--mct' in flags:
+            compress_buffers.main(['--buffer_path', buffers, '--dataset', 'Digits'])
+        iters = self.iterations[ipc]
+        start = time.time()
+        run_dir = distill.main(BASE + flags + ['--ipc', str(ipc), '--seed', str(seed), '--Iteration', str(iters),
+                                               '--eval_it', str(iters), '--num_eval', '1', '--buffer_path', buffers,
+                                               '--run_dir', os.path.join(self.root, 'runs'), '--wandb', 'disabled'])
+        seconds = time.time() - start
+        ckpt = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
+        data = load_dataset('Digits')
+        results = evaluate_set(['ConvNetD2'], (data.channel, data.im_size, data.num_classes), ckpt['images'],
+                               ckpt['labels'], data.images_test, data.labels_test, lr=float(ckpt['syn_lr']),
+                               epochs=1000, num_eval=self.num_eval, seed=10_000 + seed)
+        return {'accs': results[0].accs, 'run_dir': run_dir, 'distill_seconds': seconds}
+
+
+def fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+    return f'{scale * m:.{digits}f} ± {scale * s:.{digits}f}'
+
+
+# ---------------------------------------------------------------- tables
+
+def smoothness(study: Study) -> str:
+    rows = ['| expert recipe | Avg_Var (mean ± std over experts) | expert test acc % | ipc-1 distilled acc % |',
+            '| --- | --- | --- | --- |']
+    for recipe in RECIPES:
+        stats = study.expert_stats(recipe)
+        flags = AST_STUDENT if recipe != 'SGD (MTT)' else []
+        accs = study.score(recipe, flags, 1)
+        rows.append(f"| {recipe} | {fmt(stats['avg_var'], 1, 5)} | {fmt(stats['test_acc'])} | {fmt(accs)} |")
+    return '\n'.join(rows)
+
+
+def ablation(study: Study) -> str:
+    recipe = 'SGD + momentum + gp + loss decay (AST)'
+    rows = ['| distillation (smooth experts, student momentum 0.9) | ipc-1 acc % |', '| --- | --- |']
+    mtt = study.score('SGD (MTT)', [], 1)
+    rows.append(f'| MTT (plain experts, no AST component), reference | {fmt(mtt)} |')
+    for name, flags in ABLATION:
+        rows.append(f'| {name} | {fmt(study.score(recipe, AST_STUDENT + flags, 1))} |')
+    return '\n'.join(rows)
+
+
+def methods(study: Study) -> str:
+    ipcs = sorted(study.iterations)
+    rows = ['| method | ' + ' | '.join(f'ipc {i} acc % ({study.iterations[i]} it)' for i in ipcs) + ' |',
+            '| --- |' + ' --- |' * len(ipcs)]
+    for name, (recipe, flags) in METHODS.items():
+        rows.append(f'| {name} | ' + ' | '.join(fmt(study.score(recipe, flags, i)) for i in ipcs) + ' |')
+    return '\n'.join(rows)
+
+
+def storage(study: Study) -> str:
+    """On-disk size of full vs MCT-compressed buffers for 50-epoch experts."""
+    path = os.path.join(study.root, 'buffers', 'SGD_50ep')
+    buffer.main(['--num_experts', '2', '--train_epochs', '50', '--buffer_path', path])
+    stats = compress_buffers.main(['--buffer_path', path, '--dataset', 'Digits', '--k', '4'])
+    return ('| buffer (2 experts x 50 epochs, ConvNetD2) | bytes on disk |\n| --- | --- |\n'
+            f"| MTT, 51 snapshots each | {stats['bytes_full']:,} |\n"
+            f"| MCT, 4 waypoints + per-layer path fractions | {stats['bytes_compressed']:,} |\n"
+            f"| ratio compressed / full | {stats['ratio']:.4f} (4/51 = {4 / 51:.4f}) |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('study', choices=['smoothness', 'ablation', 'methods', 'all'])
+    p.add_argument('--root', default='results')
+    p.add_argument('--seeds', type=int, default=3, help='distillation seeds per cell')
+    p.add_argument('--num_eval', type=int, default=5, help='evaluation networks per distilled set')
+    p.add_argument('--iterations', type=int, default=200, help='distillation iterations at ipc 1')
+    p.add_argument('--iterations_ipc10', type=int, default=100, help='distillation iterations at ipc 10')
+    p.add_argument('--seeds_ipc10', type=int, default=1, help='distillation seeds at ipc 10 (CPU time)')
+    args = p.parse_args(argv)
+    os.makedirs(args.root, exist_ok=True)
+    study = Study(args.root, args.seeds, args.num_eval, {1: args.iterations})
+    todo = ['smoothness', 'ablation', 'methods'] if args.study == 'all' else [args.study]
+    header = (f'Digits, ConvNetD2, 10 experts x 20 epochs per recipe; final images scored by {args.num_eval} '
+              f'networks (1000 epochs); mean ± std over {args.seeds} distillation seeds x {args.num_eval} networks.')
+    for name in todo:
+        if name == 'methods':
+            table = methods(study)
+            study10 = Study(args.root, args.seeds_ipc10, args.num_eval, {10: args.iterations_ipc10})
+            table += '\n\n' + methods(study10).replace('| method |', '| method (ipc 10) |')
+            table += f'\n\nipc 10: {args.seeds_ipc10} seed(s) x {args.num_eval} networks.\n\n' + storage(study)
+        else:
+            table = {'smoothness': smoothness, 'ablation': ablation}[name](study)
+        text = f'<!-- written by: python experiments.py {name} -->\n{header}\n\n{table}\n'
+        with open(os.path.join(args.root, f'{name}.md'), 'w') as f:
+            f.write(text)
+        print(text)
+
+
+if __name__ == '__main__':
+    main()
