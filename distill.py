@@ -20,7 +20,7 @@ from ast_components import (balance_weight, intermediate_betas, intermediate_ste
                             perturb_start)
 from mct import CompressedTrajectory, compressed_dir, load_compressed
 from reparam_module import load_flat_
-from trajectory_io import ExpertCursor, buffer_dir, load_trajectories, trajectory_tensor, validate_buffers
+from trajectory_io import ExpertCursor, buffer_dir, load_trajectory_tensors, validate_buffers
 from utils import UsageError, atomic_torch_save, atomic_write_json, fail, pick_device, rng_state, seed_everything, set_rng_state
 
 
@@ -118,14 +118,14 @@ def prepare(args):
     smallest = min(len(idx) for idx in data.indices_per_class())
     if args.ipc > smallest:
         raise UsageError(f"--ipc {args.ipc} is larger than the smallest class ({smallest} images); lower --ipc")
-    net = get_network(args.model, data.channel, data.num_classes, data.im_size)
     if args.mct:
         folder = compressed_dir(folder, args.mct_k)
         if not os.path.isdir(folder):
             raise UsageError(f"no compressed buffers at {folder}; run compress_buffers.py --k {args.mct_k} "
                              f"with the same --dataset/--model/--zca/--buffer_path first")
     files = validate_buffers(folder, dataset=args.dataset, model=args.model,
-                             param_shapes=[p.shape for p in net.parameters()],
+                             param_shapes=[p.shape for p in get_network(args.model, data.channel, data.num_classes,
+                                                                        data.im_size).parameters()],
                              needed_epochs=args.max_start_epoch + args.expert_epochs, compressed=args.mct)
     return data, files[:args.max_experts]
 
@@ -133,7 +133,7 @@ def prepare(args):
 # ---------------------------------------------------------------- expert points and AST pieces
 
 def trajectory_loader(mct: bool):
-    return load_compressed if mct else None  # None: the cursor's MTT loader
+    return load_compressed if mct else load_trajectory_tensors
 
 
 def sample_start(max_start_epoch: int, continuous: bool, generator: torch.Generator) -> float | int:
@@ -148,18 +148,18 @@ def point(trajectory, s) -> torch.Tensor:
     return trajectory.at(s) if isinstance(trajectory, CompressedTrajectory) else trajectory[s]
 
 
-def expert_targets(trajectory, t, args) -> Targets:
-    middle = []
-    if args.agg_middle_loss:
-        steps = intermediate_steps(args.syn_steps, args.expert_epochs)
-        betas = intermediate_betas(args.expert_epochs, args.adaptive_middle_loss)
-        middle = [(n, point(trajectory, t + i), beta) for i, (n, beta) in enumerate(zip(steps, betas), start=1)]
-    return Targets(point(trajectory, t), point(trajectory, t + args.expert_epochs), middle)
+def expert_targets(trajectory, t, *, syn_steps: int, expert_epochs: int, middle: bool, adaptive: bool) -> Targets:
+    """θ*_t, θ*_{t+M} and, with AST's intermediate matching, (n_i, θ*_{t+i}, β_i) for i = 1..M-1."""
+    mids = []
+    if middle:
+        steps, betas = intermediate_steps(syn_steps, expert_epochs), intermediate_betas(expert_epochs, adaptive)
+        mids = [(n, point(trajectory, t + i), beta) for i, (n, beta) in enumerate(zip(steps, betas), start=1)]
+    return Targets(point(trajectory, t), point(trajectory, t + expert_epochs), mids)
 
 
 def final_expert_net(files: list[str], mct: bool, net: torch.nn.Module) -> torch.nn.Module:
     """The first expert at its last epoch, for K-Means features."""
-    traj = (load_compressed if mct else lambda p: [trajectory_tensor(t) for t in load_trajectories(p)])(files[0])[0]
+    traj = trajectory_loader(mct)(files[0])[0]
     load_flat_(net, point(traj, traj.num_epochs if mct else -1))
     return net
 
@@ -258,7 +258,8 @@ def main(argv=None):
             n_finals.clear()
         trajectory = cursor.next()
         t = sample_start(args.max_start_epoch, args.mct, gen)
-        targets = expert_targets(trajectory, t, args)
+        targets = expert_targets(trajectory, t, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
+                                 middle=args.agg_middle_loss, adaptive=args.adaptive_middle_loss)
         w0 = targets.start
         if args.weight_perturb:
             w0 = perturb_start(w0, param_shapes, rho=args.perturb_rho, generator=gen, variant=args.perturb_variant)

@@ -83,6 +83,11 @@ def trajectory_tensor(trajectory: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.stack([torch.cat([t.reshape(-1).float() for t in snap]) for snap in trajectory])
 
 
+def load_trajectory_tensors(path: str) -> list[torch.Tensor]:
+    """Every trajectory of an MTT file as an [E+1, P] tensor."""
+    return [trajectory_tensor(t) for t in load_trajectories(path)]
+
+
 def read_meta(folder: str, index: int) -> dict | None:
     path = meta_path(folder, index)
     if not os.path.exists(path):
@@ -137,7 +142,7 @@ class ExpertCursor:
 
     def __init__(self, files: list[str], seed: int, loader=None):
         self.files, self.seed = files, seed
-        self.loader = loader or (lambda path: [trajectory_tensor(t) for t in load_trajectories(path)])
+        self.loader = loader or load_trajectory_tensors
         self.epoch = self.file_pos = self.traj_pos = 0
         self._cache = None  # (file index, trajectories as [E+1, P] tensors, order)
 
