@@ -32,7 +32,7 @@ RECIPES = {                                                          # buffer.py
     'SGD + momentum': ['--optim', 'sgdmom'],
     'SGD + momentum + gp + loss decay (AST)': ['--optim', 'sgdmom', '--gp', '--loss_decay'],
 }
-BASE = ['--syn_steps', '20', '--expert_epochs', '2', '--max_start_epoch', '10', '--lr_img', '100',
+BASE = ['--syn_steps', '20', '--expert_epochs', '2', '--max_start_epoch', '10', '--lr_img', '30',
         '--lr_lr', '1e-5', '--lr_teacher', '0.01']                   # the digits_ipc1 preset's matching flags
 AST_STUDENT = ['--syn_mom', '0.9']                                  # AST's student momentum, used with smooth experts
 ABLATION = [                                                         # cumulative, as the paper's Table VIII
@@ -69,16 +69,18 @@ class Study:
         metas = [read_meta(folder, i) for i in range(len(expert_files(folder)))]
         return {'avg_var': [m['avg_var'] for m in metas], 'test_acc': [m['test_acc'] for m in metas]}
 
-    def score(self, recipe: str, flags: list[str], ipc: int) -> list[float]:
-        """Distill with each seed, score the final images with num_eval networks; cached."""
-        accs = []
+    def score(self, recipe: str, flags: list[str], ipc: int) -> tuple[list[float], int]:
+        """Distill with each seed, score the final images with num_eval networks; cached.
+        Returns (accuracies of the runs that finished, number of runs that diverged)."""
+        accs, diverged = [], 0
         for seed in range(self.seeds):
             key = json.dumps([recipe, flags, ipc, seed, self.iterations[ipc], self.num_eval])
             if key not in self.cache:
                 self.cache[key] = self._one(recipe, flags, ipc, seed)
                 atomic_write_json(self.cache, self.cache_path)
             accs += self.cache[key]['accs']
-        return accs
+            diverged += self.cache[key].get('diverged', False)
+        return accs, diverged
 
     def _one(self, recipe: str, flags: list[str], ipc: int, seed: int) -> dict:
         buffers = self.buffers(recipe)
@@ -86,9 +88,12 @@ class Study:
             compress_buffers.main(['--buffer_path', buffers, '--dataset', 'Digits'])
         iters = self.iterations[ipc]
         start = time.time()
-        run_dir = distill.main(BASE + flags + ['--ipc', str(ipc), '--seed', str(seed), '--Iteration', str(iters),
-                                               '--eval_it', str(iters), '--num_eval', '1', '--buffer_path', buffers,
-                                               '--run_dir', os.path.join(self.root, 'runs'), '--wandb', 'disabled'])
+        try:
+            run_dir = distill.main(BASE + flags + ['--ipc', str(ipc), '--seed', str(seed), '--Iteration', str(iters),
+                                                   '--eval_it', str(iters), '--num_eval', '1', '--buffer_path', buffers,
+                                                   '--run_dir', os.path.join(self.root, 'runs'), '--wandb', 'disabled'])
+        except SystemExit:  # distill stops after --max_skips non-finite losses in a row: report it, go on
+            return {'accs': [], 'diverged': True, 'distill_seconds': time.time() - start}
         seconds = time.time() - start
         ckpt = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
         data = load_dataset('Digits')
@@ -98,10 +103,13 @@ class Study:
         return {'accs': results[0].accs, 'run_dir': run_dir, 'distill_seconds': seconds}
 
 
-def fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+def fmt(values: list[float], scale: float = 100.0, digits: int = 2, diverged: int = 0) -> str:
+    note = f' ({diverged} run(s) diverged)' if diverged else ''
+    if not values:
+        return 'diverged' + note
     m = sum(values) / len(values)
     s = math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
-    return f'{scale * m:.{digits}f} ± {scale * s:.{digits}f}'
+    return f'{scale * m:.{digits}f} ± {scale * s:.{digits}f}' + note
 
 
 # ---------------------------------------------------------------- tables
@@ -112,18 +120,20 @@ def smoothness(study: Study) -> str:
     for recipe in RECIPES:
         stats = study.expert_stats(recipe)
         flags = AST_STUDENT if recipe != 'SGD (MTT)' else []
-        accs = study.score(recipe, flags, 1)
-        rows.append(f"| {recipe} | {fmt(stats['avg_var'], 1, 5)} | {fmt(stats['test_acc'])} | {fmt(accs)} |")
+        accs, diverged = study.score(recipe, flags, 1)
+        rows.append(f"| {recipe} | {fmt(stats['avg_var'], 1, 5)} | {fmt(stats['test_acc'])} | "
+                    f"{fmt(accs, diverged=diverged)} |")
     return '\n'.join(rows)
 
 
 def ablation(study: Study) -> str:
     recipe = 'SGD + momentum + gp + loss decay (AST)'
     rows = ['| distillation (smooth experts, student momentum 0.9) | ipc-1 acc % |', '| --- | --- |']
-    mtt = study.score('SGD (MTT)', [], 1)
-    rows.append(f'| MTT (plain experts, no AST component), reference | {fmt(mtt)} |')
+    accs, diverged = study.score('SGD (MTT)', [], 1)
+    rows.append(f'| MTT (plain experts, no AST component), reference | {fmt(accs, diverged=diverged)} |')
     for name, flags in ABLATION:
-        rows.append(f'| {name} | {fmt(study.score(recipe, AST_STUDENT + flags, 1))} |')
+        accs, diverged = study.score(recipe, AST_STUDENT + flags, 1)
+        rows.append(f'| {name} | {fmt(accs, diverged=diverged)} |')
     return '\n'.join(rows)
 
 
@@ -132,7 +142,11 @@ def methods(study: Study) -> str:
     rows = ['| method | ' + ' | '.join(f'ipc {i} acc % ({study.iterations[i]} it)' for i in ipcs) + ' |',
             '| --- |' + ' --- |' * len(ipcs)]
     for name, (recipe, flags) in METHODS.items():
-        rows.append(f'| {name} | ' + ' | '.join(fmt(study.score(recipe, flags, i)) for i in ipcs) + ' |')
+        cells = []
+        for i in ipcs:
+            accs, diverged = study.score(recipe, flags, i)
+            cells.append(fmt(accs, diverged=diverged))
+        rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(rows)
 
 
