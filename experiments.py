@@ -33,7 +33,7 @@ RECIPES = {                                                          # buffer.py
     'SGD + momentum + gp + loss decay (AST)': ['--optim', 'sgdmom', '--gp', '--loss_decay'],
 }
 BASE = ['--syn_steps', '20', '--expert_epochs', '2', '--max_start_epoch', '10', '--lr_img', '30',
-        '--lr_lr', '1e-5', '--lr_teacher', '0.01']                   # the digits_ipc1 preset's matching flags
+        '--lr_lr', '1e-6', '--lr_teacher', '0.01']  # digits_ipc1's flags but lr_lr 1e-6: at 1e-5 every AST-expert run diverged
 AST_STUDENT = ['--syn_mom', '0.9']                                  # AST's student momentum, used with smooth experts
 ABLATION = [                                                         # cumulative, as the paper's Table VIII
     ('smooth experts', []),
