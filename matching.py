@@ -4,9 +4,12 @@ The student is a ReparamModule: its weights are one flat vector w, so an inner s
 w_n = w_{n-1} - α b_n with b_n = μ b_{n-1} + g_n (μ = 0: plain SGD) and the matching loss reaches
 the images S and α. Two ways to get that gradient, equal up to float rounding:
 - bptt: keep every step's graph (memory grows with syn_steps x batch_syn);
-- recompute: keep only w_n, b_n and what replays each step (batch, augmentation seed), then walk
-  backwards rebuilding one step's graph at a time to carry the adjoint (constant graph memory).
+- recompute: run the steps graph-free, keeping (w_n, b_n) every ceil(sqrt(N)) steps and what replays
+  each step (batch, augmentation generator state); then walk backwards segment by segment,
+  regenerating a segment's states and rebuilding one step's graph at a time to carry the adjoint
+  (graph memory of one step; O(sqrt(N)) parameter vectors).
 """
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -72,56 +75,93 @@ def inner_loss(student, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, ge
     return F.cross_entropy(student(x, w), y) * loss_weight
 
 
-@dataclass
-class Unroll:
-    """What the forward pass leaves: states, and how to replay each step exactly."""
-    ws: list[torch.Tensor]              # w_0 .. w_N
-    bs: list[torch.Tensor | None]       # b_1 .. b_N momentum buffers, index n-1 (None for plain SGD)
-    batches: list[torch.Tensor]
-    dsa_states: list[torch.Tensor]      # generator state before step n's augmentation
-
-
-def unroll_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int, batch_syn: int,
-                 generator: torch.Generator, syn_mom: float = 0.0, use_dsa: bool = True,
-                 loss_weight: float = 1.0, keep_graph: bool = True) -> Unroll:
-    """The N inner steps. keep_graph=True builds one graph through all of them (bptt);
-    False runs them graph-free and only records what replays them (recompute)."""
+def unroll(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int, batch_syn: int,
+           generator: torch.Generator, syn_mom: float = 0.0, use_dsa: bool = True,
+           loss_weight: float = 1.0) -> list[torch.Tensor]:
+    """Full back-propagation-through-time unroll (bptt); returns [w_0, ..., w_N], all in one graph."""
     device = syn_images.device
-    images = syn_images if keep_graph else syn_images.detach()
-    alpha = syn_lr if keep_graph else syn_lr.detach()
     w = w0.detach().to(device).requires_grad_(True)
-    out = Unroll([w], [], syn_batches(syn_images.shape[0], batch_syn, syn_steps, generator), [])
-    b = None
-    for idx in out.batches:
+    ws, b = [w], None
+    for idx in syn_batches(syn_images.shape[0], batch_syn, syn_steps, generator):
         idx = idx.to(device)
-        out.dsa_states.append(generator.get_state())
-        if not keep_graph:
-            w = w.detach().requires_grad_(True)
-        loss = inner_loss(student, w, images[idx], syn_labels[idx], generator=generator, use_dsa=use_dsa,
+        loss = inner_loss(student, w, syn_images[idx], syn_labels[idx], generator=generator, use_dsa=use_dsa,
                           loss_weight=loss_weight)
-        g = torch.autograd.grad(loss, w, create_graph=keep_graph)[0]
+        g = torch.autograd.grad(loss, w, create_graph=True)[0]
         b = g if (syn_mom == 0.0 or b is None) else syn_mom * b + g
-        w = w - alpha * b
-        out.ws.append(w if keep_graph else w.detach())
-        out.bs.append(b if syn_mom else None)
-    return out
-
-
-def unroll(student, syn_images, syn_labels, syn_lr, w0, **kwargs) -> list[torch.Tensor]:
-    """Full back-propagation-through-time unroll; returns [w_0, ..., w_N], all in one graph."""
-    return unroll_steps(student, syn_images, syn_labels, syn_lr, w0, keep_graph=True, **kwargs).ws
+        w = w - syn_lr * b
+        ws.append(w)
+    return ws
 
 
 # ---------------------------------------------------------------- the exact constant-memory backward
 
-def recompute_backward(student, syn_images, syn_labels, syn_lr, fwd: Unroll, seeds: dict[int, torch.Tensor], *,
+def _free_step(student, w, b, x, y, alpha, generator, *, syn_mom: float, use_dsa: bool, loss_weight: float):
+    """One inner step without a graph: (w_n, b_n) from (w_{n-1}, b_{n-1})."""
+    w = w.detach().requires_grad_(True)
+    loss = inner_loss(student, w, x, y, generator=generator, use_dsa=use_dsa, loss_weight=loss_weight)
+    g = torch.autograd.grad(loss, w)[0]
+    b = g if (syn_mom == 0.0 or b is None) else syn_mom * b + g
+    return (w - alpha * b).detach(), b
+
+
+def _replay_generator(state: torch.Tensor) -> torch.Generator:
+    g = torch.Generator()
+    g.set_state(state)
+    return g
+
+
+@dataclass
+class Tape:
+    """What the graph-free forward keeps: (w_n, b_n) every `every` steps, w_n at the steps the loss
+    reads, and what replays each step exactly (batch, augmentation generator state)."""
+    every: int
+    checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor | None]]
+    kept: dict[int, torch.Tensor]
+    batches: list[torch.Tensor]
+    dsa_states: list[torch.Tensor]
+    n_final: int = 0
+
+
+def record_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int, batch_syn: int,
+                 generator: torch.Generator, keep: set[int], target: torch.Tensor, auto_steps: bool,
+                 att_metric: str, syn_mom: float = 0.0, use_dsa: bool = True, loss_weight: float = 1.0) -> Tape:
+    """Graph-free forward for --unroll recompute. Checkpoints every ceil(sqrt(N)) steps keep memory at
+    O(sqrt(N)) parameter vectors; ATT's N_opt is tracked on the fly (first minimum, as final_step)."""
+    device = syn_images.device
+    images, alpha = syn_images.detach(), syn_lr.detach()
+    every = max(1, math.ceil(math.sqrt(syn_steps)))
+    w, b = w0.detach().to(device), None
+    tape = Tape(every, {0: (w, None)}, {}, syn_batches(syn_images.shape[0], batch_syn, syn_steps, generator), [])
+    best, p = (math.inf, syn_steps, None), (1 if att_metric == 'l1' else 2)
+    for n, idx in enumerate(tape.batches, start=1):
+        idx = idx.to(device)
+        tape.dsa_states.append(generator.get_state())
+        w, b = _free_step(student, w, b, images[idx], syn_labels[idx], alpha, generator, syn_mom=syn_mom,
+                          use_dsa=use_dsa, loss_weight=loss_weight)
+        if n % every == 0:
+            tape.checkpoints[n] = (w, b)
+        if n in keep or n == syn_steps:
+            tape.kept[n] = w
+        if auto_steps:
+            d = float(torch.linalg.vector_norm(w - target, ord=p))
+            if d < best[0]:
+                best = (d, n, w)
+    tape.n_final = best[1] if auto_steps else syn_steps
+    if auto_steps:
+        tape.kept[tape.n_final] = best[2]
+    return tape
+
+
+def recompute_backward(student, syn_images, syn_labels, syn_lr, tape: Tape, seeds: dict[int, torch.Tensor], *,
                        syn_mom: float, use_dsa: bool, loss_weight: float) -> None:
     """Accumulate dL/dS into syn_images.grad and dL/dα into syn_lr.grad (SPEC 12).
 
     seeds[n] = ∂L/∂w_n from the loss terms. Walking n = max(seeds)..1 with adjoints λ (of w_n) and
     λ_b (of b_n, from the momentum recursion): v = λ_b - α λ is the adjoint of g_n, so
     dα += -b_n·λ, one vector-Jacobian product of g_n with v gives dS and H_n v, and
-    λ_{n-1} = λ + H_n v (+ seed), λ_b,{n-1} = μ v. Steps after the last loss term cost nothing.
+    λ_{n-1} = λ + H_n v (+ seed), λ_b,{n-1} = μ v. The walk goes segment by segment between
+    checkpoints, regenerating each segment's states graph-free first; steps after the last loss term
+    cost nothing.
     """
     alpha = syn_lr.detach()
     n_top = max(seeds)
@@ -130,23 +170,33 @@ def recompute_backward(student, syn_images, syn_labels, syn_lr, fwd: Unroll, see
     grad_s = torch.zeros_like(syn_images)
     grad_alpha = torch.zeros_like(alpha)
     images = syn_images.detach().requires_grad_(True)
-    for n in range(n_top, 0, -1):
-        b_n = fwd.bs[n - 1]
-        w_prev = fwd.ws[n - 1].detach().requires_grad_(True)
-        replay = torch.Generator().manual_seed(0)
-        replay.set_state(fwd.dsa_states[n - 1])
-        idx = fwd.batches[n - 1].to(images.device)
-        loss = inner_loss(student, w_prev, images[idx], syn_labels[idx], generator=replay, use_dsa=use_dsa,
-                          loss_weight=loss_weight)
-        g = torch.autograd.grad(loss, w_prev, create_graph=True)[0]
-        if b_n is None:
-            b_n = g.detach()
-        grad_alpha -= (b_n * lam).sum()
-        v = lam_b - alpha * lam
-        hv, gs = torch.autograd.grad(g, [w_prev, images], grad_outputs=v)
-        grad_s += gs
-        lam = lam + hv + seeds.get(n - 1, 0)
-        lam_b = syn_mom * v
+    seg_end = n_top
+    while seg_end > 0:
+        seg_start = (seg_end - 1) // tape.every * tape.every
+        w, b = tape.checkpoints[seg_start]
+        ws, bs = {seg_start: w}, {}
+        for n in range(seg_start + 1, seg_end):  # w_n for the segment; b_n too
+            idx = tape.batches[n - 1].to(images.device)
+            w, b = _free_step(student, w, b, images.detach()[idx], syn_labels[idx], alpha,
+                              _replay_generator(tape.dsa_states[n - 1]), syn_mom=syn_mom, use_dsa=use_dsa,
+                              loss_weight=loss_weight)
+            ws[n], bs[n] = w, b
+        for n in range(seg_end, seg_start, -1):
+            w_prev = ws[n - 1].detach().requires_grad_(True)
+            idx = tape.batches[n - 1].to(images.device)
+            loss = inner_loss(student, w_prev, images[idx], syn_labels[idx],
+                              generator=_replay_generator(tape.dsa_states[n - 1]), use_dsa=use_dsa,
+                              loss_weight=loss_weight)
+            g = torch.autograd.grad(loss, w_prev, create_graph=True)[0]
+            b_prev = bs.get(n - 1, tape.checkpoints[seg_start][1] if n - 1 == seg_start else None)
+            b_n = g.detach() if (syn_mom == 0.0 or b_prev is None) else syn_mom * b_prev + g.detach()
+            grad_alpha -= (b_n * lam).sum()
+            v = lam_b - alpha * lam
+            hv, gs = torch.autograd.grad(g, [w_prev, images], grad_outputs=v)
+            grad_s += gs
+            lam = lam + hv + seeds.get(n - 1, 0)
+            lam_b = syn_mom * v
+        seg_end = seg_start
     for param, grad in ((syn_images, grad_s), (syn_lr, grad_alpha)):
         param.grad = grad if param.grad is None else param.grad + grad
 
@@ -164,19 +214,22 @@ def match_and_backward(student, syn_images, syn_labels, syn_lr, w0: torch.Tensor
                       [(n, t.to(device), beta) for n, t, beta in targets.middle])
     kw = dict(syn_steps=syn_steps, batch_syn=batch_syn, generator=generator, syn_mom=syn_mom, use_dsa=use_dsa,
               loss_weight=loss_weight)
-    fwd = unroll_steps(student, syn_images, syn_labels, syn_lr, w0, keep_graph=unroll_mode == 'bptt', **kw)
-    n_final = final_step(fwd.ws, targets.final, auto_steps, att_metric)
-    wanted = {n_final} | {n for n, _, _ in targets.middle}
+    middle_steps = {n for n, _, _ in targets.middle}
     if unroll_mode == 'bptt':
-        loss, info = loss_terms({n: fwd.ws[n] for n in wanted}, targets, n_final)
+        ws = unroll(student, syn_images, syn_labels, syn_lr, w0, **kw)
+        n_final = final_step(ws, targets.final, auto_steps, att_metric)
+        loss, info = loss_terms({n: ws[n] for n in {n_final} | middle_steps}, targets, n_final)
         if torch.isfinite(loss):
             loss.backward()
     else:
-        leaves = {n: fwd.ws[n].detach().requires_grad_(True) for n in wanted}
+        tape = record_steps(student, syn_images, syn_labels, syn_lr, w0, keep=middle_steps, target=targets.final,
+                            auto_steps=auto_steps, att_metric=att_metric, **kw)
+        n_final = tape.n_final
+        leaves = {n: tape.kept[n].detach().requires_grad_(True) for n in {n_final} | middle_steps}
         loss, info = loss_terms(leaves, targets, n_final)
         if torch.isfinite(loss):
             grads = torch.autograd.grad(loss, list(leaves.values()))
-            recompute_backward(student, syn_images, syn_labels, syn_lr, fwd, dict(zip(leaves, grads)),
+            recompute_backward(student, syn_images, syn_labels, syn_lr, tape, dict(zip(leaves, grads)),
                                syn_mom=syn_mom, use_dsa=use_dsa, loss_weight=loss_weight)
     info['n_final'] = n_final
     return loss.detach(), info
