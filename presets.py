@@ -59,7 +59,7 @@ AST_DISTILL = {'pix_init': 'kmeans', 'weight_perturb': True, 'agg_middle_loss': 
 DISTILL['cifar100_ipc1_ast'] = {**_mtt('CIFAR100', 1, 20, 3, 20, 1000, 1e-5, 0.01, None, True), **AST_DISTILL}
 DISTILL['cifar100_ipc10_ast'] = {**_mtt('CIFAR100', 10, 20, 2, 30, 1000, 1e-5, 0.01, 128, False), **AST_DISTILL}
 DISTILL['cifar10_ipc10_ast'] = {**_mtt('CIFAR10', 10, 30, 2, 20, 100, 1e-5, 0.001, None, True), **AST_DISTILL}
-DISTILL['digits_ipc1_ast'] = {**DISTILL['digits_ipc1'], **AST_DISTILL}
+DISTILL['digits_ipc1_ast'] = {**DISTILL['digits_ipc1'], **AST_DISTILL, 'lr_lr': 1e-6}  # 1e-5 diverged on these experts (README)
 EXPERT_RECIPE = {name: AST_EXPERTS for name in DISTILL if name.endswith('_ast')}
 
 DEFAULT = 'digits_ipc1'  # what buffer.sh / distill.sh run with no preset
