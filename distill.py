@@ -113,8 +113,8 @@ def prepare(args):
         raise UsageError(f"no expert buffers at {folder}; run buffer.py with the same --dataset/--model/--zca "
                          f"first (e.g. bash buffer.sh), or point --buffer_path at them")
     data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res)
-    for m in [args.model] + args.eval_mode:
-        get_network(m, data.channel, data.num_classes, data.im_size)  # ValueError if the size does not fit
+    nets = [get_network(m, data.channel, data.num_classes, data.im_size)  # ValueError if the size does not fit
+            for m in [args.model] + args.eval_mode]
     smallest = min(len(idx) for idx in data.indices_per_class())
     if args.ipc > smallest:
         raise UsageError(f"--ipc {args.ipc} is larger than the smallest class ({smallest} images); lower --ipc")
@@ -124,8 +124,7 @@ def prepare(args):
             raise UsageError(f"no compressed buffers at {folder}; run compress_buffers.py --k {args.mct_k} "
                              f"with the same --dataset/--model/--zca/--buffer_path first")
     files = validate_buffers(folder, dataset=args.dataset, model=args.model,
-                             param_shapes=[p.shape for p in get_network(args.model, data.channel, data.num_classes,
-                                                                        data.im_size).parameters()],
+                             param_shapes=[p.shape for p in nets[0].parameters()],
                              needed_epochs=args.max_start_epoch + args.expert_epochs, compressed=args.mct)
     return data, files[:args.max_experts]
 

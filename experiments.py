@@ -58,11 +58,21 @@ class Study:
         self.root, self.seeds, self.num_eval, self.iterations = root, seeds, num_eval, iterations
         self.cache_path = os.path.join(root, 'cache.json')
         self.cache = json.load(open(self.cache_path)) if os.path.exists(self.cache_path) else {}
+        self._trained: set[str] = set()
+        self._data = None
 
     def buffers(self, recipe: str) -> str:
+        """The recipe's buffer path; buffer.py runs once per recipe (it skips experts on disk anyway)."""
         path = os.path.join(self.root, 'buffers', recipe.split(' (')[0].replace(' + ', '+').replace(' ', '_'))
-        buffer.main(RECIPES[recipe] + EXPERTS + ['--buffer_path', path])
+        if recipe not in self._trained:
+            buffer.main(RECIPES[recipe] + EXPERTS + ['--buffer_path', path])
+            self._trained.add(recipe)
         return path
+
+    def data(self):
+        if self._data is None:
+            self._data = load_dataset('Digits')
+        return self._data
 
     def expert_stats(self, recipe: str) -> dict:
         folder = buffer_dir(self.buffers(recipe), 'Digits', 'ConvNetD2', zca=False)
@@ -96,7 +106,7 @@ class Study:
             return {'accs': [], 'diverged': True, 'distill_seconds': time.time() - start}
         seconds = time.time() - start
         ckpt = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
-        data = load_dataset('Digits')
+        data = self.data()
         results = evaluate_set(['ConvNetD2'], (data.channel, data.im_size, data.num_classes), ckpt['images'],
                                ckpt['labels'], data.images_test, data.labels_test, lr=float(ckpt['syn_lr']),
                                epochs=1000, num_eval=self.num_eval, seed=10_000 + seed)

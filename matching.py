@@ -36,13 +36,17 @@ def param_distance_ratio(w: torch.Tensor, start: torch.Tensor, target: torch.Ten
     return (w - target).pow(2).sum() / (start - target).pow(2).sum()
 
 
+def att_distance(w: torch.Tensor, target: torch.Tensor, metric: str = 'l1') -> float:
+    """ATT's e_n = ||w_n - target|| (L1 as the authors' code, or L2)."""
+    return float(torch.linalg.vector_norm(w.detach() - target, ord=1 if metric == 'l1' else 2))
+
+
 def final_step(ws: list[torch.Tensor], target: torch.Tensor, auto_steps: bool, metric: str = 'l1') -> int:
-    """N, or ATT's N_opt = argmin_{n >= 1} ||w_n - target|| (no gradient flows through the choice)."""
+    """N, or ATT's N_opt = argmin_{n >= 1} e_n, the first minimum (no gradient flows through the choice)."""
     if not auto_steps:
         return len(ws) - 1
-    p = 1 if metric == 'l1' else 2
-    dists = torch.stack([torch.linalg.vector_norm(w.detach() - target, ord=p) for w in ws[1:]])
-    return int(dists.argmin()) + 1
+    dists = [att_distance(w, target, metric) for w in ws[1:]]
+    return dists.index(min(dists)) + 1
 
 
 def loss_terms(states: dict[int, torch.Tensor], targets: Targets, n_final: int) -> tuple[torch.Tensor, dict]:
@@ -132,7 +136,7 @@ def record_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int,
     every = max(1, math.ceil(math.sqrt(syn_steps)))
     w, b = w0.detach().to(device), None
     tape = Tape(every, {0: (w, None)}, {}, syn_batches(syn_images.shape[0], batch_syn, syn_steps, generator), [])
-    best, p = (math.inf, syn_steps, None), (1 if att_metric == 'l1' else 2)
+    best = (math.inf, syn_steps, None)
     for n, idx in enumerate(tape.batches, start=1):
         idx = idx.to(device)
         tape.dsa_states.append(generator.get_state())
@@ -143,7 +147,7 @@ def record_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int,
         if n in keep or n == syn_steps:
             tape.kept[n] = w
         if auto_steps:
-            d = float(torch.linalg.vector_norm(w - target, ord=p))
+            d = att_distance(w, target, att_metric)
             if d < best[0]:
                 best = (d, n, w)
     tape.n_final = best[1] if auto_steps else syn_steps
@@ -174,7 +178,7 @@ def recompute_backward(student, syn_images, syn_labels, syn_lr, tape: Tape, seed
     while seg_end > 0:
         seg_start = (seg_end - 1) // tape.every * tape.every
         w, b = tape.checkpoints[seg_start]
-        ws, bs = {seg_start: w}, {}
+        ws, bs = {seg_start: w}, {seg_start: b}
         for n in range(seg_start + 1, seg_end):  # w_n for the segment; b_n too
             idx = tape.batches[n - 1].to(images.device)
             w, b = _free_step(student, w, b, images.detach()[idx], syn_labels[idx], alpha,
@@ -188,8 +192,7 @@ def recompute_backward(student, syn_images, syn_labels, syn_lr, tape: Tape, seed
                               generator=_replay_generator(tape.dsa_states[n - 1]), use_dsa=use_dsa,
                               loss_weight=loss_weight)
             g = torch.autograd.grad(loss, w_prev, create_graph=True)[0]
-            b_prev = bs.get(n - 1, tape.checkpoints[seg_start][1] if n - 1 == seg_start else None)
-            b_n = g.detach() if (syn_mom == 0.0 or b_prev is None) else syn_mom * b_prev + g.detach()
+            b_n = g.detach() if (syn_mom == 0.0 or bs[n - 1] is None) else syn_mom * bs[n - 1] + g.detach()
             grad_alpha -= (b_n * lam).sum()
             v = lam_b - alpha * lam
             hv, gs = torch.autograd.grad(g, [w_prev, images], grad_outputs=v)

@@ -46,8 +46,10 @@ def resolve_wandb_mode(flag: str) -> str:
     if env:
         return 'disabled' if env in ('disabled', 'dryrun_disabled') else env
     netrc = os.path.expanduser('~/.netrc')
-    logged_in = bool(os.environ.get('WANDB_API_KEY')) or (
-        os.path.exists(netrc) and 'api.wandb.ai' in open(netrc).read())
+    logged_in = bool(os.environ.get('WANDB_API_KEY'))
+    if not logged_in and os.path.exists(netrc):
+        with open(netrc) as f:
+            logged_in = 'api.wandb.ai' in f.read()
     return 'online' if logged_in else 'offline'
 
 
