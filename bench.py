@@ -3,6 +3,7 @@
     python bench.py                      # everything below
     python bench.py --only distill       # unroll modes x syn_steps x ipc: s/iteration and peak memory
     python bench.py --only expert eval
+    python bench.py --only loop           # a whole distill.py iteration (needs bash buffer.sh's experts)
 Distill numbers come from one fresh subprocess per configuration (Digits, ConvNetD2, batch_syn = all),
 so each peak is that configuration's own: on CUDA torch.cuda.max_memory_allocated, on CPU the growth
 of the process's peak RSS over its RSS just before the first iteration.
@@ -23,6 +24,7 @@ UNROLL_MODES = ('bptt', 'recompute')
 SYN_STEPS = (10, 20, 40, 80)
 IPCS = (1, 10)
 TIMED_ITERS = 3          # after one warm-up iteration
+EVAL_NETS = 5            # networks per evaluation (distill.py's --num_eval default)
 
 
 def current_rss_mib() -> float:
@@ -111,26 +113,101 @@ def bench_expert(device: str) -> dict:
     return r
 
 
-def bench_eval(device: str) -> list[dict]:
+def bench_expert_stacked(device: str, k: int = EVAL_NETS) -> dict:
+    """Would --parallel_experts pay? K experts' epochs trained together (stacked.py) vs one at a time."""
     from data import load_dataset
-    from evaluation import random_real, train_and_test
+    from evaluation import fresh_network
+    from stacked import NetStack, StackedSGD, train_epoch_stacked
+    from training import train_epoch
     dev = torch.device(device)
     data = load_dataset('Digits')
+    x, y = data.images_train.to(dev), data.labels_train.to(dev)
+    shape = (data.channel, data.im_size, data.num_classes)
+    nets = [fresh_network('ConvNetD2', shape, s, dev) for s in range(k)]
+    opts = [torch.optim.SGD(n.parameters(), lr=0.01) for n in nets]
+    gens = [torch.Generator().manual_seed(s) for s in range(k)]
+    stack = NetStack(nets)
+    sopt = StackedSGD(stack.params, lr=0.01)
+
+    def loop():
+        for n, o, g in zip(nets, opts, gens):
+            train_epoch(n, x, y, o, batch_size=256, generator=g)
+
+    def stacked():
+        train_epoch_stacked(stack, x, y, sopt, batch_size=256, generators=gens)
+
+    r = {'experts': k, 'sec_loop': _median_time(loop, 3), 'sec_stacked': _median_time(stacked, 3)}
+    r['speedup'] = r['sec_loop'] / r['sec_stacked']
+    print(f"{k} expert epochs: one at a time {r['sec_loop']:.3f} s, stacked {r['sec_stacked']:.3f} s "
+          f"(speed-up {r['speedup']:.2f}x)", flush=True)
+    return r
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_eval(device: str, epochs: int = 1000) -> list[dict]:
+    """Seconds per evaluation network: EVAL_NETS networks one at a time vs stacked (evaluation.py)."""
+    from data import load_dataset
+    from evaluation import random_real, stack_groups, train_and_test, train_and_test_stacked
+    dev = torch.device(device)
+    data = load_dataset('Digits')
+    shape = (data.channel, data.im_size, data.num_classes)
+    test = (data.images_test.to(dev), data.labels_test.to(dev))
+    seeds = list(range(EVAL_NETS))
     rows = []
     for ipc in IPCS:
         images, labels = random_real(data, ipc, torch.Generator().manual_seed(0))
+        images, labels = images.to(dev), labels.to(dev)
         start = time.perf_counter()
-        train_and_test('ConvNetD2', (data.channel, data.im_size, data.num_classes), images.to(dev), labels.to(dev),
-                       data.images_test.to(dev), data.labels_test.to(dev), lr=0.01, epochs=1000, seed=0)
-        rows.append({'ipc': ipc, 'sec_per_eval_network': time.perf_counter() - start, 'epochs': 1000})
-        print(f"evaluation network (ipc {ipc}, 1000 epochs, ConvNetD2): {rows[-1]['sec_per_eval_network']:.2f} s",
+        for s in seeds:
+            train_and_test('ConvNetD2', shape, images, labels, *test, lr=0.01, epochs=epochs, seed=s)
+        loop = (time.perf_counter() - start) / len(seeds)
+        start = time.perf_counter()
+        train_and_test_stacked('ConvNetD2', shape, images, labels, *test, lr=0.01, epochs=epochs, seeds=seeds)
+        stacked = (time.perf_counter() - start) / len(seeds)
+        auto = 'stack' if len(stack_groups(seeds, 'ConvNetD2', shape, len(labels), 256, dev, 'auto')) == 1 else 'loop'
+        rows.append({'ipc': ipc, 'epochs': epochs, 'networks': len(seeds), 'sec_per_eval_network_loop': loop,
+                     'sec_per_eval_network_stacked': stacked, 'speedup': loop / stacked, 'auto_picks': auto})
+        print(f"evaluation network (ipc {ipc}, {epochs} epochs, ConvNetD2, {len(seeds)} networks): one at a time "
+              f"{loop:.2f} s, stacked {stacked:.2f} s per network (speed-up {loop / stacked:.2f}x; auto picks {auto})",
               flush=True)
     return rows
 
 
+def bench_loop(device: str, buffer_path: str, iters: int = 20) -> dict:
+    """Seconds per distill.py iteration (ipc 10, syn_steps 20, Digits), everything in the loop included
+    (expert loading, unroll, update, logging): the time of a run of 5 + iters iterations minus that of
+    a run of 5, so setup and the final evaluation cancel out."""
+    import tempfile
+    import distill
+    flags = ['--ipc', '10', '--syn_steps', '20', '--eval_it', '100000', '--num_eval', '1', '--epoch_eval_train', '1',
+             '--wandb', 'disabled', '--buffer_path', buffer_path, '--device', device]
+    walls = []
+    with tempfile.TemporaryDirectory() as runs:
+        for n in (5, 5 + iters):
+            start = time.perf_counter()
+            distill.main(flags + ['--Iteration', str(n), '--run_dir', runs])
+            walls.append(time.perf_counter() - start)
+    r = {'ipc': 10, 'syn_steps': 20, 'iterations': iters, 'sec_per_iter': (walls[1] - walls[0]) / iters}
+    print(f"distill.py loop (Digits ipc 10, syn_steps 20, bptt): {r['sec_per_iter']:.3f} s/iteration", flush=True)
+    return r
+
+
+PARTS = ['distill', 'loop', 'expert', 'eval']
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--only', nargs='+', default=['distill', 'expert', 'eval'], choices=['distill', 'expert', 'eval'])
+    p.add_argument('--only', nargs='+', default=PARTS, choices=PARTS)
+    p.add_argument('--buffer_path', default='buffers', help="experts for 'loop' (bash buffer.sh makes them)")
     p.add_argument('--device', default='auto')
     p.add_argument('--out', default='bench.json')
     p.add_argument('--child', nargs=4, help=argparse.SUPPRESS)
@@ -151,8 +228,11 @@ def main(argv=None):
             ratio = [r['sec_per_iter'] for r in result['distill'] if r['ipc'] == ipc and r['unroll'] == 'recompute']
             base = [r['sec_per_iter'] for r in result['distill'] if r['ipc'] == ipc and r['unroll'] == 'bptt']
             print(f"ipc {ipc}: time recompute/bptt = " + ', '.join(f'{a / b:.2f}' for a, b in zip(ratio, base)))
+    if 'loop' in args.only:
+        result['loop'] = bench_loop(device, args.buffer_path)
     if 'expert' in args.only:
         result['expert'] = bench_expert(device)
+        result['expert_stacked'] = bench_expert_stacked(device)
     if 'eval' in args.only:
         result['eval'] = bench_eval(device)
     with open(args.out, 'w') as f:

@@ -3,6 +3,10 @@
     python buffer.py --dataset Digits --num_experts 5 --train_epochs 20
 Re-running skips experts already on disk; expert i is seeded from (--seed, i), so a resumed
 batch of experts is the same as an uninterrupted one.
+
+    torchrun --nproc_per_node=K buffer.py ...   # the experts still to train are split across K processes
+Expert i is written to its own replay_buffer_{i}.pt whichever process trains it, so the files are
+the same as one process would write.
 """
 import argparse
 import time
@@ -12,7 +16,10 @@ from tqdm import tqdm
 
 from ast_components import GP_DEFAULT_MU, gradient_penalty, loss_decay_factor
 from data import DATASETS, DEFAULT_MODEL, SUBSETS, DataError, check_dataset, load_dataset
+from accel import FP32, Accel, accel_from_args, add_accel_flags
+from distributed import barrier, broadcast_object, cleanup, init_distributed, shard
 from networks import MODELS, get_network
+from stacked import NetStack, StackedSGD, accuracies_stacked, stackable, train_epoch_stacked
 from trajectory_io import avg_var, buffer_dir, expert_done, read_meta, save_expert, snapshot, trajectory_tensor
 from training import accuracy, train_epoch
 from utils import UsageError, fail, pick_device, seed_everything
@@ -48,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--buffer_path', default='buffers')
     p.add_argument('--device', default='auto')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--parallel_experts', type=int, default=1,
+                   help='train this many experts at once as one vectorised network (stacked.py); the same '
+                        'experts either way. 1 (default) was faster on the CPU bench; worth trying on a GPU')
+    add_accel_flags(p)
     return p
 
 
@@ -59,13 +70,22 @@ def _gp_variant(value: str) -> str:
     return 'paper' if value in ('True', 'true', '1') else value  # the AST README writes --gp True
 
 
+def expert_recipe(optim: str, lr: float, mom: float, l2: float, decay: bool, epochs: int) -> dict:
+    """SGD settings and the one lr decay: {'lr', 'momentum', 'weight_decay'}, 'decay_at' (epoch index
+    after which lr is multiplied; None = never) and 'factor'."""
+    if optim == 'sgd':
+        return {'lr': lr, 'momentum': mom, 'weight_decay': l2, 'decay_at': epochs // 2 + 1 if decay else None,
+                'factor': 0.1}
+    momentum, wd, lr_fixed, factor, when = OPTIMS[optim]
+    return {'lr': lr_fixed or lr, 'momentum': momentum, 'weight_decay': wd,
+            'decay_at': epochs // 2 if when == 'half' else epochs // 2 + 1, 'factor': factor}
+
+
 def expert_optimizer(params, optim: str, lr: float, mom: float, l2: float, decay: bool, epochs: int):
     """(optimizer, epoch index after which lr is multiplied, factor); index None = never."""
-    if optim == 'sgd':
-        return torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=l2), (epochs // 2 + 1 if decay else None), 0.1
-    momentum, wd, lr_fixed, factor, when = OPTIMS[optim]
-    at = epochs // 2 if when == 'half' else epochs // 2 + 1
-    return torch.optim.SGD(params, lr=lr_fixed or lr, momentum=momentum, weight_decay=wd), at, factor
+    r = expert_recipe(optim, lr, mom, l2, decay, epochs)
+    sgd = torch.optim.SGD(params, lr=r['lr'], momentum=r['momentum'], weight_decay=r['weight_decay'])
+    return sgd, r['decay_at'], r['factor']
 
 
 RECIPE = ('optim', 'loss_decay', 'gp', 'gp_mu', 'gp_k', 'train_epochs', 'lr_teacher', 'mom', 'l2', 'decay',
@@ -87,12 +107,13 @@ def expert_seed(seed: int, index: int) -> int:
     return seed * 100_003 + index
 
 
-def train_expert(args, data, device, index: int) -> tuple[list, dict]:
+def train_expert(args, data, device, index: int, progress: bool = True,
+                 accel: Accel = FP32) -> tuple[list, dict]:
     """One expert: snapshots at init and after every epoch, plus its metadata."""
     seed = expert_seed(args.seed, index)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device)
+    net = accel.net(get_network(args.model, data.channel, data.num_classes, data.im_size).to(device))
     opt, decay_at, decay_factor = expert_optimizer(net.parameters(), args.optim, args.lr_teacher, args.mom, args.l2,
                                                    args.decay, args.train_epochs)
     gp = None
@@ -102,24 +123,73 @@ def train_expert(args, data, device, index: int) -> tuple[list, dict]:
     x_train, y_train = data.images_train.to(device), data.labels_train.to(device)
     x_test, y_test = data.images_test.to(device), data.labels_test.to(device)
     trajectory, test_accs = [snapshot(net)], []
-    bar = tqdm(range(args.train_epochs), desc=f'expert {index}', leave=False)
+    bar = tqdm(range(args.train_epochs), desc=f'expert {index}', leave=False, disable=not progress)
     for epoch in bar:
         scale = loss_decay_factor(epoch, args.loss_decay) if args.loss_decay else 1.0
         loss, train_acc = train_epoch(net, x_train, y_train, opt, batch_size=args.batch_train, generator=gen,
-                                      use_dsa=args.dsa == 'True', loss_scale=scale, extra_loss=gp)
-        test_accs.append(accuracy(net, x_test, y_test))
+                                      use_dsa=args.dsa == 'True', loss_scale=scale, extra_loss=gp, accel=accel)
+        test_accs.append(accuracy(net, x_test, y_test, accel=accel))
         trajectory.append(snapshot(net))
         bar.set_postfix(loss=f'{loss:.3f}', train=f'{train_acc:.3f}', test=f'{test_accs[-1]:.3f}')
         if epoch == decay_at:  # MTT's schedule: after epoch index E//2+1
             for group in opt.param_groups:
                 group['lr'] *= decay_factor
-    meta = {'dataset': args.dataset, 'model': args.model, 'zca': args.zca, 'index': index, 'seed': seed,
+    return trajectory, expert_meta(args, index, trajectory, test_accs)
+
+
+def train_experts_stacked(args, data, device, indices: list[int], progress: bool = True,
+                          accel: Accel = FP32) -> list[tuple[list, dict]]:
+    """train_expert for several indices at once (stacked.NetStack, --parallel_experts): each expert
+    keeps its own seed, data order, augmentations and momentum, so the files are the same experts."""
+    nets = []
+    for i in indices:
+        torch.manual_seed(expert_seed(args.seed, i))
+        nets.append(get_network(args.model, data.channel, data.num_classes, data.im_size).to(device))
+    gens = [torch.Generator().manual_seed(expert_seed(args.seed, i)) for i in indices]
+    r = expert_recipe(args.optim, args.lr_teacher, args.mom, args.l2, args.decay, args.train_epochs)
+    stack = NetStack(nets)
+    opt = StackedSGD(stack.params, lr=r['lr'], momentum=r['momentum'], weight_decay=r['weight_decay'])
+    x_train, y_train = data.images_train.to(device), data.labels_train.to(device)
+    x_test, y_test = data.images_test.to(device), data.labels_test.to(device)
+    trajectories, test_accs = [[snapshot(n)] for n in nets], [[] for _ in indices]
+    for epoch in tqdm(range(args.train_epochs), desc=f'experts {indices[0]}-{indices[-1]}', leave=False,
+                      disable=not progress):
+        scale = loss_decay_factor(epoch, args.loss_decay) if args.loss_decay else 1.0
+        train_epoch_stacked(stack, x_train, y_train, opt, batch_size=args.batch_train, generators=gens,
+                            use_dsa=args.dsa == 'True', loss_scale=scale, bf16=accel.bf16)
+        for k, acc in enumerate(accuracies_stacked(stack, x_test, y_test, bf16=accel.bf16)):
+            test_accs[k].append(acc)
+            trajectories[k].append(snapshot(stack.load_into(k, nets[k])))
+        if epoch == r['decay_at']:
+            opt.lr *= r['factor']
+    return [(traj, expert_meta(args, i, traj, accs)) for i, traj, accs in zip(indices, trajectories, test_accs)]
+
+
+def expert_meta(args, index: int, trajectory: list, test_accs: list[float]) -> dict:
+    return {'dataset': args.dataset, 'model': args.model, 'zca': args.zca, 'index': index,
+            'seed': expert_seed(args.seed, index),
             'subset': args.subset if args.dataset == 'ImageNet' else None,
             'res': args.res if args.dataset == 'ImageNet' else None,
             'format': 'mtt: list of trajectories; trajectory = list of E+1 snapshots; snapshot = list of tensors',
             'num_snapshots': len(trajectory), 'test_acc': test_accs[-1], 'test_acc_per_epoch': test_accs,
             'avg_var': avg_var(trajectory_tensor(trajectory)), 'args': vars(args)}
-    return trajectory, meta
+
+
+def check_parallel_experts(args, data) -> None:
+    if args.parallel_experts < 1:
+        raise UsageError(f"--parallel_experts {args.parallel_experts}: give 1 or more")
+    if args.parallel_experts > 1 and args.gp:
+        raise UsageError("--gp is not vectorised (it differentiates an input gradient); use --parallel_experts 1")
+    if args.parallel_experts > 1 and not stackable(get_network(args.model, data.channel, data.num_classes,
+                                                               data.im_size)):
+        raise UsageError(f"{args.model} has BatchNorm running statistics, which cannot be stacked; "
+                         f"use --parallel_experts 1")
+
+
+def mean_avg_var(folder: str, indices: list[int]) -> float | None:
+    """Mean Avg_Var of experts from their JSON sidecars (under torchrun other processes trained some)."""
+    values = [meta['avg_var'] for i in indices if (meta := read_meta(folder, i)) and 'avg_var' in meta]
+    return sum(values) / len(values) if values else None
 
 
 def main(argv=None):
@@ -133,26 +203,38 @@ def main(argv=None):
         data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res,
                             download=args.download)
         get_network(args.model, data.channel, data.num_classes, data.im_size)  # fail early on a bad size
+        check_parallel_experts(args, data)
+        d, device = init_distributed(device)
     except (DataError, UsageError, ValueError) as e:
         fail(str(e))
     folder = buffer_dir(args.buffer_path, args.dataset, args.model, zca=args.zca, subset=args.subset, res=args.res)
-    todo = [i for i in range(args.num_experts) if not expert_done(folder, i)]
+    # rank 0's listing for all: a fast rank could otherwise save an expert before a slow one lists the folder
+    todo = broadcast_object([i for i in range(args.num_experts) if not expert_done(folder, i)])
     clash = recipe_clash(folder, [i for i in range(args.num_experts) if i not in todo], vars(args))
     if clash:
         fail(clash)
-    print(f"{folder}: {args.num_experts - len(todo)} experts on disk, training {len(todo)}")
-    avg_vars = []
-    for i in tqdm(todo, desc='experts'):
+    if d.is_main:
+        print(f"{folder}: {args.num_experts - len(todo)} experts on disk, training {len(todo)}"
+              + (f" on {d.world_size} processes" if d.world_size > 1 else ''))
+    mine = shard(todo, d.rank, d.world_size)
+    accel = accel_from_args(args, device)
+    groups = [mine[j:j + args.parallel_experts] for j in range(0, len(mine), args.parallel_experts)]
+    for group in tqdm(groups, desc='experts', disable=not d.is_main):
         start = time.time()
-        trajectory, meta = train_expert(args, data, device, i)
-        meta['seconds'] = time.time() - start
-        save_expert(folder, i, trajectory, meta)
-        tqdm.write(f"expert {i}: test acc {100 * meta['test_acc']:.2f}%  Avg_Var {meta['avg_var']:.4g}  "
-                   f"({meta['seconds']:.1f}s)")
-        avg_vars.append(meta['avg_var'])
-    if avg_vars:
-        print(f"mean Avg_Var (trajectory smoothness, lower is smoother) over {len(avg_vars)} new experts: "
-              f"{sum(avg_vars) / len(avg_vars):.4g}")
+        if len(group) == 1:
+            done = [train_expert(args, data, device, group[0], progress=d.is_main, accel=accel)]
+        else:
+            done = train_experts_stacked(args, data, device, group, progress=d.is_main, accel=accel)
+        for i, (trajectory, meta) in zip(group, done):
+            meta['seconds'] = (time.time() - start) / len(group)
+            save_expert(folder, i, trajectory, meta)
+            tqdm.write(f"expert {i}: test acc {100 * meta['test_acc']:.2f}%  Avg_Var {meta['avg_var']:.4g}  "
+                       f"({meta['seconds']:.1f}s)")
+    barrier()  # every rank's experts are on disk before rank 0 reads their sidecars
+    mean = mean_avg_var(folder, todo) if d.is_main else None
+    if mean is not None:
+        print(f"mean Avg_Var (trajectory smoothness, lower is smoother) over {len(todo)} new experts: {mean:.4g}")
+    cleanup()
 
 
 if __name__ == '__main__':

@@ -2,7 +2,12 @@
 
     python distill.py --dataset Digits --ipc 10                 # a new numbered folder under runs/
     python distill.py --resume runs/003-Digits-ipc10-ConvNetD2  # continue it to the same --Iteration
+    torchrun --nproc_per_node=K distill.py ...                  # K trajectories per iteration
 Defaults are the Digits quickstart; buffer.sh / distill.sh presets set the paper's rows.
+
+Under torchrun every process holds the same synthetic set; each samples its own expert, start epoch
+and augmentations, and the image and syn_lr gradients are averaged before the step. Rank 0 alone
+writes the run folder and evaluates. One process is the plain run, bit for bit.
 """
 import argparse
 import os
@@ -11,7 +16,10 @@ import torch
 from tqdm import tqdm
 
 from data import DATASETS, DEFAULT_MODEL, SUBSETS, DataError, check_dataset, load_dataset
-from evaluation import LR_DECAYS, evaluate_set, random_real
+from distributed import (Dist, all_gather_objects, all_ranks_true, all_reduce_mean_, barrier, broadcast_,
+                         broadcast_object, cleanup, init_distributed, mean_over_ranks, rank_seed)
+from accel import accel_from_args, add_accel_flags
+from evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set, random_real
 from matching import ATT_METRICS, UNROLLS, Targets, match_and_backward
 from networks import MODELS, get_network
 from reparam_module import ReparamModule
@@ -69,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         'sample real-valued start epochs')
     a('--mct_k', type=int, default=4, help='waypoints of the compressed buffers')
     a('--max_experts', type=int, default=None, help='use only the first K expert files')
+    a('--expert_cache_mib', type=float, default=2048, help='keep loaded expert files in memory up to this (MiB)')
     a('--max_skips', type=int, default=10, help='stop after this many non-finite losses in a row')
     # evaluation
     a('--eval_mode', nargs='+', default=None, choices=list(MODELS), help='architectures to evaluate (default: --model)')
@@ -76,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     a('--num_eval', type=int, default=5, help='networks per architecture per evaluation')
     a('--epoch_eval_train', type=int, default=1000, help='epochs to train each evaluation network')
     a('--lr_decay', default='mtt', choices=list(LR_DECAYS), help='eval lr schedule: mtt x0.1 at E//2+1, ast x0.5')
+    a('--parallel_eval', default='auto', choices=PARALLEL_EVAL,
+      help='stack: train the num_eval networks together (vmap); loop: one at a time; auto: stack on CUDA, '
+           'on CPU while the stacked batch stays small (same networks either way)')
     # run
     a('--seed', type=int, default=0)
     a('--device', default='auto')
@@ -84,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     a('--resume', default=None, help="run folder to continue, or 'latest'")
     a('--wandb', default='auto', choices=WANDB_MODES, help='auto: WANDB_MODE, else online if logged in, else offline')
     a('--project', default='ast-distill', help='wandb project')
+    add_accel_flags(p)  # --channels_last/--bf16 reach evaluation only; the unroll is always fp32
     return p
 
 
@@ -163,6 +176,46 @@ def final_expert_net(files: list[str], mct: bool, net: torch.nn.Module) -> torch
     return net
 
 
+# ---------------------------------------------------------------- per-rank random streams
+
+def rank_streams(seed: int, rank: int, init_gen: torch.Generator, files: list[str],
+                 mct: bool, cache_mib: float = 2048) -> tuple[torch.Generator, ExpertCursor]:
+    """The generator (start epochs, batches, DSA, perturbation) and expert cursor of one rank.
+
+    Rank 0 continues the generator that drew the initial images and walks the experts from --seed,
+    exactly as a plain run; rank r > 0 reseeds everything from rank_seed(seed, r) after the shared
+    initialisation, so ranks match different trajectories from the same images.
+    """
+    gen = init_gen if rank == 0 else seed_everything(rank_seed(seed, rank))
+    return gen, ExpertCursor(files, rank_seed(seed, rank), loader=trajectory_loader(mct), cache_mib=cache_mib)
+
+
+def rank_state(cursor: ExpertCursor, gen: torch.Generator) -> dict:
+    """What one rank needs to continue its own random streams after --resume."""
+    return {'cursor': cursor.state_dict(), 'generator': gen.get_state(), 'rng': rng_state()}
+
+
+def restore_rank_state(ckpt: dict, d: Dist, cursor: ExpertCursor, gen: torch.Generator) -> None:
+    """Rank 0's streams are the checkpoint's top-level keys (as in a one-process checkpoint);
+    rank r > 0's are ckpt['other_ranks'][r - 1]."""
+    mine = ckpt if d.rank == 0 else ckpt['other_ranks'][d.rank - 1]
+    cursor.load_state_dict(mine['cursor'])
+    gen.set_state(mine['generator'])
+    set_rng_state(mine['rng'])
+
+
+def load_checkpoint(run_dir: str, d: Dist) -> dict:
+    """The run's checkpoint (on the CPU); it holds each rank's streams, so it continues only with as
+    many processes."""
+    ckpt = torch.load(os.path.join(run_dir, 'checkpoint.pt'), map_location='cpu', weights_only=True)
+    saved = ckpt.get('world_size', 1)  # checkpoints from before torchrun support: one process
+    if saved != d.world_size:
+        how = f"torchrun --nproc_per_node={saved} distill.py" if saved > 1 else "python distill.py"
+        raise UsageError(f"{run_dir} was checkpointed by {saved} process(es), this is {d.world_size}; "
+                         f"resume it with {how} --resume {run_dir}")
+    return ckpt
+
+
 # ---------------------------------------------------------------- main loop
 
 def main(argv=None):
@@ -174,13 +227,14 @@ def main(argv=None):
         saved = vars(build_parser().parse_args([]))  # defaults for flags newer than the run
         saved.update(load_args(run_dir))
         args = argparse.Namespace(**saved)  # the run's own flags, never wandb's
-        print(f"resuming {run_dir} (its args.json flags are used)")
     else:
         args = finalize_args(args)
         run_dir = None
     try:
         device = pick_device(args.device)
         data, files = prepare(args)
+        d, device = init_distributed(device)
+        ckpt = load_checkpoint(run_dir, d) if run_dir else None
     except (DataError, UsageError, ValueError) as e:
         fail(str(e))
 
@@ -191,12 +245,14 @@ def main(argv=None):
         expert_net = final_expert_net(files, args.mct, net).to(device)
     syn_images, syn_labels = init_synthetic(data, args.ipc, args.pix_init, gen, expert_net=expert_net,
                                             seed=args.seed)
-    syn_images = syn_images.to(device).requires_grad_(True)
+    # the same start on every rank even if K-Means or the device differed; averaged steps keep it so
+    syn_images = broadcast_(syn_images.to(device)).requires_grad_(True)
     syn_labels = syn_labels.to(device)
     syn_lr = torch.tensor(args.lr_teacher, device=device, requires_grad=True)
     opt_img = torch.optim.SGD([syn_images], lr=args.lr_img, momentum=0.5)
     opt_lr = torch.optim.SGD([syn_lr], lr=args.lr_lr, momentum=0.5)
-    cursor = ExpertCursor(files, args.seed, loader=trajectory_loader(args.mct))
+    gen, cursor = rank_streams(args.seed, d.rank, gen, files, args.mct, args.expert_cache_mib)
+    accel = accel_from_args(args, device)
     num_syn = syn_images.shape[0]
     batch_syn = args.batch_syn or num_syn
     student = ReparamModule(get_network(args.model, data.channel, data.num_classes, data.im_size).to(device))
@@ -206,35 +262,46 @@ def main(argv=None):
     data_shape = (data.channel, data.im_size, data.num_classes)
 
     state = {'it': 0, 'best_acc': -1.0, 'best_it': -1, 'skipped': 0, 'skips_in_row': 0}
-    if run_dir:  # resume: restore everything the loop reads
-        ckpt = torch.load(os.path.join(run_dir, 'checkpoint.pt'), map_location=device, weights_only=True)
+    log = None  # rank 0 alone writes metrics, wandb, images and checkpoints
+    if ckpt is not None:  # resume: restore everything the loop reads (copy_, load_state_dict: onto the device)
         with torch.no_grad():
             syn_images.copy_(ckpt['images'])
             syn_lr.copy_(ckpt['syn_lr'])
         opt_img.load_state_dict(ckpt['opt_img'])
         opt_lr.load_state_dict(ckpt['opt_lr'])
-        cursor.load_state_dict(ckpt['cursor'])
-        gen.set_state(ckpt['generator'])
-        set_rng_state(ckpt['rng'])
+        restore_rank_state(ckpt, d, cursor, gen)
         state = ckpt['state']
-        log = RunLog(run_dir, vars(args), wandb_mode=args.wandb, project=args.project, wandb_id=ckpt.get('wandb_id'))
-        log.truncate_after(state['it'] - 1)
+        if d.is_main:
+            log = RunLog(run_dir, vars(args), wandb_mode=args.wandb, project=args.project,
+                         wandb_id=ckpt.get('wandb_id'))
+            log.truncate_after(state['it'] - 1)
     else:
-        run_dir = new_run_dir(args.run_dir, f'{args.dataset}-ipc{args.ipc}-{args.model}')
-        save_args(run_dir, vars(args))
-        log = RunLog(run_dir, vars(args), wandb_mode=args.wandb, project=args.project)
-    print(f"run folder: {run_dir}  (wandb: {log.mode})")
+        if d.is_main:
+            run_dir = new_run_dir(args.run_dir, f'{args.dataset}-ipc{args.ipc}-{args.model}')
+            save_args(run_dir, vars(args))
+            log = RunLog(run_dir, vars(args), wandb_mode=args.wandb, project=args.project)
+        run_dir = broadcast_object(run_dir)  # one folder per run, named by rank 0
+    if d.is_main:
+        print(f"{'run folder:' if ckpt is None else 'resuming'} {run_dir}  (wandb: {log.mode})"
+              + (f"  ({d.world_size} processes)" if d.world_size > 1 else '')
+              + ('' if ckpt is None else "; its args.json flags are used"))
 
     def checkpoint():
-        atomic_torch_save({'images': syn_images.detach().cpu(), 'syn_lr': syn_lr.detach().cpu(),
-                           'labels': syn_labels.cpu(), 'opt_img': opt_img.state_dict(), 'opt_lr': opt_lr.state_dict(),
-                           'cursor': cursor.state_dict(), 'generator': gen.get_state(), 'rng': rng_state(),
-                           'state': state, 'wandb_id': log.wandb_id}, os.path.join(run_dir, 'checkpoint.pt'))
+        """Collective: every rank hands its streams to rank 0, which writes; all leave once it is on disk."""
+        ranks = all_gather_objects(rank_state(cursor, gen))
+        if d.is_main:
+            atomic_torch_save({'images': syn_images.detach().cpu(), 'syn_lr': syn_lr.detach().cpu(),
+                               'labels': syn_labels.cpu(), 'opt_img': opt_img.state_dict(),
+                               'opt_lr': opt_lr.state_dict(), **ranks[0], 'other_ranks': ranks[1:],
+                               'world_size': d.world_size, 'state': state, 'wandb_id': log.wandb_id},
+                              os.path.join(run_dir, 'checkpoint.pt'))
+        barrier()
 
     def evaluate(it: int):
         results = evaluate_set(args.eval_mode, data_shape, syn_images, syn_labels, test_x, test_y,
                                lr=syn_lr.item(), epochs=args.epoch_eval_train, num_eval=args.num_eval,
-                               seed=args.seed * 1000 + it, lr_decay=args.lr_decay)
+                               seed=args.seed * 1000 + it, lr_decay=args.lr_decay, parallel=args.parallel_eval,
+                               accel=accel)
         metrics = {}
         for r in results:
             metrics[f'eval/{r.model}_mean'], metrics[f'eval/{r.model}_std'] = r.mean, r.std
@@ -249,11 +316,13 @@ def main(argv=None):
         nrow = args.ipc if args.ipc > 1 else data.num_classes
         log.save_grid(data.to_pixels(syn_images.detach().cpu()), nrow, 'synthetic_images', it)
 
-    bar = tqdm(range(state['it'], args.Iteration), initial=state['it'], total=args.Iteration, desc='distill')
+    bar = tqdm(range(state['it'], args.Iteration), initial=state['it'], total=args.Iteration, desc='distill',
+               disable=not d.is_main)
     for it in bar:
         if it % args.eval_it == 0:
-            evaluate(it)
-            log.histogram('att/n_opt', n_finals, it)
+            if d.is_main:  # the other ranks go on with their unroll and wait in the next collective
+                evaluate(it)
+                log.histogram('att/n_opt', n_finals, it)
             n_finals.clear()
         trajectory = cursor.next()
         t = sample_start(args.max_start_epoch, args.mct, gen)
@@ -273,7 +342,9 @@ def main(argv=None):
         n_finals.append(info['n_final'])
         finite = bool(torch.isfinite(loss)) and syn_images.grad is not None and bool(
             torch.isfinite(syn_images.grad).all() and torch.isfinite(syn_lr.grad))
-        if finite:  # a non-finite loss or gradient never reaches the images
+        # agreed first: every rank then skips or steps together, and a skipped step needs no all-reduce
+        if all_ranks_true(finite):  # a non-finite loss or gradient (on any rank) never reaches the images
+            all_reduce_mean_([syn_images.grad, syn_lr.grad])  # the mean over the ranks' trajectories
             opt_img.step()
             opt_lr.step()
             state['skips_in_row'] = 0
@@ -281,22 +352,33 @@ def main(argv=None):
             state['skipped'] += 1
             state['skips_in_row'] += 1
         state['it'] = it + 1
-        log.log(it, loss=loss.item(), syn_lr=syn_lr.item(), start_epoch=t, nu=nu, skipped=state['skipped'], **info)
-        bar.set_postfix(loss=f'{loss.item():.4f}', syn_lr=f'{syn_lr.item():.2e}', skipped=state['skipped'])
+        # the logged loss and its terms are means over ranks; start_epoch, nu and n_final are rank 0's own
+        loss = mean_over_ranks(loss)
+        info = {k: mean_over_ranks(v) if torch.is_tensor(v) else v for k, v in info.items()}
+        if d.is_main:
+            log.log(it, loss=loss.item(), syn_lr=syn_lr.item(), start_epoch=t, nu=nu, skipped=state['skipped'],
+                    **info)
+            bar.set_postfix(loss=f'{loss.item():.4f}', syn_lr=f'{syn_lr.item():.2e}', skipped=state['skipped'])
         if state['skips_in_row'] >= args.max_skips:
             checkpoint()
             fail(f"matching loss or its gradient was non-finite {args.max_skips} iterations in a row (it {it}); "
                  f"lower --lr_img / --lr_lr or --syn_steps, then --resume {run_dir}", code=3)
         if state['it'] % args.save_every == 0:
             checkpoint()
-    if state['it'] == args.Iteration and not os.path.exists(os.path.join(run_dir, 'final.json')):
-        evaluate(args.Iteration)
+    finished_before = broadcast_object(os.path.exists(os.path.join(run_dir, 'final.json')))  # rank 0's view
+    if state['it'] == args.Iteration and not finished_before:
+        if d.is_main:
+            evaluate(args.Iteration)
         checkpoint()
-        summary = {'best_mean_selected_on_test': state['best_acc'], 'best_it': state['best_it'],
-                   'skipped_steps': state['skipped'], 'syn_lr': syn_lr.item()}
-        atomic_write_json(summary, os.path.join(run_dir, 'final.json'))
-        print(f"done: best {100 * state['best_acc']:.2f}% at it {state['best_it']} (selected on test); {run_dir}")
-    log.finish()
+        if d.is_main:
+            summary = {'best_mean_selected_on_test': state['best_acc'], 'best_it': state['best_it'],
+                       'skipped_steps': state['skipped'], 'syn_lr': syn_lr.item()}
+            atomic_write_json(summary, os.path.join(run_dir, 'final.json'))
+            print(f"done: best {100 * state['best_acc']:.2f}% at it {state['best_it']} (selected on test); "
+                  f"{run_dir}")
+    if d.is_main:
+        log.finish()
+    cleanup()
     return run_dir
 
 

@@ -10,8 +10,9 @@ import os
 
 import torch
 
+from accel import accel_from_args, add_accel_flags
 from data import DATASETS, DEFAULT_MODEL, SUBSETS, DataError, load_dataset
-from evaluation import LR_DECAYS, evaluate_set, markdown_table, random_real
+from evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set, markdown_table, random_real
 from networks import MODELS, get_network
 from runlog import latest_run_dir, load_args
 from utils import UsageError, atomic_write_json, fail, pick_device, seed_everything
@@ -37,9 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     a('--num_eval', type=int, default=5, help='networks per architecture')
     a('--epoch_eval_train', type=int, default=1000)
     a('--lr_decay', default='mtt', choices=list(LR_DECAYS))
+    a('--parallel_eval', default='auto', choices=PARALLEL_EVAL,
+      help='stack: train the networks together (vmap); loop: one at a time; auto: stack on CUDA, on CPU '
+           'while the stacked batch stays small (same networks either way)')
     a('--seed', type=int, default=0, help='network i uses seed + i; also picks the random baseline images')
     a('--device', default='auto')
     a('--out', default=None, help='JSON output (default: <run>/eval.json or eval_<source>.json)')
+    add_accel_flags(p)
     return p
 
 
@@ -92,7 +97,8 @@ def main(argv=None):
     seed_everything(args.seed)
     results = evaluate_set(args.eval_mode, (data.channel, data.im_size, data.num_classes), images.to(device),
                            labels.to(device), data.images_test.to(device), data.labels_test.to(device), lr=lr,
-                           epochs=args.epoch_eval_train, num_eval=args.num_eval, seed=args.seed, lr_decay=args.lr_decay)
+                           epochs=args.epoch_eval_train, num_eval=args.num_eval, seed=args.seed, lr_decay=args.lr_decay,
+                           parallel=args.parallel_eval, accel=accel_from_args(args, device))
     print(markdown_table(results, f'{name} ({args.dataset}, lr {lr:.4g})'))
     out = args.out or (os.path.join(args.run, 'eval.json') if args.run else f'eval_{name}.json')
     atomic_write_json({'source': name, 'dataset': args.dataset, 'lr': lr, 'epochs': args.epoch_eval_train,

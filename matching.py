@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from accel import fp32_unroll
 from augment import dsa
 
 UNROLLS = ('bptt', 'recompute')
@@ -62,15 +63,17 @@ def loss_terms(states: dict[int, torch.Tensor], targets: Targets, n_final: int) 
 
 # ---------------------------------------------------------------- one inner step, replayable
 
-def syn_batches(num_syn: int, batch_syn: int, syn_steps: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Index batches for N steps: consecutive slices of fresh permutations of S, as MTT."""
+def syn_batches(num_syn: int, batch_syn: int, syn_steps: int, generator: torch.Generator,
+                device: torch.device | str = 'cpu') -> list[torch.Tensor]:
+    """Index batches for N steps: consecutive slices of fresh permutations of S, as MTT. Drawn on
+    the CPU generator, moved to `device` in one copy rather than one per step."""
     batches, order = [], torch.empty(0, dtype=torch.long)
     for _ in range(syn_steps):
         if len(order) == 0:
             order = torch.randperm(num_syn, generator=generator)
         batches.append(order[:batch_syn])
         order = order[batch_syn:]
-    return batches
+    return list(torch.cat(batches).to(device).split([len(b) for b in batches]))
 
 
 def inner_loss(student, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, generator: torch.Generator,
@@ -86,8 +89,7 @@ def unroll(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int, batch
     device = syn_images.device
     w = w0.detach().to(device).requires_grad_(True)
     ws, b = [w], None
-    for idx in syn_batches(syn_images.shape[0], batch_syn, syn_steps, generator):
-        idx = idx.to(device)
+    for idx in syn_batches(syn_images.shape[0], batch_syn, syn_steps, generator, device):
         loss = inner_loss(student, w, syn_images[idx], syn_labels[idx], generator=generator, use_dsa=use_dsa,
                           loss_weight=loss_weight)
         g = torch.autograd.grad(loss, w, create_graph=True)[0]
@@ -135,10 +137,9 @@ def record_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int,
     images, alpha = syn_images.detach(), syn_lr.detach()
     every = max(1, math.ceil(math.sqrt(syn_steps)))
     w, b = w0.detach().to(device), None
-    tape = Tape(every, {0: (w, None)}, {}, syn_batches(syn_images.shape[0], batch_syn, syn_steps, generator), [])
+    tape = Tape(every, {0: (w, None)}, {}, syn_batches(syn_images.shape[0], batch_syn, syn_steps, generator, device), [])
     best = (math.inf, syn_steps, None)
     for n, idx in enumerate(tape.batches, start=1):
-        idx = idx.to(device)
         tape.dsa_states.append(generator.get_state())
         w, b = _free_step(student, w, b, images[idx], syn_labels[idx], alpha, generator, syn_mom=syn_mom,
                           use_dsa=use_dsa, loss_weight=loss_weight)
@@ -180,14 +181,14 @@ def recompute_backward(student, syn_images, syn_labels, syn_lr, tape: Tape, seed
         w, b = tape.checkpoints[seg_start]
         ws, bs = {seg_start: w}, {seg_start: b}
         for n in range(seg_start + 1, seg_end):  # w_n for the segment; b_n too
-            idx = tape.batches[n - 1].to(images.device)
+            idx = tape.batches[n - 1]
             w, b = _free_step(student, w, b, images.detach()[idx], syn_labels[idx], alpha,
                               _replay_generator(tape.dsa_states[n - 1]), syn_mom=syn_mom, use_dsa=use_dsa,
                               loss_weight=loss_weight)
             ws[n], bs[n] = w, b
         for n in range(seg_end, seg_start, -1):
             w_prev = ws[n - 1].detach().requires_grad_(True)
-            idx = tape.batches[n - 1].to(images.device)
+            idx = tape.batches[n - 1]
             loss = inner_loss(student, w_prev, images[idx], syn_labels[idx],
                               generator=_replay_generator(tape.dsa_states[n - 1]), use_dsa=use_dsa,
                               loss_weight=loss_weight)
@@ -211,31 +212,33 @@ def match_and_backward(student, syn_images, syn_labels, syn_lr, w0: torch.Tensor
                        use_dsa: bool = True, loss_weight: float = 1.0, unroll_mode: str = 'bptt',
                        auto_steps: bool = False, att_metric: str = 'l1') -> tuple[torch.Tensor, dict]:
     """Unroll from w0, take the matching loss, and accumulate its gradient into syn_images.grad and
-    syn_lr.grad. Returns (detached loss, info with the loss terms and the step the loss used)."""
+    syn_lr.grad. Returns (detached loss, info with the loss terms and the step the loss used).
+    Always fp32: autocast is switched off here whatever the caller's context (accel.py)."""
     device = syn_images.device
-    targets = Targets(targets.start.to(device), targets.final.to(device),
-                      [(n, t.to(device), beta) for n, t, beta in targets.middle])
-    kw = dict(syn_steps=syn_steps, batch_syn=batch_syn, generator=generator, syn_mom=syn_mom, use_dsa=use_dsa,
-              loss_weight=loss_weight)
-    middle_steps = {n for n, _, _ in targets.middle}
-    if unroll_mode == 'bptt':
-        ws = unroll(student, syn_images, syn_labels, syn_lr, w0, **kw)
-        n_final = final_step(ws, targets.final, auto_steps, att_metric)
-        loss, info = loss_terms({n: ws[n] for n in {n_final} | middle_steps}, targets, n_final)
-        if torch.isfinite(loss):
-            loss.backward()
-    else:
-        tape = record_steps(student, syn_images, syn_labels, syn_lr, w0, keep=middle_steps, target=targets.final,
-                            auto_steps=auto_steps, att_metric=att_metric, **kw)
-        n_final = tape.n_final
-        leaves = {n: tape.kept[n].detach().requires_grad_(True) for n in {n_final} | middle_steps}
-        loss, info = loss_terms(leaves, targets, n_final)
-        if torch.isfinite(loss):
-            grads = torch.autograd.grad(loss, list(leaves.values()))
-            recompute_backward(student, syn_images, syn_labels, syn_lr, tape, dict(zip(leaves, grads)),
-                               syn_mom=syn_mom, use_dsa=use_dsa, loss_weight=loss_weight)
-    info['n_final'] = n_final
-    return loss.detach(), info
+    with fp32_unroll(device):
+        targets = Targets(targets.start.to(device), targets.final.to(device),
+                          [(n, t.to(device), beta) for n, t, beta in targets.middle])
+        kw = dict(syn_steps=syn_steps, batch_syn=batch_syn, generator=generator, syn_mom=syn_mom, use_dsa=use_dsa,
+                  loss_weight=loss_weight)
+        middle_steps = {n for n, _, _ in targets.middle}
+        if unroll_mode == 'bptt':
+            ws = unroll(student, syn_images, syn_labels, syn_lr, w0, **kw)
+            n_final = final_step(ws, targets.final, auto_steps, att_metric)
+            loss, info = loss_terms({n: ws[n] for n in {n_final} | middle_steps}, targets, n_final)
+            if torch.isfinite(loss):
+                loss.backward()
+        else:
+            tape = record_steps(student, syn_images, syn_labels, syn_lr, w0, keep=middle_steps, target=targets.final,
+                                auto_steps=auto_steps, att_metric=att_metric, **kw)
+            n_final = tape.n_final
+            leaves = {n: tape.kept[n].detach().requires_grad_(True) for n in {n_final} | middle_steps}
+            loss, info = loss_terms(leaves, targets, n_final)
+            if torch.isfinite(loss):
+                grads = torch.autograd.grad(loss, list(leaves.values()))
+                recompute_backward(student, syn_images, syn_labels, syn_lr, tape, dict(zip(leaves, grads)),
+                                   syn_mom=syn_mom, use_dsa=use_dsa, loss_weight=loss_weight)
+        info['n_final'] = n_final
+        return loss.detach(), info
 
 
 def matching_loss(student, syn_images, syn_labels, syn_lr, start: torch.Tensor, target: torch.Tensor, *,

@@ -7,7 +7,7 @@ import torch
 
 import buffer
 from networks import get_network
-from trajectory_io import (ExpertCursor, avg_var, buffer_dir, expert_files, load_trajectories, save_expert,
+from trajectory_io import (ExpertCursor, avg_var, buffer_dir, expert_files, load_trajectories, load_trajectory_tensors, save_expert,
                            trajectory_tensor, validate_buffers)
 from utils import UsageError
 
@@ -53,6 +53,27 @@ def test_cursor_visits_every_expert_once_per_pass_and_resumes(tmp_path):
     resumed = ExpertCursor(files, seed=5)
     resumed.load_state_dict(state)
     assert [resumed.next()[1, 3].item() for _ in range(4)] == expected
+
+
+def test_cursor_cache_reads_each_file_once_and_changes_nothing_else(tmp_path):
+    for i in range(3):
+        handmade_mtt_buffer(tmp_path / f'replay_buffer_{i}.pt', seed=i)
+    files = expert_files(str(tmp_path))
+    reads = []
+
+    def counting_loader(path):
+        reads.append(path)
+        return load_trajectory_tensors(path)
+
+    cached = ExpertCursor(files, seed=5, loader=counting_loader)
+    seq_cached = [cached.next()[2, 1].item() for _ in range(18)]  # 3 passes
+    assert sorted(reads) == sorted(files)  # every file read exactly once
+    reads.clear()
+    uncached = ExpertCursor(files, seed=5, loader=counting_loader, cache_mib=0)
+    assert [uncached.next()[2, 1].item() for _ in range(18)] == seq_cached
+    # without the cache a file is read on each visit (3 files x 3 passes; a file that ends one pass
+    # and starts the next is visited once)
+    assert 6 <= len(reads) <= 9
 
 
 def test_buffer_py_saves_distinct_snapshots_metadata_and_skips_on_rerun(tmp_path, capsys):

@@ -1,0 +1,117 @@
+"""K independent networks of one architecture trained as one vectorised function (torch.func).
+
+The parameters of K copies are stacked along a new leading dim and the forward is
+vmap(functional_call): convolutions become one grouped convolution, so K small networks cost about
+as many kernel launches as one. Each network keeps its own data order and augmentation generator
+and its own SGD state, so network k follows the same steps it would take trained alone (equal up
+to float rounding; tests/test_stacked.py checks it).
+
+Networks with running statistics (BatchNorm) are not stackable here: vmap cannot update buffers in
+place per network. `stackable(net)` says so, and callers fall back to one network at a time.
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state, vmap
+
+from augment import dsa
+
+
+def _autocast(bf16: bool, device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def stackable(net: nn.Module) -> bool:
+    return not any(True for _ in net.buffers())
+
+
+class NetStack:
+    """K copies of one architecture: stacked parameters [K, ...] and a vmapped forward."""
+
+    def __init__(self, nets: list[nn.Module]):
+        if not all(stackable(n) for n in nets):
+            raise ValueError("networks with buffers (BatchNorm running stats) cannot be stacked")
+        params, _ = stack_module_state(nets)  # detached copies, requires_grad=True
+        self.params = params
+        self.k = len(nets)
+        self.skeleton = copy.deepcopy(nets[0]).to('meta')  # structure only; weights come from params
+
+    def _one(self, params: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.skeleton, params, (x,))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [K, B, ...], one batch per network -> [K, B, classes]."""
+        return vmap(self._one)(self.params, x)
+
+    def shared_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Every network on the same batch x: [B, ...] -> [K, B, classes]."""
+        return vmap(self._one, in_dims=(0, None))(self.params, x)
+
+    def load_into(self, k: int, net: nn.Module) -> nn.Module:
+        """Copy network k's parameters into `net` (same architecture)."""
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                p.copy_(self.params[name][k])
+        return net
+
+
+class StackedSGD:
+    """torch.optim.SGD's update (momentum, dampening 0, weight decay, no nesterov) on stacked params,
+    with its lr shared by all K networks."""
+
+    def __init__(self, params: dict, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+        self.params, self.lr, self.momentum, self.weight_decay = params, lr, momentum, weight_decay
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for name, p in self.params.items():
+            d = p.grad if self.weight_decay == 0 else p.grad.add(p, alpha=self.weight_decay)
+            if self.momentum != 0:
+                if name not in self.bufs:
+                    self.bufs[name] = torch.clone(d).detach()
+                else:
+                    self.bufs[name].mul_(self.momentum).add_(d)
+                d = self.bufs[name]
+            p.add_(d, alpha=-self.lr)
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+
+def train_epoch_stacked(stack: NetStack, images: torch.Tensor, labels: torch.Tensor, opt: StackedSGD, *,
+                        batch_size: int, generators: list[torch.Generator], use_dsa: bool = True,
+                        loss_scale: float = 1.0, bf16: bool = False) -> None:
+    """One pass for each of the K networks over (images, labels), network k drawing its order and
+    augmentations from generators[k] exactly as training.train_epoch does for one network."""
+    n = images.shape[0]
+    orders = [torch.randperm(n, generator=g).to(images.device) for g in generators]
+    for start in range(0, n, batch_size):
+        xs, ys = [], []
+        for order, g in zip(orders, generators):
+            idx = order[start:start + batch_size]
+            x = images[idx]
+            xs.append(dsa(x, generator=g) if use_dsa else x)
+            ys.append(labels[idx])
+        y = torch.stack(ys)
+        with _autocast(bf16, images.device):
+            out = stack(torch.stack(xs))
+            # sum over networks of each one's mean CE: network k's gradient is its own loss's gradient
+            loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction='none').view(y.shape).mean(1).sum()
+        opt.zero_grad()
+        (loss * loss_scale).backward()
+        opt.step()
+
+
+@torch.no_grad()
+def accuracies_stacked(stack: NetStack, images: torch.Tensor, labels: torch.Tensor,
+                       batch_size: int = 1024, bf16: bool = False) -> list[float]:
+    correct = torch.zeros(stack.k, dtype=torch.long, device=images.device)
+    for start in range(0, images.shape[0], batch_size):
+        with _autocast(bf16, images.device):
+            out = stack.shared_input(images[start:start + batch_size])
+        correct += (out.argmax(-1) == labels[start:start + batch_size]).sum(1)
+    return (correct.double() / images.shape[0]).tolist()

@@ -1,0 +1,98 @@
+"""GPU speed paths (accel.py) on the CPU: off by default, and harmless when forced on."""
+import argparse
+
+import pytest
+import torch
+
+from accel import FP32, Accel, accel_from_args, add_accel_flags, set_tf32, switch_on
+from data import load_dataset
+from evaluation import fresh_network, random_real, train_and_test
+from matching import Targets, match_and_backward
+from networks import get_network
+from reparam_module import ReparamModule
+from training import accuracy, train_epoch
+
+CPU = torch.device('cpu')
+SHAPE = (1, (8, 8), 10)
+
+
+@pytest.fixture(scope='module')
+def digits():
+    return load_dataset('Digits')
+
+
+def parse(*argv):
+    p = argparse.ArgumentParser()
+    add_accel_flags(p)
+    return p.parse_args(list(argv))
+
+
+def test_auto_is_off_on_cpu_and_on_with_cuda():
+    assert accel_from_args(parse(), CPU) == FP32
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert switch_on('auto', torch.device('cuda')) and not switch_on('auto', CPU)
+    assert accel_from_args(parse('--channels_last', 'on', '--bf16', 'on'), CPU) == Accel(True, True)
+    set_tf32(True)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    accel_from_args(parse(), CPU)  # tf32 defaults to off, even on CUDA
+    assert not torch.backends.cuda.matmul.allow_tf32
+
+
+def _train(images, labels, accel, epochs=3):
+    net = accel.net(fresh_network('ConvNetD2', SHAPE, 0, CPU))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    losses = [train_epoch(net, images, labels, opt, batch_size=32, generator=gen, accel=accel)[0]
+              for _ in range(epochs)]
+    return net, losses
+
+
+def test_channels_last_on_cpu_trains_the_same_network(digits):
+    images, labels = random_real(digits, 5, torch.Generator().manual_seed(0))
+    plain, plain_losses = _train(images, labels, FP32)
+    nhwc, nhwc_losses = _train(images, labels, Accel(channels_last=True))
+    assert nhwc.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert nhwc_losses == pytest.approx(plain_losses, rel=1e-5)
+    for p, q in zip(plain.parameters(), nhwc.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_on_cpu_runs_and_stays_close(digits):
+    images, labels = random_real(digits, 5, torch.Generator().manual_seed(0))
+    plain, plain_losses = _train(images, labels, FP32)
+    half, half_losses = _train(images, labels, Accel(bf16=True))
+    assert all(p.dtype == torch.float32 for p in half.parameters())  # weights and optimiser stay fp32
+    assert half_losses != plain_losses  # bf16 really ran
+    assert half_losses == pytest.approx(plain_losses, rel=0.05)
+    acc = accuracy(half, digits.images_test, digits.labels_test, accel=Accel(bf16=True))
+    assert acc == pytest.approx(accuracy(plain, digits.images_test, digits.labels_test), abs=0.05)
+
+
+def test_eval_protocol_with_both_paths_on_cpu_is_close(digits):
+    images, labels = random_real(digits, 2, torch.Generator().manual_seed(3))
+    test = (digits.images_test, digits.labels_test)
+    kw = dict(lr=0.01, epochs=20, seed=4)
+    plain = train_and_test('ConvNetD2', SHAPE, images, labels, *test, **kw)
+    assert train_and_test('ConvNetD2', SHAPE, images, labels, *test, accel=FP32, **kw) == plain
+    both = train_and_test('ConvNetD2', SHAPE, images, labels, *test, accel=Accel(True, True), **kw)
+    assert both == pytest.approx(plain, abs=0.05)
+
+
+def test_unroll_stays_fp32_inside_an_autocast_context(digits):
+    images, labels = random_real(digits, 2, torch.Generator().manual_seed(0))
+    student = ReparamModule(get_network('ConvNetD2', 1, 10, (8, 8)))
+    w0 = student.flat_param()
+    targets = Targets(w0, w0 + 0.01)
+
+    def grads():
+        x = images.clone().requires_grad_(True)
+        lr = torch.tensor(0.01, requires_grad=True)
+        loss, _ = match_and_backward(student, x, labels, lr, w0, targets, syn_steps=3, batch_syn=20,
+                                     generator=torch.Generator().manual_seed(1))
+        return loss, x.grad, lr.grad
+
+    ref = grads()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        inside = grads()
+    for a, b in zip(ref, inside):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
