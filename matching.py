@@ -37,16 +37,21 @@ def param_distance_ratio(w: torch.Tensor, start: torch.Tensor, target: torch.Ten
     return (w - target).pow(2).sum() / (start - target).pow(2).sum()
 
 
+def _att_norm(w: torch.Tensor, target: torch.Tensor, metric: str) -> torch.Tensor:
+    return torch.linalg.vector_norm(w.detach() - target, ord=1 if metric == 'l1' else 2)
+
+
 def att_distance(w: torch.Tensor, target: torch.Tensor, metric: str = 'l1') -> float:
     """ATT's e_n = ||w_n - target|| (L1 as the authors' code, or L2)."""
-    return float(torch.linalg.vector_norm(w.detach() - target, ord=1 if metric == 'l1' else 2))
+    return float(_att_norm(w, target, metric))
 
 
 def final_step(ws: list[torch.Tensor], target: torch.Tensor, auto_steps: bool, metric: str = 'l1') -> int:
     """N, or ATT's N_opt = argmin_{n >= 1} e_n, the first minimum (no gradient flows through the choice)."""
     if not auto_steps:
         return len(ws) - 1
-    dists = [att_distance(w, target, metric) for w in ws[1:]]
+    # one device-to-host copy for all N distances, not one per step
+    dists = torch.stack([_att_norm(w, target, metric) for w in ws[1:]]).tolist()
     return dists.index(min(dists)) + 1
 
 
