@@ -91,7 +91,8 @@ CPU_STACK_PIXELS = 128 * 8 * 8
 def stack_groups(seeds: list[int], model: str, data_shape, num_images: int, batch_size: int,
                  device: torch.device, parallel: str) -> list[list[int]]:
     """Split the seeds into groups trained together. parallel: 'loop' = one at a time, 'stack' = all
-    at once, 'auto' = all at once on CUDA, on CPU as many as fit CPU_STACK_PIXELS per step."""
+    at once, 'auto' = all at once on CUDA, on CPU as many as fit CPU_STACK_PIXELS per step. Models
+    with BatchNorm running statistics always go one at a time (stacked.stackable)."""
     channel, im_size, num_classes = data_shape
     if parallel == 'loop' or not stackable(get_network(model, channel, num_classes, im_size)):
         size = 1
