@@ -182,6 +182,24 @@ def bench_eval(device: str, epochs: int = 1000) -> list[dict]:
     return rows
 
 
+def bench_reparam(device: str, calls: int = 2000) -> dict:
+    """Overhead of the functional student: ReparamModule(x, flat) minus the module's own call (batch 1)."""
+    from networks import get_network
+    from reparam_module import ReparamModule
+    dev = torch.device(device)
+    net = get_network('ConvNetD2', 1, 10, (8, 8)).to(dev)
+    student = ReparamModule(net)
+    x, flat = torch.randn(1, 1, 8, 8, device=dev), student.flat_param().requires_grad_(True)
+    per_call = {}
+    for name, fn in (('module', lambda: net(x)), ('reparam', lambda: student(x, flat))):
+        per_call[name] = _median_time(lambda: [fn() for _ in range(calls)], 3) / calls * 1e6
+    r = {'us_module_call': per_call['module'], 'us_reparam_call': per_call['reparam'],
+         'us_overhead': per_call['reparam'] - per_call['module']}
+    print(f"ReparamModule call (batch 1): {r['us_reparam_call']:.0f} us, module {r['us_module_call']:.0f} us, "
+          f"overhead {r['us_overhead']:.0f} us", flush=True)
+    return r
+
+
 def bench_loop(device: str, buffer_path: str, iters: int = 20) -> dict:
     """Seconds per distill.py iteration (ipc 10, syn_steps 20, Digits), everything in the loop included
     (expert loading, unroll, update, logging): the time of a run of 5 + iters iterations minus that of
@@ -201,7 +219,7 @@ def bench_loop(device: str, buffer_path: str, iters: int = 20) -> dict:
     return r
 
 
-PARTS = ['distill', 'loop', 'expert', 'eval']
+PARTS = ['distill', 'loop', 'reparam', 'expert', 'eval']
 
 
 def main(argv=None):
@@ -230,6 +248,8 @@ def main(argv=None):
             print(f"ipc {ipc}: time recompute/bptt = " + ', '.join(f'{a / b:.2f}' for a, b in zip(ratio, base)))
     if 'loop' in args.only:
         result['loop'] = bench_loop(device, args.buffer_path)
+    if 'reparam' in args.only:
+        result['reparam'] = bench_reparam(device)
     if 'expert' in args.only:
         result['expert'] = bench_expert(device)
         result['expert_stacked'] = bench_expert_stacked(device)
