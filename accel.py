@@ -50,9 +50,8 @@ def add_accel_flags(parser: argparse.ArgumentParser) -> None:
 
 def accel_from_args(args: argparse.Namespace, device: torch.device) -> Accel:
     """The Accel the flags ask for on this device; also sets the process-wide TF32 switch."""
-    set_tf32(switch_on(getattr(args, 'tf32', 'off'), device))
-    return Accel(channels_last=switch_on(getattr(args, 'channels_last', 'auto'), device),
-                 bf16=switch_on(getattr(args, 'bf16', 'auto'), device))
+    set_tf32(switch_on(args.tf32, device))
+    return Accel(channels_last=switch_on(args.channels_last, device), bf16=switch_on(args.bf16, device))
 
 
 def set_tf32(on: bool) -> None:

@@ -23,7 +23,7 @@ import torch
 UNROLL_MODES = ('bptt', 'recompute')
 SYN_STEPS = (10, 20, 40, 80)
 IPCS = (1, 10)
-TIMED_ITERS = 3          # after one warm-up iteration
+TIMED_ITERS = 3          # distill iterations timed, after one warm-up
 EVAL_NETS = 5            # networks per evaluation (distill.py's --num_eval default)
 
 
@@ -34,6 +34,17 @@ def current_rss_mib() -> float:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _median_time(fn, repeats: int) -> float:
+    """Median wall time of fn over `repeats` calls, after one warm-up call."""
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def distill_child(unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
@@ -66,15 +77,10 @@ def distill_child(unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
     if dev.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
-    step()  # warm-up
-    times = []
-    for _ in range(TIMED_ITERS):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    sec = _median_time(step, TIMED_ITERS)
     peak = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20 if dev.type == 'cuda' else peak_rss_mib() - base
-    return {'unroll': unroll, 'syn_steps': syn_steps, 'ipc': ipc, 'sec_per_iter': statistics.median(times),
-            'peak_mib': peak, 'device': device}
+    return {'unroll': unroll, 'syn_steps': syn_steps, 'ipc': ipc, 'sec_per_iter': sec, 'peak_mib': peak,
+            'device': device}
 
 
 def bench_distill(device: str) -> list[dict]:
@@ -102,13 +108,8 @@ def bench_expert(device: str) -> dict:
     net = get_network('ConvNetD2', data.channel, data.num_classes, data.im_size).to(dev)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
-    train_epoch(net, x, y, opt, batch_size=256, generator=gen)  # warm-up
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        train_epoch(net, x, y, opt, batch_size=256, generator=gen)
-        times.append(time.perf_counter() - start)
-    r = {'sec_per_expert_epoch': statistics.median(times), 'images_per_epoch': len(y)}
+    sec = _median_time(lambda: train_epoch(net, x, y, opt, batch_size=256, generator=gen), 5)
+    r = {'sec_per_expert_epoch': sec, 'images_per_epoch': len(y)}
     print(f"expert epoch (Digits, {len(y)} images, ConvNetD2): {r['sec_per_expert_epoch']:.3f} s", flush=True)
     return r
 
@@ -141,16 +142,6 @@ def bench_expert_stacked(device: str, k: int = EVAL_NETS) -> dict:
     print(f"{k} expert epochs: one at a time {r['sec_loop']:.3f} s, stacked {r['sec_stacked']:.3f} s "
           f"(speed-up {r['speedup']:.2f}x)", flush=True)
     return r
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_eval(device: str, epochs: int = 1000) -> list[dict]:

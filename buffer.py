@@ -156,8 +156,8 @@ def train_experts_stacked(args, data, device, indices: list[int], progress: bool
                       disable=not progress):
         scale = loss_decay_factor(epoch, args.loss_decay) if args.loss_decay else 1.0
         train_epoch_stacked(stack, x_train, y_train, opt, batch_size=args.batch_train, generators=gens,
-                            use_dsa=args.dsa == 'True', loss_scale=scale, bf16=accel.bf16)
-        for k, acc in enumerate(accuracies_stacked(stack, x_test, y_test, bf16=accel.bf16)):
+                            use_dsa=args.dsa == 'True', loss_scale=scale, accel=accel)
+        for k, acc in enumerate(accuracies_stacked(stack, x_test, y_test, accel=accel)):
             test_accs[k].append(acc)
             trajectories[k].append(snapshot(stack.load_into(k, nets[k])))
         if epoch == r['decay_at']:

@@ -78,8 +78,8 @@ def train_and_test_stacked(model: str, data_shape: tuple[int, tuple[int, int], i
         if ep == decay_epoch(epochs, lr_decay):
             opt.lr *= LR_DECAYS[lr_decay]
         train_epoch_stacked(stack, images, labels, opt, batch_size=batch_size, generators=gens, use_dsa=use_dsa,
-                            bf16=accel.bf16)
-    return accuracies_stacked(stack, test_images, test_labels, bf16=accel.bf16)
+                            accel=accel)
+    return accuracies_stacked(stack, test_images, test_labels, accel=accel)
 
 
 # Past about this many input pixels per step (K networks x batch x H x W) the stacked activations

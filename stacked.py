@@ -16,11 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
+from accel import FP32, Accel
 from augment import dsa
-
-
-def _autocast(bf16: bool, device: torch.device):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def stackable(net: nn.Module) -> bool:
@@ -84,7 +81,7 @@ class StackedSGD:
 
 def train_epoch_stacked(stack: NetStack, images: torch.Tensor, labels: torch.Tensor, opt: StackedSGD, *,
                         batch_size: int, generators: list[torch.Generator], use_dsa: bool = True,
-                        loss_scale: float = 1.0, bf16: bool = False) -> None:
+                        loss_scale: float = 1.0, accel: Accel = FP32) -> None:
     """One pass for each of the K networks over (images, labels), network k drawing its order and
     augmentations from generators[k] exactly as training.train_epoch does for one network."""
     n = images.shape[0]
@@ -97,7 +94,7 @@ def train_epoch_stacked(stack: NetStack, images: torch.Tensor, labels: torch.Ten
             xs.append(dsa(x, generator=g) if use_dsa else x)
             ys.append(labels[idx])
         y = torch.stack(ys)
-        with _autocast(bf16, images.device):
+        with accel.autocast(images.device):
             out = stack(torch.stack(xs))
             # sum over networks of each one's mean CE: network k's gradient is its own loss's gradient
             loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction='none').view(y.shape).mean(1).sum()
@@ -108,10 +105,10 @@ def train_epoch_stacked(stack: NetStack, images: torch.Tensor, labels: torch.Ten
 
 @torch.no_grad()
 def accuracies_stacked(stack: NetStack, images: torch.Tensor, labels: torch.Tensor,
-                       batch_size: int = 1024, bf16: bool = False) -> list[float]:
+                       batch_size: int = 1024, accel: Accel = FP32) -> list[float]:
     correct = torch.zeros(stack.k, dtype=torch.long, device=images.device)
     for start in range(0, images.shape[0], batch_size):
-        with _autocast(bf16, images.device):
+        with accel.autocast(images.device):
             out = stack.shared_input(images[start:start + batch_size])
         correct += (out.argmax(-1) == labels[start:start + batch_size]).sum(1)
     return (correct.double() / images.shape[0]).tolist()

@@ -170,10 +170,10 @@ class ExpertCursor:
     def _current(self):
         file_index = self._perm(len(self.files), self.epoch)[self.file_pos]
         trajs = self._load(file_index)
-        return file_index, trajs, self._perm(len(trajs), self.epoch, self.file_pos)
+        return trajs, self._perm(len(trajs), self.epoch, self.file_pos)
 
     def next(self) -> torch.Tensor:
-        _, trajs, order = self._current()
+        trajs, order = self._current()
         traj = trajs[order[self.traj_pos]]
         self.traj_pos += 1
         if self.traj_pos == len(trajs):
