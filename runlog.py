@@ -84,8 +84,11 @@ class RunLog:
         self.wandb = None
         if self.mode != 'disabled':
             import wandb  # imported only when used: it is slow to import
+            # finish_previous: a run left open by an earlier in-process call that raised (a notebook, a sweep
+            # script) would otherwise be returned by wandb.init and this run logged into its folder
             self.wandb = wandb.init(project=project, dir=run_dir, config=config, mode=self.mode,
-                                    name=os.path.basename(run_dir), id=wandb_id, resume='allow' if wandb_id else None)
+                                    name=os.path.basename(run_dir), id=wandb_id, resume='allow' if wandb_id else None,
+                                    reinit='finish_previous')
         self.wandb_id = self.wandb.id if self.wandb else None
 
     def truncate_after(self, it: int) -> None:

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import struct
+import time
 
 import pytest
 import torch
@@ -33,25 +34,41 @@ def metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
-def wandb_history(run_dir):
-    """Decode the offline .wandb file (leveldb-log framing of protobuf Records) into history dicts."""
+def wandb_records(path):
+    """Decode an offline .wandb file (leveldb-log framing of protobuf Records) into Records."""
     from wandb.proto import wandb_internal_pb2
-    path = glob.glob(os.path.join(run_dir, 'wandb', 'offline-run-*', 'run-*.wandb'))[0]
-    raw, i, block, buf, rows = open(path, 'rb').read(), 7, 32768, b'', []
+    raw, i, block, buf, records = open(path, 'rb').read(), 7, 32768, b'', []
     assert raw[:4] == b':W&B'
     while i + 7 <= len(raw):
         if block - i % block < 7:  # block trailer padding
             i += block - i % block
             continue
         _, n, kind = struct.unpack('<IHB', raw[i:i + 7])
+        if i + 7 + n > len(raw):  # a chunk still being written
+            break
         buf, i = buf + raw[i + 7:i + 7 + n], i + 7 + n
         if kind in (1, 4):  # FULL or LAST chunk
             rec = wandb_internal_pb2.Record()
             rec.ParseFromString(buf)
+            records.append(rec)
             buf = b''
-            if rec.WhichOneof('record_type') == 'history':
-                rows.append({(it.key or '/'.join(it.nested_key)): json.loads(it.value_json) for it in rec.history.item})
-    return rows
+    return records
+
+
+def wandb_history(run_dir, timeout_s=120):
+    """History rows of the run's offline file, once wandb-core has written its exit record.
+
+    run.finish() can return before the separate wandb-core process has written the file (measured: under
+    CPU load the file still held only its 7-byte header right after finish()), so wait for the exit record."""
+    path = glob.glob(os.path.join(run_dir, 'wandb', 'offline-run-*', 'run-*.wandb'))[0]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = wandb_records(path)
+        if any(r.WhichOneof('record_type') == 'exit' for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return [{(it.key or '/'.join(it.nested_key)): json.loads(it.value_json) for it in r.history.item}
+            for r in records if r.WhichOneof('record_type') == 'history']
 
 
 def test_end_to_end_buffer_distill_eval_with_wandb_offline(buffers, tmp_path, monkeypatch):
@@ -86,6 +103,19 @@ def test_end_to_end_buffer_distill_eval_with_wandb_offline(buffers, tmp_path, mo
     assert set(result['results']) == {MODEL, 'ConvNetD2'}
     assert all(len(r['accs']) == 2 and 0 <= r['mean'] <= 1 for r in result['results'].values())
     assert result['lr'] == pytest.approx(torch.load(os.path.join(run_dir, 'lr_best.pt'), weights_only=True).item())
+
+
+def test_a_run_left_open_by_a_crash_does_not_capture_the_next_one(tmp_path, monkeypatch):
+    from runlog import RunLog
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    crashed = RunLog(str(tmp_path / 'crashed'), {'n': 1}, wandb_mode='auto')  # never finished, as after a raise
+    crashed.log(0, loss=1.0)
+    later = RunLog(str(tmp_path / 'later'), {'n': 2}, wandb_mode='auto')
+    later.log(0, loss=2.0)
+    later.finish()
+    assert later.wandb_id != crashed.wandb_id
+    assert [h['loss'] for h in wandb_history(str(tmp_path / 'later'))] == [2.0]
+    assert [h['loss'] for h in wandb_history(str(tmp_path / 'crashed'))] == [1.0]
 
 
 def test_eval_baselines(tmp_path):
