@@ -60,10 +60,12 @@ def wandb_history(run_dir, timeout_s=120):
 
     run.finish() can return before the separate wandb-core process has written the file (measured: under
     CPU load the file still held only its 7-byte header right after finish()), so wait for the exit record."""
-    path = glob.glob(os.path.join(run_dir, 'wandb', 'offline-run-*', 'run-*.wandb'))[0]
+    # a file that never gets its exit record ends in an assertion on the rows, not here
+    pattern = os.path.join(run_dir, 'wandb', 'offline-run-*', 'run-*.wandb')
     deadline = time.monotonic() + timeout_s
     while True:
-        records = wandb_records(path)
+        paths = glob.glob(pattern)
+        records = wandb_records(paths[0]) if paths else []
         if any(r.WhichOneof('record_type') == 'exit' for r in records) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
