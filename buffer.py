@@ -107,13 +107,19 @@ def expert_seed(seed: int, index: int) -> int:
     return seed * 100_003 + index
 
 
+def expert_network(model: str, data, seed: int, device: torch.device) -> torch.nn.Module:
+    """Expert `seed`'s initial network (train_expert and train_experts_stacked start from the same one).
+    It reseeds the global RNG, as buffer.py always has, so existing expert buffers stay reproducible."""
+    torch.manual_seed(seed)
+    return get_network(model, data.channel, data.num_classes, data.im_size).to(device)
+
+
 def train_expert(args, data, device, index: int, progress: bool = True,
                  accel: Accel = FP32) -> tuple[list, dict]:
     """One expert: snapshots at init and after every epoch, plus its metadata."""
     seed = expert_seed(args.seed, index)
-    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    net = accel.net(get_network(args.model, data.channel, data.num_classes, data.im_size).to(device))
+    net = accel.net(expert_network(args.model, data, seed, device))
     opt, decay_at, decay_factor = expert_optimizer(net.parameters(), args.optim, args.lr_teacher, args.mom, args.l2,
                                                    args.decay, args.train_epochs)
     gp = None
@@ -141,10 +147,7 @@ def train_experts_stacked(args, data, device, indices: list[int], progress: bool
                           accel: Accel = FP32) -> list[tuple[list, dict]]:
     """train_expert for several indices at once (stacked.NetStack, --parallel_experts): each expert
     keeps its own seed, data order, augmentations and momentum, so the files are the same experts."""
-    nets = []
-    for i in indices:
-        torch.manual_seed(expert_seed(args.seed, i))
-        nets.append(get_network(args.model, data.channel, data.num_classes, data.im_size).to(device))
+    nets = [expert_network(args.model, data, expert_seed(args.seed, i), device) for i in indices]
     gens = [torch.Generator().manual_seed(expert_seed(args.seed, i)) for i in indices]
     r = expert_recipe(args.optim, args.lr_teacher, args.mom, args.l2, args.decay, args.train_epochs)
     stack = NetStack(nets)
@@ -175,14 +178,14 @@ def expert_meta(args, index: int, trajectory: list, test_accs: list[float]) -> d
             'avg_var': avg_var(trajectory_tensor(trajectory)), 'args': vars(args)}
 
 
-def check_parallel_experts(args, data) -> None:
-    if args.parallel_experts < 1:
-        raise UsageError(f"--parallel_experts {args.parallel_experts}: give 1 or more")
-    if args.parallel_experts > 1 and args.gp:
+def check_parallel_experts(parallel: int, *, gp: bool, model: str, net: torch.nn.Module) -> None:
+    """--parallel_experts must be >= 1, and > 1 only for what stacked.py can train (net: one `model`)."""
+    if parallel < 1:
+        raise UsageError(f"--parallel_experts {parallel}: give 1 or more")
+    if parallel > 1 and gp:
         raise UsageError("--gp is not vectorised (it differentiates an input gradient); use --parallel_experts 1")
-    if args.parallel_experts > 1 and not stackable(get_network(args.model, data.channel, data.num_classes,
-                                                               data.im_size)):
-        raise UsageError(f"{args.model} has BatchNorm running statistics, which cannot be stacked; "
+    if parallel > 1 and not stackable(net):
+        raise UsageError(f"{model} has BatchNorm running statistics, which cannot be stacked; "
                          f"use --parallel_experts 1")
 
 
@@ -202,8 +205,8 @@ def main(argv=None):
         seed_everything(args.seed)
         data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res,
                             download=args.download)
-        get_network(args.model, data.channel, data.num_classes, data.im_size)  # fail early on a bad size
-        check_parallel_experts(args, data)
+        net = get_network(args.model, data.channel, data.num_classes, data.im_size)  # fail early on a bad size
+        check_parallel_experts(args.parallel_experts, gp=bool(args.gp), model=args.model, net=net)
         d, device = init_distributed(device)
     except (DataError, UsageError, ValueError) as e:
         fail(str(e))

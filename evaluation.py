@@ -93,8 +93,8 @@ def stack_groups(seeds: list[int], model: str, data_shape, num_images: int, batc
     """Split the seeds into groups trained together. parallel: 'loop' = one at a time, 'stack' = all
     at once, 'auto' = all at once on CUDA, on CPU as many as fit CPU_STACK_PIXELS per step. Models
     with BatchNorm running statistics always go one at a time (stacked.stackable)."""
-    channel, im_size, num_classes = data_shape
-    if parallel == 'loop' or not stackable(get_network(model, channel, num_classes, im_size)):
+    im_size = data_shape[1]
+    if parallel == 'loop' or not stackable(fresh_network(model, data_shape, 0, torch.device('cpu'))):
         size = 1
     elif parallel == 'stack' or device.type == 'cuda':
         size = len(seeds)

@@ -37,13 +37,9 @@ def param_distance_ratio(w: torch.Tensor, start: torch.Tensor, target: torch.Ten
     return (w - target).pow(2).sum() / (start - target).pow(2).sum()
 
 
-def _att_norm(w: torch.Tensor, target: torch.Tensor, metric: str) -> torch.Tensor:
+def att_distance(w: torch.Tensor, target: torch.Tensor, metric: str = 'l1') -> torch.Tensor:
+    """ATT's e_n = ||w_n - target|| (L1 as the authors' code, or L2), a 0-d tensor on w's device."""
     return torch.linalg.vector_norm(w.detach() - target, ord=1 if metric == 'l1' else 2)
-
-
-def att_distance(w: torch.Tensor, target: torch.Tensor, metric: str = 'l1') -> float:
-    """ATT's e_n = ||w_n - target|| (L1 as the authors' code, or L2)."""
-    return float(_att_norm(w, target, metric))
 
 
 def final_step(ws: list[torch.Tensor], target: torch.Tensor, auto_steps: bool, metric: str = 'l1') -> int:
@@ -51,7 +47,7 @@ def final_step(ws: list[torch.Tensor], target: torch.Tensor, auto_steps: bool, m
     if not auto_steps:
         return len(ws) - 1
     # one device-to-host copy for all N distances, not one per step
-    dists = torch.stack([_att_norm(w, target, metric) for w in ws[1:]]).tolist()
+    dists = torch.stack([att_distance(w, target, metric) for w in ws[1:]]).tolist()
     return dists.index(min(dists)) + 1
 
 
@@ -142,8 +138,9 @@ def record_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int,
     images, alpha = syn_images.detach(), syn_lr.detach()
     every = max(1, math.ceil(math.sqrt(syn_steps)))
     w, b = w0.detach().to(device), None
-    tape = Tape(every, {0: (w, None)}, {}, syn_batches(syn_images.shape[0], batch_syn, syn_steps, generator, device), [])
-    best = (math.inf, syn_steps, None)
+    batches = syn_batches(syn_images.shape[0], batch_syn, syn_steps, generator, device)
+    tape = Tape(every, {0: (w, None)}, {}, batches, [])
+    best_e = best_n = best_w = None  # ATT's running first minimum, kept on the device: no sync per step
     for n, idx in enumerate(tape.batches, start=1):
         tape.dsa_states.append(generator.get_state())
         w, b = _free_step(student, w, b, images[idx], syn_labels[idx], alpha, generator, syn_mom=syn_mom,
@@ -153,12 +150,16 @@ def record_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int,
         if n in keep or n == syn_steps:
             tape.kept[n] = w
         if auto_steps:
-            d = att_distance(w, target, att_metric)
-            if d < best[0]:
-                best = (d, n, w)
-    tape.n_final = best[1] if auto_steps else syn_steps
+            e = att_distance(w, target, att_metric)
+            if n == 1:
+                best_e, best_n, best_w = e, torch.tensor(1, device=device), w
+            else:  # strictly smaller, as final_step's first minimum (a NaN never wins, as there)
+                better = e < best_e
+                best_e, best_n, best_w = (torch.where(better, e, best_e), torch.where(better, n, best_n),
+                                          torch.where(better, w, best_w))
+    tape.n_final = int(best_n) if auto_steps else syn_steps
     if auto_steps:
-        tape.kept[tape.n_final] = best[2]
+        tape.kept[tape.n_final] = best_w
     return tape
 
 

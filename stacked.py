@@ -21,7 +21,7 @@ from augment import dsa
 
 
 def stackable(net: nn.Module) -> bool:
-    return not any(True for _ in net.buffers())
+    return next(net.buffers(), None) is None
 
 
 class NetStack:

@@ -78,7 +78,7 @@ def test_hypergradient_matches_central_finite_differences(use_dsa):
 
 # ---------------------------------------------------------------- recompute == bptt, ATT
 
-from matching import Targets, final_step, match_and_backward  # noqa: E402
+from matching import Targets, final_step, match_and_backward, record_steps  # noqa: E402
 
 
 def grads_of(mode, *, syn_mom=0.0, auto_steps=False, middle=True, loss_weight=1.0, use_dsa=True):
@@ -143,3 +143,11 @@ def test_att_picks_the_step_where_the_target_was_planted():
         assert final_step(ws, ws[k], auto_steps=True, metric='l1') == k
         assert final_step(ws, ws[k], auto_steps=True, metric='l2') == k
     assert final_step(ws, ws[3], auto_steps=False) == 8
+    # the recompute forward tracks the same first minimum on the fly, and keeps that step's weights
+    for k in (1, 3, 8):
+        for metric in ('l1', 'l2'):
+            tape = record_steps(student, images, labels, torch.tensor(0.3, dtype=torch.float64), start, syn_steps=8,
+                                batch_syn=6, generator=torch.Generator().manual_seed(0), keep=set(), target=ws[k],
+                                auto_steps=True, att_metric=metric, use_dsa=False)
+            assert tape.n_final == k
+            torch.testing.assert_close(tape.kept[k], ws[k], rtol=1e-12, atol=0)

@@ -101,6 +101,15 @@ def test_stack_groups_rules():
     assert stack_groups(seeds, 'ConvNetBN', SHAPE, 10, 256, cpu, 'stack') == [[s] for s in seeds]
 
 
+def test_evaluation_leaves_the_callers_random_stream_alone(digits):
+    images, labels = random_real(digits, 1, torch.Generator().manual_seed(1))
+    before = torch.random.get_rng_state()
+    for parallel in ('auto', 'loop', 'stack'):
+        evaluate_set(['ConvNetD2', 'ConvNetBN'], SHAPE, images, labels, digits.images_test[:50],
+                     digits.labels_test[:50], lr=0.01, epochs=2, num_eval=2, seed=0, progress=False, parallel=parallel)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def _experts(folder):
     from trajectory_io import buffer_dir, expert_files, load_trajectories
     return [load_trajectories(f)[0] for f in expert_files(buffer_dir(str(folder), 'Digits', 'ConvNetW32', zca=False))]

@@ -7,8 +7,8 @@ import torch
 
 import buffer
 from networks import get_network
-from trajectory_io import (ExpertCursor, avg_var, buffer_dir, expert_files, load_trajectories, load_trajectory_tensors, save_expert,
-                           trajectory_tensor, validate_buffers)
+from trajectory_io import (ExpertCursor, avg_var, buffer_dir, expert_files, load_trajectories, load_trajectory_tensors,
+                           save_expert, trajectory_tensor, validate_buffers)
 from utils import UsageError
 
 MODEL = 'ConvNetW32'  # small, and 8x8 Digits fit its depth 3
