@@ -1,9 +1,10 @@
 """GPU speed paths for first-order work (expert training, evaluation): channels_last, bf16 autocast, TF32.
 
-Each is a flag with 'auto' (on when the device is CUDA), 'on' or 'off'. The unroll in distill.py
-always runs in fp32 without autocast: its hypergradient goes through second derivatives, where
-bf16's 8-bit mantissa is too coarse. With 'auto' on a CPU every path is off, so CPU results are
-exactly those of plain fp32 code (tests/test_accel.py).
+Each is a flag with 'off' (the default), 'on', or 'auto' (on when the device is CUDA). Every
+default is off on every device, so a GPU run has the papers' numerics (fp32, NCHW, no TF32)
+unless the user asks for a faster path. The unroll in distill.py always runs in fp32 without
+autocast: its hypergradient goes through second derivatives, where bf16's 8-bit mantissa is too
+coarse. With the defaults, results are exactly those of plain fp32 code (tests/test_accel.py).
 """
 import argparse
 import contextlib
@@ -40,12 +41,14 @@ def switch_on(value: str, device: torch.device) -> bool:
 
 def add_accel_flags(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a('--channels_last', default='auto', choices=SWITCH,
-      help='NHWC memory format for expert training and evaluation (auto: on with CUDA)')
-    a('--bf16', default='auto', choices=SWITCH,
-      help='bfloat16 autocast for expert training and evaluation, never the unroll (auto: on with CUDA)')
+    # Off by default on every device: the papers ran fp32; these are opt-in speed paths.
+    a('--channels_last', default='off', choices=SWITCH,
+      help='NHWC memory format for expert training and evaluation (default off; auto: on with CUDA)')
+    a('--bf16', default='off', choices=SWITCH,
+      help='bfloat16 autocast for expert training and evaluation, never the unroll (default off; auto: on with CUDA)')
     a('--tf32', default='off', choices=SWITCH,
-      help='TF32 matmuls/convolutions on Ampere+ GPUs, everywhere including the unroll (auto: on with CUDA)')
+      help='TF32 matmuls/convolutions on Ampere+ GPUs, everywhere including the unroll '
+           '(default off; auto: on with CUDA)')
 
 
 def accel_from_args(args: argparse.Namespace, device: torch.device) -> Accel:

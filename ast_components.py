@@ -35,25 +35,25 @@ def _check_variant(variant: str) -> None:
 # Smooth experts (SPEC 4): loss decay and gradient penalty
 # --------------------------------------------------------------------------
 
-def loss_decay_factor(epoch: int, variant: str = 'paper') -> float:
-    """λ_e multiplying the expert's CE loss at (0-based) ``epoch``.
+# λ_e for the first epochs; 1 afterwards (docs/method.md, "Smooth experts", says which source gives which).
+LOSS_DECAY = {
+    'paper': (0.5, 0.6, 0.7, 0.8, 0.9),                                # paper Sec. V-A: 0.5 -> 1 over 5 epochs
+    'code': (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95),  # the authors' buffer.py as released
+}
 
-    paper: 0.5, 0.6, 0.7, 0.8, 0.9 for epochs 0..4, then 1.0.
-    code:  0.5, 0.55, ..., 0.95 for epochs 0..9, then 1.0.
-    """
+
+def loss_decay_factor(epoch: int, variant: str = 'paper') -> float:
+    """λ_e multiplying the expert's CE loss at (0-based) ``epoch`` (LOSS_DECAY, then 1.0)."""
     _check_variant(variant)
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
-    ramp = 5 if variant == 'paper' else 10
-    if epoch >= ramp:
-        return 1.0
-    # (ramp + e) / (2 ramp) == 0.5 + 0.5 e / ramp, written as one division so
-    # the result is the correctly rounded decimal (0.8, not 0.8000000000000002).
-    return (ramp + epoch) / (2 * ramp)
+    ramp = LOSS_DECAY[variant]
+    return ramp[epoch] if epoch < len(ramp) else 1.0
 
 
-# μ the authors use for each variant; gradient_penalty's own default is the
-# paper's, so callers of the 'code' variant pass GP_DEFAULT_MU['code'].
+# μ of each variant: the paper's Sec. V-A sets μ = 1, the authors' released code 2.
+# gradient_penalty's own default is the paper's, so callers of the 'code' variant pass
+# GP_DEFAULT_MU['code'].
 GP_DEFAULT_MU = {'paper': 1.0, 'code': 2.0}
 
 
@@ -63,8 +63,8 @@ def gradient_penalty(net: nn.Module, x: Tensor, mu: float = 1.0, K: float = 1.0,
 
     paper: mu * mean_i (||∇_x Σ_c f(x_i)_c||_2 - K)^2, norm per sample over C,H,W.
     code:  mu * mean_{i,h,w} (||∇_x Σ_c f(x_i)_c [:, h, w]||_2 - K)^2, norm over
-           channels per pixel.  The authors use mu = 2 here: pass
-           ``mu=GP_DEFAULT_MU['code']`` (the default mu is the paper's 1).
+           channels per pixel (the authors' utils.py), where they use mu = 2:
+           pass ``mu=GP_DEFAULT_MU['code']`` (the default mu is the paper's 1).
 
     ``x`` is the un-augmented [B, C, H, W] batch; it is not modified.  The
     gradient of the batch sum is taken, which equals the per-sample gradient
@@ -122,28 +122,28 @@ def intermediate_steps(syn_steps: int, expert_epochs: int) -> list[int]:
 
 
 def intermediate_betas(expert_epochs: int, adaptive: bool) -> list[float]:
-    """β_i for i = 1..M-1: 1, or (i + 1) / (1 + M) when adaptive."""
+    """β_i for i = 1..M-1: 1, or i / M when adaptive.
+
+    The authors' code weights its k-th intermediate term (k from 0) by
+    (k + 1) / (1 + number of terms); with M - 1 terms and i = k + 1 that is i / M:
+    later terms, nearer the final target, weigh more.
+    """
     if expert_epochs < 1:
         raise ValueError(f"expert_epochs must be >= 1, got {expert_epochs}")
     M = expert_epochs
     if adaptive:
-        return [(i + 1) / (1 + M) for i in range(1, M)]
+        return [i / M for i in range(1, M)]
     return [1.0] * (M - 1)
 
 
 # --------------------------------------------------------------------------
-# Weight perturbation of the student's start (SPEC 6)
+# Weight perturbation of the student's start (docs/method.md, "Weight perturbation")
 # --------------------------------------------------------------------------
 
-def _normalised_direction(d: Tensor, w: Tensor, per_filter: bool) -> Tensor:
-    """Rescale d so each filter (or the whole tensor) has w's Frobenius norm."""
-    if per_filter:
-        d_norm = d.flatten(1).norm(dim=1).view(-1, *([1] * (d.dim() - 1)))
-        w_norm = w.flatten(1).norm(dim=1).view_as(d_norm)
-    else:
-        d_norm, w_norm = d.norm(), w.norm()
-    # A Gaussian draw is never exactly 0, but guard the division anyway.
-    return d / d_norm.clamp_min(torch.finfo(d.dtype).tiny) * w_norm
+def perturbed_params(shape: Sequence[int], variant: str) -> bool:
+    """Which parameters each variant perturbs: the paper's every weight (ndim >= 2: convolutions
+    and the classifier), the authors' code only 4-D (convolution) weights."""
+    return len(shape) == 4 if variant == 'code' else len(shape) >= 2
 
 
 def perturb_start(flat: Tensor, param_shapes: Sequence[torch.Size], rho: float = 0.1,
@@ -152,16 +152,16 @@ def perturb_start(flat: Tensor, param_shapes: Sequence[torch.Size], rho: float =
     """Perturbed copy of the student's starting point θ*_t (a flat vector).
 
     ``flat`` is laid out as the concatenation of tensors of ``param_shapes``
-    (``module.parameters()`` order).  Only parameters with ndim >= 2 (conv and
-    linear weights) are perturbed; biases and norm parameters are copied as is.
+    (``module.parameters()`` order).  Biases and norm parameters are never perturbed.
 
-    paper: d ~ N(0, 1), each filter (slice along dim 0) rescaled to the norm of
-           θ's filter, result θ + rho * d.
-    code:  d rescaled to the norm of the whole tensor, result θ + d ⊙ θ as the
-           SPEC words it; ``rho`` is not used by this variant.
+    paper (AST paper, Sec. IV-D2): every weight with ndim >= 2; d ~ N(0, 1) with each
+           filter (slice along dim 0) rescaled to the norm of θ's filter; result θ + rho * d.
+    code (the authors' distill.py): only 4-D (convolution) weights; d ~ N(0, 1) divided by
+           its whole-tensor Frobenius norm; result θ + d ⊙ θ.  ``rho`` is not used.
 
-    d is drawn on the CPU from ``generator`` (reproducible on any device) and
-    moved to ``flat``'s device and dtype.  Returns a new detached tensor.
+    One d per perturbed tensor is drawn, in parameter order, on the CPU from ``generator``
+    (reproducible on any device) and moved to ``flat``'s device and dtype.  Returns a new
+    detached tensor.
     """
     _check_variant(variant)
     numels = [math.prod(s) for s in param_shapes]
@@ -173,16 +173,18 @@ def perturb_start(flat: Tensor, param_shapes: Sequence[torch.Size], rho: float =
     with torch.no_grad():
         for w, shape in zip(torch.split(flat.detach(), numels), param_shapes):
             w = w.view(shape)
-            if len(shape) < 2:
+            if not perturbed_params(shape, variant):
                 pieces.append(w.clone())
                 continue
-            d = torch.randn(shape, generator=generator, dtype=draw_dtype)
-            d = d.to(device=flat.device, dtype=flat.dtype)
+            d = torch.randn(shape, generator=generator, dtype=draw_dtype).to(device=flat.device, dtype=flat.dtype)
+            # A Gaussian draw is never exactly 0, but guard the divisions anyway.
+            tiny = torch.finfo(d.dtype).tiny
             if variant == 'paper':
-                new = w + rho * _normalised_direction(d, w, per_filter=True)
+                d_norm = d.flatten(1).norm(dim=1).view(-1, *([1] * (d.dim() - 1)))
+                w_norm = w.flatten(1).norm(dim=1).view_as(d_norm)
+                pieces.append(w + rho * (d / d_norm.clamp_min(tiny) * w_norm))
             else:
-                new = w + _normalised_direction(d, w, per_filter=False) * w
-            pieces.append(new)
+                pieces.append(w + d / d.norm().clamp_min(tiny) * w)
     return torch.cat([p.reshape(-1) for p in pieces])
 
 

@@ -33,14 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', default=None, choices=list(MODELS), help='default: the dataset\'s ConvNet')
     p.add_argument('--num_experts', type=int, default=5)
     p.add_argument('--train_epochs', type=int, default=20, help='epochs per expert (E; E+1 snapshots)')
-    p.add_argument('--lr_teacher', type=float, default=0.01, help='expert SGD learning rate')
+    p.add_argument('--lr_teacher', type=float, default=None,
+                   help="expert SGD learning rate (default: the --optim recipe's: 0.01, sgdmom_code 0.003)")
     p.add_argument('--mom', type=float, default=0.0, help='expert SGD momentum (--optim sgd)')
     p.add_argument('--l2', type=float, default=0.0, help='expert weight decay (--optim sgd)')
     p.add_argument('--decay', action='store_true', help='lr x0.1 after epoch index E//2+1 (MTT)')
     # AST smooth experts (SPEC 4): paper values by default, the authors' code as the 'code' variant
     p.add_argument('--optim', default='sgd', type=str.lower, choices=list(OPTIMS),
-                   help='sgd: MTT (--mom/--l2/--decay); sgdmom: AST paper (momentum 0.9, lr x0.5 at E//2); '
-                        'sgdmom_code: AST code (momentum 0.9, wd 1e-3, lr 0.003, x0.6 at E//2+1)')
+                   help='sgd: MTT (--mom/--l2/--decay); sgdmom: AST paper (momentum 0.9, lr x0.5 after E//2); '
+                        'sgdmom_code: AST authors\' code, used by the AST presets (momentum 0.9, wd 1e-3, '
+                        'lr 0.003, x0.6 after E//2+1)')
     p.add_argument('--loss_decay', nargs='?', const='paper', default=None, choices=['paper', 'code'],
                    help='scale CE by λ_e: paper 0.5->1 over 5 epochs; code 0.5..0.95 over 10')
     p.add_argument('--gp', nargs='?', const='paper', default=None, type=_gp_variant, choices=['paper', 'code'],
@@ -62,30 +64,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# name -> (momentum, weight decay, lr override or None, lr factor, epoch index of the decay or None = --decay rule)
-OPTIMS = {'sgd': None, 'sgdmom': (0.9, 0.0, None, 0.5, 'half'), 'sgdmom_code': (0.9, 1e-3, 0.003, 0.6, 'half+1')}
+# name -> (momentum, weight decay, default lr, lr factor, epoch index after which the lr changes).
+# 'sgd' takes momentum, weight decay and the decay (x0.1 after E//2+1, only with --decay) from its flags.
+# At the change the optimiser is rebuilt (momentum buffer reset), as MTT's and the AST authors' buffer.py do.
+OPTIMS = {
+    'sgd': (None, None, 0.01, 0.1, 'half+1'),         # MTT
+    'sgdmom': (0.9, 0.0, 0.01, 0.5, 'half'),          # AST paper Sec. V-A: lr halved at epoch 25 of 50
+    'sgdmom_code': (0.9, 1e-3, 0.003, 0.6, 'half+1'),  # AST authors' buffer.py defaults (AST presets)
+}
 
 
 def _gp_variant(value: str) -> str:
     return 'paper' if value in ('True', 'true', '1') else value  # the AST README writes --gp True
 
 
-def expert_recipe(optim: str, lr: float, mom: float, l2: float, decay: bool, epochs: int) -> dict:
-    """SGD settings and the one lr decay: {'lr', 'momentum', 'weight_decay'}, 'decay_at' (epoch index
-    after which lr is multiplied; None = never) and 'factor'."""
+def expert_recipe(optim: str, lr: float | None, mom: float, l2: float, decay: bool, epochs: int) -> dict:
+    """SGD settings and the one lr change: {'lr', 'momentum', 'weight_decay'}, 'decay_at' (epoch index
+    after which the lr is multiplied and the optimiser rebuilt; None = never) and 'factor'.
+    lr None = the recipe's default."""
+    momentum, wd, default_lr, factor, when = OPTIMS[optim]
     if optim == 'sgd':
-        return {'lr': lr, 'momentum': mom, 'weight_decay': l2, 'decay_at': epochs // 2 + 1 if decay else None,
-                'factor': 0.1}
-    momentum, wd, lr_fixed, factor, when = OPTIMS[optim]
-    return {'lr': lr_fixed or lr, 'momentum': momentum, 'weight_decay': wd,
-            'decay_at': epochs // 2 if when == 'half' else epochs // 2 + 1, 'factor': factor}
+        momentum, wd = mom, l2
+    decay_at = epochs // 2 if when == 'half' else epochs // 2 + 1
+    if optim == 'sgd' and not decay:
+        decay_at = None
+    return {'lr': default_lr if lr is None else lr, 'momentum': momentum, 'weight_decay': wd,
+            'decay_at': decay_at, 'factor': factor}
 
 
-def expert_optimizer(params, optim: str, lr: float, mom: float, l2: float, decay: bool, epochs: int):
-    """(optimizer, epoch index after which lr is multiplied, factor); index None = never."""
-    r = expert_recipe(optim, lr, mom, l2, decay, epochs)
-    sgd = torch.optim.SGD(params, lr=r['lr'], momentum=r['momentum'], weight_decay=r['weight_decay'])
-    return sgd, r['decay_at'], r['factor']
+def sgd(params, recipe: dict, lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=recipe['momentum'], weight_decay=recipe['weight_decay'])
 
 
 RECIPE = ('optim', 'loss_decay', 'gp', 'gp_mu', 'gp_k', 'train_epochs', 'lr_teacher', 'mom', 'l2', 'decay',
@@ -120,8 +128,8 @@ def train_expert(args, data, device, index: int, progress: bool = True,
     seed = expert_seed(args.seed, index)
     gen = torch.Generator().manual_seed(seed)
     net = accel.net(expert_network(args.model, data, seed, device))
-    opt, decay_at, decay_factor = expert_optimizer(net.parameters(), args.optim, args.lr_teacher, args.mom, args.l2,
-                                                   args.decay, args.train_epochs)
+    r = expert_recipe(args.optim, args.lr_teacher, args.mom, args.l2, args.decay, args.train_epochs)
+    opt = sgd(net.parameters(), r, r['lr'])
     gp = None
     if args.gp:
         mu = args.gp_mu if args.gp_mu is not None else GP_DEFAULT_MU[args.gp]
@@ -137,9 +145,8 @@ def train_expert(args, data, device, index: int, progress: bool = True,
         test_accs.append(accuracy(net, x_test, y_test, accel=accel))
         trajectory.append(snapshot(net))
         bar.set_postfix(loss=f'{loss:.3f}', train=f'{train_acc:.3f}', test=f'{test_accs[-1]:.3f}')
-        if epoch == decay_at:  # MTT's schedule: after epoch index E//2+1
-            for group in opt.param_groups:
-                group['lr'] *= decay_factor
+        if epoch == r['decay_at']:  # rebuilt, as MTT's and AST's buffer.py: the momentum buffer starts again
+            opt = sgd(net.parameters(), r, r['lr'] * r['factor'])
     return trajectory, expert_meta(args, index, trajectory, test_accs)
 
 
@@ -163,8 +170,9 @@ def train_experts_stacked(args, data, device, indices: list[int], progress: bool
         for k, acc in enumerate(accuracies_stacked(stack, x_test, y_test, accel=accel)):
             test_accs[k].append(acc)
             trajectories[k].append(snapshot(stack.load_into(k, nets[k])))
-        if epoch == r['decay_at']:
-            opt.lr *= r['factor']
+        if epoch == r['decay_at']:  # rebuilt, as in train_expert
+            opt = StackedSGD(stack.params, lr=r['lr'] * r['factor'], momentum=r['momentum'],
+                             weight_decay=r['weight_decay'])
     return [(traj, expert_meta(args, i, traj, accs)) for i, traj, accs in zip(indices, trajectories, test_accs)]
 
 
@@ -198,6 +206,7 @@ def mean_avg_var(folder: str, indices: list[int]) -> float | None:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.model = args.model or DEFAULT_MODEL[args.dataset]
+    args.lr_teacher = expert_recipe(args.optim, args.lr_teacher, args.mom, args.l2, args.decay, 1)['lr']
     try:
         if not args.download:
             check_dataset(args.dataset, args.data_path, subset=args.subset)

@@ -10,6 +10,7 @@ and augmentations, and the image and syn_lr gradients are averaged before the st
 writes the run folder and evaluates. One process is the plain run, bit for bit.
 """
 import argparse
+import dataclasses
 import os
 
 import torch
@@ -68,10 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     a('--balance_loss', action='store_true', help='AST: scale the inner CE by ν(t)')
     a('--balance_base', type=float, default=5.0, help='log base of ν (authors\' code: 5)')
     a('--agg_middle_loss', action='store_true', help='AST: add intermediate matching terms θ*_{t+i} at step floor(iN/M)')
-    a('--adaptive_middle_loss', action='store_true', help='β_i = (i+1)/(1+M) instead of 1')
-    a('--weight_perturb', action='store_true', help='AST: start the student at θ*_t + ρ d (per-filter normalised d)')
-    a('--perturb_rho', type=float, default=0.1)
-    a('--perturb_variant', default='paper', choices=['paper', 'code'])
+    a('--adaptive_middle_loss', action='store_true',
+      help='AST: intermediate matching with β_i = i/M instead of 1 (switches intermediate matching on by itself)')
+    a('--weight_perturb', action='store_true', help='AST: perturb the student\'s start θ*_t (see --perturb_variant)')
+    a('--perturb_rho', type=float, default=0.1, help='ρ of the paper variant (the code variant has none)')
+    a('--perturb_variant', default='paper', choices=['paper', 'code'],
+      help='paper: θ + ρ d, d per-filter normalised, every weight; code (the authors\' code, AST presets): '
+           'θ + d ⊙ θ on 4-D weights, d/||d||_F, loss denominators from the perturbed start')
     # MCT (SPEC 8)
     a('--mct', action='store_true', help='read compressed buffers ({buffer}/mct{K}, compress_buffers.py) and '
                                         'sample real-valued start epochs')
@@ -167,6 +171,17 @@ def expert_targets(trajectory, t, *, syn_steps: int, expert_epochs: int, middle:
         steps, betas = intermediate_steps(syn_steps, expert_epochs), intermediate_betas(expert_epochs, adaptive)
         mids = [(n, point(trajectory, t + i), beta) for i, (n, beta) in enumerate(zip(steps, betas), start=1)]
     return Targets(point(trajectory, t), point(trajectory, t + expert_epochs), mids)
+
+
+def student_start(targets: Targets, param_shapes, *, perturb: bool, variant: str, rho: float,
+                  generator: torch.Generator) -> tuple[torch.Tensor, Targets]:
+    """The student's w_0, and the targets its loss is normalised by. AST's weight perturbation moves w_0;
+    the authors' code ('code') also measures every term's denominator ||start - target||² from that
+    perturbed start, the paper ('paper') from the expert's own θ*_t (docs/method.md)."""
+    if not perturb:
+        return targets.start, targets
+    w0 = perturb_start(targets.start, param_shapes, rho=rho, generator=generator, variant=variant)
+    return w0, (dataclasses.replace(targets, start=w0) if variant == 'code' else targets)
 
 
 def final_expert_net(files: list[str], mct: bool, net: torch.nn.Module) -> torch.nn.Module:
@@ -327,10 +342,10 @@ def main(argv=None):
         trajectory = cursor.next()
         t = sample_start(args.max_start_epoch, args.mct, gen)
         targets = expert_targets(trajectory, t, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
-                                 middle=args.agg_middle_loss, adaptive=args.adaptive_middle_loss)
-        w0 = targets.start
-        if args.weight_perturb:
-            w0 = perturb_start(w0, param_shapes, rho=args.perturb_rho, generator=gen, variant=args.perturb_variant)
+                                 middle=args.agg_middle_loss or args.adaptive_middle_loss,
+                                 adaptive=args.adaptive_middle_loss)
+        w0, targets = student_start(targets, param_shapes, perturb=args.weight_perturb, variant=args.perturb_variant,
+                                    rho=args.perturb_rho, generator=gen)
         nu = balance_weight(t, args.max_start_epoch, base=args.balance_base) if args.balance_loss else 1.0
         opt_img.zero_grad(set_to_none=True)
         opt_lr.zero_grad(set_to_none=True)

@@ -4,6 +4,7 @@
     python experiments.py ablation     # AST Table VIII analogue at ipc 1: smooth experts -> +kmeans -> ... -> +perturb
     python experiments.py methods      # MTT vs AST vs ATT vs MCT at ipc 1 and 10, plus MCT storage
     python experiments.py all
+    python experiments.py perturb      # ||δ|| / ||θ|| of both weight-perturbation variants on fresh ConvNets
 Every distilled set is scored on its FINAL images (not the best-on-test) by --num_eval fresh networks;
 cells are mean ± std over all (distillation seed x network) accuracies. Finished runs are cached in
 results/cache.json, so an interrupted study resumes where it stopped.
@@ -27,14 +28,18 @@ from utils import atomic_write_json
 # ---------------------------------------------------------------- settings (Digits, CPU)
 
 EXPERTS = ['--num_experts', '10', '--train_epochs', '20']          # per expert recipe
-RECIPES = {                                                          # buffer.py flags
+RECIPES = {                                                          # buffer.py flags (docs/method.md, section 1)
     'SGD (MTT)': [],
     'SGD + momentum': ['--optim', 'sgdmom'],
-    'SGD + momentum + gp + loss decay (AST)': ['--optim', 'sgdmom', '--gp', '--loss_decay'],
+    'SGD + momentum + gp + loss decay (AST paper)': ['--optim', 'sgdmom', '--gp', '--loss_decay'],
+    'AST code recipe (sgdmom_code + gp + loss decay, code variants: the AST presets)':
+        ['--optim', 'sgdmom_code', '--gp', 'code', '--loss_decay', 'code'],
 }
+AST_RECIPE = 'AST code recipe (sgdmom_code + gp + loss decay, code variants: the AST presets)'
+EVAL_PROTOCOL = 'mtt-exact'  # part of every cache key: cells scored under an older protocol are recomputed
 BASE = ['--syn_steps', '20', '--expert_epochs', '2', '--max_start_epoch', '10', '--lr_img', '30',
         '--lr_lr', '1e-6', '--lr_teacher', '0.01']  # digits_ipc1's flags but lr_lr 1e-6: at 1e-5 every AST-expert run diverged
-AST_STUDENT = ['--syn_mom', '0.9']                                  # AST's student momentum, used with smooth experts
+AST_STUDENT = ['--syn_mom', '0.9', '--perturb_variant', 'code']    # the AST authors' student (as the AST presets)
 ABLATION = [                                                         # cumulative, as the paper's Table VIII
     ('smooth experts', []),
     ('+ K-Means init', ['--pix_init', 'kmeans']),
@@ -45,7 +50,7 @@ ABLATION = [                                                         # cumulativ
 AST_ALL = ABLATION[-1][1]
 METHODS = {  # name -> (expert recipe, distill flags)
     'MTT': ('SGD (MTT)', []),
-    'AST': ('SGD + momentum + gp + loss decay (AST)', AST_STUDENT + AST_ALL),
+    'AST': (AST_RECIPE, AST_STUDENT + AST_ALL),
     'ATT': ('SGD (MTT)', ['--auto_steps']),
     'MCT': ('SGD (MTT)', ['--mct']),
 }
@@ -84,7 +89,7 @@ class Study:
         Returns (accuracies of the runs that finished, number of runs that diverged)."""
         accs, diverged = [], 0
         for seed in range(self.seeds):
-            key = json.dumps([recipe, flags, ipc, seed, self.iterations[ipc], self.num_eval])
+            key = json.dumps([recipe, flags, ipc, seed, self.iterations[ipc], self.num_eval, EVAL_PROTOCOL])
             if key not in self.cache:
                 self.cache[key] = self._one(recipe, flags, ipc, seed)
                 atomic_write_json(self.cache, self.cache_path)
@@ -137,7 +142,7 @@ def smoothness(study: Study) -> str:
 
 
 def ablation(study: Study) -> str:
-    recipe = 'SGD + momentum + gp + loss decay (AST)'
+    recipe = AST_RECIPE
     rows = ['| distillation (smooth experts, student momentum 0.9) | ipc-1 acc % |', '| --- | --- |']
     accs, diverged = study.score('SGD (MTT)', [], 1)
     rows.append(f'| MTT (plain experts, no AST component), reference | {fmt(accs, diverged=diverged)} |')
@@ -171,9 +176,30 @@ def storage(study: Study) -> str:
             f"| ratio compressed / full | {stats['ratio']:.4f} (4/51 = {4 / 51:.4f}) |")
 
 
+def perturbation_ratios(draws: int = 5) -> str:
+    """||δ|| / ||θ|| over all parameters of a fresh network, for each weight-perturbation variant
+    (docs/method.md): the paper's ρ-scaled per-filter d, and the authors' d/||d||_F ⊙ θ on conv weights."""
+    from ast_components import perturb_start
+    from networks import get_network
+    from reparam_module import ReparamModule
+    rows = ['| network (input) | paper: mean (min-max) | code: mean (min-max) |', '| --- | --- | --- |']
+    for model, shape in (('ConvNet', (3, 10, (32, 32))), ('ConvNetD2', (1, 10, (8, 8)))):
+        torch.manual_seed(0)
+        rep = ReparamModule(get_network(model, *shape))
+        flat = rep.flat_param().detach()
+        cells = []
+        for variant in ('paper', 'code'):
+            r = [float((perturb_start(flat, rep.param_shapes, rho=0.1, variant=variant,
+                                      generator=torch.Generator().manual_seed(s)) - flat).norm() / flat.norm())
+                 for s in range(draws)]
+            cells.append(f'{sum(r) / len(r):.4f} ({min(r):.4f}-{max(r):.4f})')
+        rows.append(f'| {model} ({shape[0]}x{shape[2][0]}x{shape[2][1]}) | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(rows) + f'\n\n{draws} draws each, ρ = 0.1 for the paper variant.'
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('study', choices=['smoothness', 'ablation', 'methods', 'all'])
+    p.add_argument('study', choices=['smoothness', 'ablation', 'methods', 'all', 'perturb'])
     p.add_argument('--root', default='results')
     p.add_argument('--seeds', type=int, default=3, help='distillation seeds per cell')
     p.add_argument('--num_eval', type=int, default=5, help='evaluation networks per distilled set')
@@ -181,6 +207,9 @@ def main(argv=None):
     p.add_argument('--iterations_ipc10', type=int, default=100, help='distillation iterations at ipc 10')
     p.add_argument('--seeds_ipc10', type=int, default=1, help='distillation seeds at ipc 10 (CPU time)')
     args = p.parse_args(argv)
+    if args.study == 'perturb':
+        print(perturbation_ratios())
+        return
     os.makedirs(args.root, exist_ok=True)
     study = Study(args.root, args.seeds, args.num_eval, {1: args.iterations})
     todo = ['smoothness', 'ablation', 'methods'] if args.study == 'all' else [args.study]

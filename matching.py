@@ -139,7 +139,8 @@ def record_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int,
     every = max(1, math.ceil(math.sqrt(syn_steps)))
     w, b = w0.detach().to(device), None
     batches = syn_batches(syn_images.shape[0], batch_syn, syn_steps, generator, device)
-    tape = Tape(every, {0: (w, None)}, {}, batches, [])
+    # an intermediate term can fall on step 0 (N < M): the start itself, a constant the loss still reads
+    tape = Tape(every, {0: (w, None)}, {0: w} if 0 in keep else {}, batches, [])
     best_e = best_n = best_w = None  # ATT's running first minimum, kept on the device: no sync per step
     for n, idx in enumerate(tape.batches, start=1):
         tape.dsa_states.append(generator.get_state())

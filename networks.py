@@ -23,8 +23,12 @@ Deliberate differences from MTT:
 * 'layernorm' is ``GroupNorm(1, C, affine=True)``: same statistics as MTT's
   ``nn.LayerNorm([C, H, W])`` but per-channel (not per-pixel) affine
   parameters, so the parameter count does not depend on the image size.
-* The first conv always uses MTT's 32x32 padding; MTT's extra padding for
-  1-channel 28x28 inputs (to mimic 32x32) is not reproduced.
+
+Like MTT, a ConvNet on 1-channel 28x28 inputs (MNIST, FashionMNIST) pads its first
+convolution by 3, so it sees 32x32 maps and has MTT's parameter shapes (classifier
+input 128x4x4); MTT's buffers for those datasets load. MTT pads by 3 for every
+1-channel input, but its feature-size bookkeeping only works at 28x28, so other
+1-channel sizes (Digits at 8x8) keep padding 1.
 
 Parameters use PyTorch's default initialisation; seed torch before building.
 """
@@ -76,9 +80,15 @@ def _check_im_size(im_size: ImSize) -> tuple[int, int]:
 POOLINGS = ("avgpooling", "maxpooling", "none")
 
 
-def convnet_feature_size(im_size: ImSize, depth: int, pooling: str) -> tuple[int, int]:
+def convnet_first_padding(channel: int, im_size: ImSize) -> int:
+    """MTT pads the first convolution by 3 for 1-channel 28x28 inputs (28 -> 32), else 1."""
+    return 3 if channel == 1 and tuple(int(s) for s in im_size) == (28, 28) else 1
+
+
+def convnet_feature_size(im_size: ImSize, depth: int, pooling: str, first_padding: int = 1) -> tuple[int, int]:
     """Spatial size after the ConvNet feature extractor (may contain 0)."""
     h, w = _check_im_size(im_size)
+    h, w = h + 2 * (first_padding - 1), w + 2 * (first_padding - 1)  # 3x3 conv: out = in + 2 pad - 2
     if pooling == "none":
         return h, w
     # Each 2x2/stride-2 pool floors the size.
@@ -96,22 +106,23 @@ class ConvNet(nn.Module):
             raise ValueError(f"ConvNet depth must be >= 1, got {depth}")
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
-        fh, fw = convnet_feature_size(im_size, depth, pooling)
+        first_padding = convnet_first_padding(channel, im_size)
+        fh, fw = convnet_feature_size(im_size, depth, pooling, first_padding)
         if fh < 1 or fw < 1:
             raise ValueError(
                 f"ConvNet with depth {depth} and {pooling} needs images of at least "
                 f"{2 ** depth}x{2 ** depth}; got {tuple(im_size)} "
                 f"(the feature map would shrink to {fh}x{fw})")
-        self.features = self._make_features(channel, width, depth, norm, pooling)
+        self.features = self._make_features(channel, width, depth, norm, pooling, first_padding)
         self.classifier = nn.Linear(width * fh * fw, num_classes)
 
     @staticmethod
     def _make_features(channel: int, width: int, depth: int, norm: str,
-                       pooling: str) -> nn.Sequential:
+                       pooling: str, first_padding: int = 1) -> nn.Sequential:
         layers: list[nn.Module] = []
         in_ch = channel
-        for _ in range(depth):
-            layers += [nn.Conv2d(in_ch, width, kernel_size=3, padding=1),
+        for d in range(depth):
+            layers += [nn.Conv2d(in_ch, width, kernel_size=3, padding=first_padding if d == 0 else 1),
                        make_norm(norm, width),
                        nn.ReLU()]
             if pooling == "avgpooling":

@@ -27,15 +27,27 @@ def parse(*argv):
     return p.parse_args(list(argv))
 
 
-def test_auto_is_off_on_cpu_and_on_with_cuda():
-    assert accel_from_args(parse(), CPU) == FP32
-    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-    assert switch_on('auto', torch.device('cuda')) and not switch_on('auto', CPU)
+def test_defaults_are_fp32_on_cpu_and_on_cuda():
+    """The papers ran fp32: with no flag given, a CUDA device gets no bf16, no channels_last and no TF32.
+    Resolving the flags for a cuda device needs no GPU (it only reads the device type)."""
+    for device in (CPU, torch.device('cuda')):
+        set_tf32(True)
+        assert accel_from_args(parse(), device) == FP32
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    defaults = parse()
+    assert (defaults.channels_last, defaults.bf16, defaults.tf32) == ('off', 'off', 'off')
+
+
+def test_auto_and_on_are_opt_in():
+    cuda = torch.device('cuda')
+    assert switch_on('auto', cuda) and not switch_on('auto', CPU)
+    assert accel_from_args(parse('--channels_last', 'auto', '--bf16', 'auto'), cuda) == Accel(True, True)
+    assert accel_from_args(parse('--channels_last', 'auto', '--bf16', 'auto'), CPU) == FP32
     assert accel_from_args(parse('--channels_last', 'on', '--bf16', 'on'), CPU) == Accel(True, True)
-    set_tf32(True)
+    accel_from_args(parse('--tf32', 'auto'), cuda)
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    accel_from_args(parse(), CPU)  # --tf32 defaults to off
-    assert not torch.backends.cuda.matmul.allow_tf32
+    accel_from_args(parse(), CPU)  # --tf32 defaults to off, and off also clears cuDNN's TF32 default
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
 
 
 def _train(images, labels, accel, epochs=3):

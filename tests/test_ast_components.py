@@ -122,8 +122,17 @@ def test_intermediate_steps(N, M, want):
 
 def test_intermediate_betas():
     assert intermediate_betas(3, adaptive=False) == [1.0, 1.0]
-    assert intermediate_betas(3, adaptive=True) == pytest.approx([2 / 4, 3 / 4])
     assert intermediate_betas(1, adaptive=True) == []
+
+
+@pytest.mark.parametrize('M', [2, 3, 4])
+def test_adaptive_betas_are_the_authors_k_plus_1_over_1_plus_terms(M):
+    """β_i = i / M; the authors' code weights its k-th term (k from 0) by (k + 1) / (1 + number of terms)."""
+    terms = M - 1
+    authors = [(k + 1) / (1 + terms) for k in range(terms)]
+    assert intermediate_betas(M, adaptive=True) == pytest.approx(authors, rel=0, abs=1e-15)
+    assert intermediate_betas(M, adaptive=True) == pytest.approx([i / M for i in range(1, M)], rel=0, abs=1e-15)
+    assert intermediate_betas(M, adaptive=False) == [1.0] * terms
 
 
 # --------------------------------------------------------------------------
@@ -168,18 +177,38 @@ def test_perturb_is_reproducible_per_generator_seed():
     assert not torch.equal(a, c)
 
 
-def test_perturb_code_variant_whole_tensor_and_untouched_1d():
+def test_perturb_code_variant_is_the_authors_formula_computed_independently():
+    """The authors' code, on a tiny network with a fixed generator: for every 4-D (convolution) weight
+    in parameter order, d ~ N(0, 1), d <- d / ||d||_F, θ <- θ + d ⊙ θ; everything else untouched
+    (the classifier's 2-D weight too)."""
+    torch.manual_seed(0)
+    net = ConvNet(3, 4, (8, 8), width=5, depth=2).double()
+    params = [p.detach().clone() for p in net.parameters()]
+    flat = torch.cat([p.reshape(-1) for p in params])
+    shapes = [p.shape for p in params]
+    gen = torch.Generator().manual_seed(11)
+    expected = []
+    for p in params:
+        if p.dim() == 4:
+            d = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            d = d / torch.sqrt((d ** 2).sum())
+            p = p + d * p
+        expected.append(p.reshape(-1))
+    got = perturb_start(flat, shapes, generator=torch.Generator().manual_seed(11), variant='code')
+    torch.testing.assert_close(got, torch.cat(expected), rtol=0, atol=1e-15)
+    moved = [not torch.equal(a, b) for a, b in zip(_split(got, shapes), params)]
+    assert moved == [p.dim() == 4 for p in params] and sum(moved) == 2
+
+
+def test_perturb_paper_magnitude_is_rho_per_filter_of_every_weight():
+    """Paper: every weight with ndim >= 2 (classifier included) moves by exactly ρ x its filter norm."""
     flat, shapes = _convnet_flat(torch.float64)
-    before = flat.clone()
-    new = perturb_start(flat, shapes, generator=torch.Generator().manual_seed(3), variant='code')
-    assert torch.equal(flat, before) and new.dtype == torch.float64
+    rho = 0.1
+    new = perturb_start(flat, shapes, rho=rho, generator=torch.Generator().manual_seed(5), variant='paper')
     for w, w_new in zip(_split(flat, shapes), _split(new, shapes)):
-        if w.dim() < 2:
-            assert torch.equal(w_new, w)
-            continue
-        # θ' = θ + d ⊙ θ with ||d||_F = ||θ||_F, so d = (θ' - θ) / θ
-        d = (w_new - w) / w
-        torch.testing.assert_close(d.norm(), w.norm(), rtol=1e-6, atol=0)
+        if w.dim() >= 2:
+            torch.testing.assert_close((w_new - w).norm(), rho * w.norm(), rtol=1e-10, atol=0)
+    assert any(len(s) == 2 for s in shapes)
 
 
 def test_perturb_rejects_wrong_length():
@@ -249,3 +278,28 @@ def test_kmeans_init_ipc_larger_than_class(digits_and_net):
         kmeans_init(net, real.images_train, real.labels_train, real.num_classes, smallest + 1, 0)
     with pytest.raises(ValueError):
         kmeans_init(net, real.images_train, real.labels_train, real.num_classes, 0, 0)
+
+
+def test_student_start_code_variant_normalises_every_term_by_the_perturbed_start():
+    """distill.student_start: the authors' code measures ||start - target||² from the perturbed start, so a
+    student that does not move scores exactly 1 on every term; the paper variant keeps θ*_t there."""
+    from distill import student_start
+    from matching import Targets, loss_terms
+    flat, shapes = _convnet_flat(torch.float64)
+    final = flat + 0.1 * torch.randn_like(flat)
+    mid = [(3, flat + 0.05 * torch.randn_like(flat), 0.5)]
+    targets = Targets(flat, final, mid)
+    for variant in ('code', 'paper'):
+        w0, t = student_start(targets, shapes, perturb=True, variant=variant, rho=0.1,
+                              generator=torch.Generator().manual_seed(1))
+        assert not torch.equal(w0, flat)
+        assert t.final is final and t.middle is mid
+        assert (t.start is w0) if variant == 'code' else (t.start is flat)
+        _, info = loss_terms({10: w0, 3: w0}, t, 10)
+        if variant == 'code':
+            torch.testing.assert_close(info['loss_final'], torch.tensor(1.0, dtype=torch.float64))
+            torch.testing.assert_close(info['loss_mid1'], torch.tensor(1.0, dtype=torch.float64))
+        else:
+            assert not torch.isclose(info['loss_final'], torch.tensor(1.0, dtype=torch.float64))
+    w0, t = student_start(targets, shapes, perturb=False, variant='code', rho=0.1, generator=torch.Generator())
+    assert w0 is flat and t is targets

@@ -151,3 +151,34 @@ def test_att_picks_the_step_where_the_target_was_planted():
                                 auto_steps=True, att_metric=metric, use_dsa=False)
             assert tape.n_final == k
             torch.testing.assert_close(tape.kept[k], ws[k], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize('syn_steps,expert_epochs', [(2, 3), (1, 3), (3, 4), (2, 5)])
+@pytest.mark.parametrize('auto_steps', [False, True])
+def test_both_unrolls_agree_when_intermediate_steps_fall_on_step_0_or_repeat(syn_steps, expert_epochs, auto_steps):
+    """N < M puts intermediate terms at step 0 (the start itself) or on the same step twice; bptt and
+    recompute must take the same loss and the same gradients there (recompute once raised KeyError)."""
+    from ast_components import intermediate_betas, intermediate_steps
+    _, student, images, labels, start, target = tiny_problem()
+    steps = intermediate_steps(syn_steps, expert_epochs)
+    assert 0 in steps or len(set(steps)) < len(steps)
+    betas = intermediate_betas(expert_epochs, adaptive=True)
+    mid = [(n, start + (i / expert_epochs) * (target - start) + 0.01 * i, beta)
+           for i, (n, beta) in enumerate(zip(steps, betas), start=1)]
+    out = {}
+    for mode in ('bptt', 'recompute'):
+        imgs = images.clone().requires_grad_(True)
+        alpha = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+        loss, info = match_and_backward(student, imgs, labels, alpha, start, Targets(start, target, mid),
+                                        syn_steps=syn_steps, batch_syn=4, generator=torch.Generator().manual_seed(5),
+                                        syn_mom=0.9, unroll_mode=mode, auto_steps=auto_steps)
+        out[mode] = (loss, info, imgs.grad, alpha.grad)
+    (lb, ib, gb, ab), (lr_, ir, gr, ar) = out['bptt'], out['recompute']
+    assert ib['n_final'] == ir['n_final']
+    assert set(ib) == set(ir) and len([k for k in ib if k.startswith('loss_mid')]) == expert_epochs - 1
+    for k in ib:
+        torch.testing.assert_close(torch.as_tensor(ir[k]), torch.as_tensor(ib[k]), rtol=1e-10, atol=0)
+    torch.testing.assert_close(lr_, lb, rtol=1e-10, atol=0)
+    assert gb.abs().sum() > 0
+    torch.testing.assert_close(gr, gb, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(ar, ab, rtol=1e-5, atol=1e-12)

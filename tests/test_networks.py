@@ -245,3 +245,19 @@ def test_reparam_batchnorm_buffers():
     assert int(bn.num_batches_tracked) == 1
     net.eval()
     torch.testing.assert_close(rep(x, flat), net(x))
+
+
+def test_convnet_on_28x28_grey_images_has_mtts_parameter_shapes():
+    """MTT pads the first conv by 3 for 1-channel 28x28 inputs (MNIST, FashionMNIST): 28 -> 32, so the
+    classifier sees 128 x 4 x 4 and MTT's buffers for those datasets have these exact shapes."""
+    net = get_network('ConvNet', 1, 10, (28, 28))
+    expected = [(128, 1, 3, 3), (128,), (128,), (128,)] + [(128, 128, 3, 3), (128,), (128,), (128,)] * 2 \
+        + [(10, 128 * 4 * 4), (10,)]
+    assert [tuple(p.shape) for p in net.parameters()] == expected
+    assert net.features[0].padding == (3, 3) and net.features[4].padding == (1, 1)
+    assert net.embed(torch.randn(2, 1, 28, 28)).shape == (2, 128 * 4 * 4)
+    w32 = get_network('ConvNetW32', 1, 10, (28, 28))
+    assert w32.classifier.weight.shape == (10, 32 * 4 * 4)
+    # only 1-channel 28x28 is padded: RGB 28x28 and grey 8x8 (Digits) keep padding 1
+    assert get_network('ConvNet', 3, 10, (28, 28)).classifier.weight.shape == (10, 128 * 3 * 3)
+    assert get_network('ConvNetD2', 1, 10, (8, 8)).features[0].padding == (1, 1)

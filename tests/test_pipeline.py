@@ -236,3 +236,13 @@ def test_mct_run_samples_real_valued_start_epochs(buffers, tmp_path):
                           '--wandb', 'disabled')
     starts = [r['start_epoch'] for r in metrics(run_dir) if 'loss' in r]
     assert len(starts) == 3 and all(0 <= s < 2 for s in starts) and any(s != int(s) for s in starts)
+
+
+def test_adaptive_middle_loss_alone_switches_intermediate_matching_on(buffers, tmp_path):
+    """As in the authors' code: --adaptive_middle_loss without --agg_middle_loss still adds the terms."""
+    common = ['--Iteration', '1', '--eval_it', '100', '--wandb', 'disabled', '--expert_epochs', '2',
+              '--max_start_epoch', '1', '--weight_perturb', '--perturb_variant', 'code']
+    with_flag = run_distill(buffers, tmp_path / 'a', *common, '--adaptive_middle_loss')
+    without = run_distill(buffers, tmp_path / 'b', *common)
+    assert all('loss_mid1' in r for r in metrics(with_flag) if 'loss' in r)
+    assert not any('loss_mid1' in r for r in metrics(without))

@@ -24,16 +24,43 @@ def test_preset_parses_into_valid_flags(name):
     assert b.train_epochs >= d.max_start_epoch + d.expert_epochs  # the experts are long enough for the row
 
 
-def test_ast_presets_train_smooth_experts_and_switch_every_component_on():
+def test_ast_presets_are_the_authors_runs():
+    """Experts: the authors' buffer.py recipe with their loss decay and gradient penalty. Distillation: each
+    row's flags as the authors' README / distill.sh line it cites, student momentum 0.9 (their --mom
+    default), their weight perturbation, their evaluation."""
     for name in ('cifar100_ipc1_ast', 'cifar100_ipc10_ast', 'cifar10_ipc10_ast', 'digits_ipc1_ast'):
         b = buffer.build_parser().parse_args(presets.buffer_flags(name))
-        assert (b.optim, b.loss_decay, b.gp) == ('sgdmom', 'paper', 'paper')
+        assert (b.optim, b.loss_decay, b.gp, b.lr_teacher) == ('sgdmom_code', 'code', 'code', None)
+        assert buffer.expert_recipe(b.optim, b.lr_teacher, b.mom, b.l2, b.decay, 50) == {
+            'lr': 0.003, 'momentum': 0.9, 'weight_decay': 1e-3, 'decay_at': 26, 'factor': 0.6}
         d = distill.build_parser().parse_args(presets.distill_flags(name))
-        assert d.pix_init == 'kmeans' and d.weight_perturb and d.agg_middle_loss and d.balance_loss
-        assert d.syn_mom == 0.9
-    d = distill.build_parser().parse_args(presets.distill_flags('cifar100_ipc1_ast'))
-    assert (d.syn_steps, d.expert_epochs, d.max_start_epoch, d.zca, d.lr_img) == (20, 3, 20, True, 1000)
-    assert distill.build_parser().parse_args(presets.distill_flags('cifar100_ipc10_ast')).batch_syn == 128
+        assert (d.syn_mom, d.perturb_variant, d.lr_decay, d.weight_perturb, d.agg_middle_loss) == \
+            (0.9, 'code', 'ast', True, True)
+        assert 'source' not in presets.DISTILL[name] and presets.SOURCES[name]
+    row = lambda name: distill.build_parser().parse_args(presets.distill_flags(name))
+    d = row('cifar100_ipc1_ast')  # AST README
+    assert (d.syn_steps, d.expert_epochs, d.max_start_epoch, d.zca, d.lr_img, d.lr_lr, d.lr_teacher) == \
+        (20, 3, 20, True, 1000, 1e-5, 0.01)
+    assert d.pix_init == 'kmeans' and d.balance_loss
+    d = row('cifar100_ipc10_ast')  # authors' distill.sh, CIFAR-100 ipc 10
+    assert (d.batch_syn, d.syn_steps, d.expert_epochs, d.max_start_epoch, d.lr_img, d.lr_lr, d.zca) == \
+        (128, 20, 2, 30, 1000, 1e-5, False)
+    assert d.pix_init == 'kmeans' and not d.balance_loss
+    d = row('cifar10_ipc10_ast')  # authors' distill.sh, CIFAR-10 ipc 10 on smooth experts
+    assert (d.syn_steps, d.expert_epochs, d.max_start_epoch, d.lr_img, d.lr_lr, d.lr_teacher, d.zca) == \
+        (30, 2, 20, 100, 1e-6, 0.01, True)
+    assert d.pix_init == 'real' and d.balance_loss
+
+
+def test_every_row_names_its_source_and_imagenet_uses_the_authors_lr_img():
+    assert set(presets.SOURCES) == set(presets.DISTILL)
+    for name, row in presets.DISTILL.items():
+        if row['dataset'] == 'ImageNet':  # mtt-distillation issue #1: --lr_img=100000 --lr_lr=1e-06
+            assert (row['lr_img'], row['lr_lr'], row['syn_steps'], row['max_start_epoch']) == (1e5, 1e-6, 20, 10)
+            assert row.get('batch_syn') == (20 if row['ipc'] == 10 else None)
+            assert 'issue #1' in presets.SOURCES[name]
+    table = presets.markdown_table()
+    assert all(f'`{name}`' in table for name in presets.DISTILL)
 
 
 def test_every_mtt_row_of_the_spec_is_a_preset():

@@ -1,0 +1,57 @@
+"""Expert recipes (buffer.py): the optimiser, its one lr change and the momentum reset, per epoch."""
+import argparse
+
+import pytest
+
+import buffer
+from data import load_dataset
+
+
+@pytest.fixture(scope='module')
+def digits():
+    return load_dataset('Digits')
+
+
+def record_epochs(monkeypatch, digits, flags, epochs):
+    """Train one expert and record, at the start of every epoch, the optimiser's lr, momentum, weight decay
+    and whether its momentum buffers are empty (a fresh optimiser)."""
+    seen = []
+    real = buffer.train_epoch
+
+    def spy(net, images, labels, opt, **kw):
+        group = opt.param_groups[0]
+        seen.append((group['lr'], group['momentum'], group['weight_decay'], len(opt.state) == 0))
+        return real(net, images[:64], labels[:64], opt, **kw)  # a few real steps fill the momentum buffers
+
+    monkeypatch.setattr(buffer, 'train_epoch', spy)
+    args = buffer.build_parser().parse_args(flags + ['--train_epochs', str(epochs), '--model', 'ConvNetW32',
+                                                     '--batch_train', '512'])
+    args.model = 'ConvNetW32'
+    args.lr_teacher = buffer.expert_recipe(args.optim, args.lr_teacher, args.mom, args.l2, args.decay, 1)['lr']
+    trajectory, meta = buffer.train_expert(args, digits, 'cpu', 0, progress=False)
+    assert len(trajectory) == epochs + 1 and len(seen) == epochs
+    return seen
+
+
+@pytest.mark.parametrize('epochs', [6, 7])
+def test_ast_code_recipe_is_the_authors_buffer_py(monkeypatch, digits, epochs):
+    """The authors' defaults: SGD momentum 0.9, lr 0.003, weight decay 1e-3; after epoch index E//2+1 the lr
+    is x0.6 and the optimiser is rebuilt, so the next epoch starts with no momentum buffer."""
+    seen = record_epochs(monkeypatch, digits, ['--optim', 'sgdmom_code', '--loss_decay', 'code'], epochs)
+    change = epochs // 2 + 1
+    expected = [(0.003 if e <= change else 0.003 * 0.6, 0.9, 1e-3, e in (0, change + 1)) for e in range(epochs)]
+    assert [(pytest.approx(lr, rel=1e-12), m, wd, fresh) for lr, m, wd, fresh in expected] == seen
+
+
+def test_mtt_decay_and_paper_recipe(monkeypatch, digits):
+    """MTT's --decay: x0.1 after E//2+1 (optimiser rebuilt, as MTT's buffer.py); the paper's sgdmom: x0.5
+    after E//2; plain MTT SGD never changes its lr."""
+    seen = record_epochs(monkeypatch, digits, ['--decay'], 6)
+    assert [s[0] for s in seen] == pytest.approx([0.01] * 5 + [0.001])
+    seen = record_epochs(monkeypatch, digits, ['--optim', 'sgdmom'], 6)
+    assert [s[0] for s in seen] == pytest.approx([0.01] * 4 + [0.005] * 2)
+    assert [s[3] for s in seen] == [True, False, False, False, True, False]
+    seen = record_epochs(monkeypatch, digits, [], 3)
+    assert [s[:3] for s in seen] == [(0.01, 0.0, 0.0)] * 3
+    explicit = record_epochs(monkeypatch, digits, ['--optim', 'sgdmom_code', '--lr_teacher', '0.004'], 2)
+    assert explicit[0][0] == 0.004  # an explicit --lr_teacher wins over the recipe's default
