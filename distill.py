@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     a('--eval_it', type=int, default=100, help='evaluate every this many iterations (and at the end)')
     a('--num_eval', type=int, default=5, help='networks per architecture per evaluation')
     a('--epoch_eval_train', type=int, default=1000, help='epochs to train each evaluation network')
-    a('--lr_decay', default='mtt', choices=list(LR_DECAYS), help='eval lr schedule: mtt x0.1 at E//2+1, ast x0.5')
+    a('--lr_decay', default='mtt', choices=list(LR_DECAYS),
+      help="evaluation schedule, as the authors' evaluate_synset: mtt = E+1 epochs, lr x0.1 and a fresh SGD "
+           "after epoch E//2+1; ast = the same with weight decay 1e-3, lr x0.5 and momentum 0.8")
     a('--parallel_eval', default='auto', choices=PARALLEL_EVAL,
       help='stack: train the num_eval networks together (vmap); loop: one at a time; auto: stack on CUDA, '
            'on CPU while the stacked batch stays small (same networks either way)')
