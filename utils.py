@@ -99,10 +99,17 @@ def cli_entry(main):
         try:
             return main(argv)
         except CliError as e:
-            sys.stderr.flush()
+            _close_progress_bars()  # a bar left open mid-line would share the error's line
             print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
             raise SystemExit(e.exit_code) from None
     return entry
+
+
+def _close_progress_bars() -> None:
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, '_instances', ())):
+        bar.close()
+    sys.stderr.flush()
 
 
 class CliParser(argparse.ArgumentParser):
