@@ -357,6 +357,14 @@ ROWS = [
 SCRIPTS = {'distill': distill.main, 'buffer': buffer.main, 'eval': eval_script.main}
 
 
+@pytest.mark.parametrize('module', [buffer, distill, eval_script])
+def test_every_numeric_flag_has_a_domain(module):
+    """A numeric flag added later without a domain would go unchecked: this names it."""
+    numeric = {a.dest for a in module.build_parser()._actions if a.type in (int, float)}
+    assert numeric - set(module.FLAG_DOMAINS) == set()
+    assert set(module.FLAG_DOMAINS) <= numeric
+
+
 def test_the_table_is_wide_enough():
     assert len(ROWS) >= 40 and len({r[0] for r in ROWS}) == len(ROWS)
     assert {r[1] for r in ROWS} == set(SCRIPTS)
