@@ -365,6 +365,13 @@ def test_every_numeric_flag_has_a_domain(module):
     assert set(module.FLAG_DOMAINS) <= numeric
 
 
+def test_every_preset_lies_in_the_domains():
+    import presets
+    for name in presets.DISTILL:
+        utils.check_flags(distill.build_parser().parse_args(presets.distill_flags(name)), distill.FLAG_DOMAINS)
+        utils.check_flags(buffer.build_parser().parse_args(presets.buffer_flags(name)), buffer.FLAG_DOMAINS)
+
+
 def test_the_table_is_wide_enough():
     assert len(ROWS) >= 40 and len({r[0] for r in ROWS}) == len(ROWS)
     assert {r[1] for r in ROWS} == set(SCRIPTS)
