@@ -12,6 +12,7 @@ writes the run folder and evaluates. One process is the plain run, bit for bit.
 import argparse
 import copy
 import os
+import shlex
 
 import torch
 from tqdm import tqdm
@@ -162,7 +163,7 @@ SKIP_WORDS = {'nonfinite': 'non-finite loss or gradient', 'max_loss': 'loss abov
 
 def resume_command(run_dir: str, world_size: int, **flags) -> str:
     how = f"torchrun --nproc_per_node={world_size} distill.py" if world_size > 1 else "python distill.py"
-    return ' '.join([how, '--resume', run_dir] + [f"--{k} {v:g}" for k, v in flags.items()])
+    return ' '.join([how, '--resume', shlex.quote(run_dir)] + [f"--{k} {v:g}" for k, v in flags.items()])
 
 
 def guarded_step(opt_img: torch.optim.Optimizer, opt_lr: torch.optim.Optimizer, syn_lr: torch.Tensor) -> bool:
