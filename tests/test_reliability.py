@@ -408,6 +408,34 @@ def test_as_a_real_process(tmp_path, script, argv_of, culprit):
     assert not (tmp_path / 'pwned').exists()
 
 
+# ---------------------------------------------------------------- expert files: cheap where the sidecar agrees
+
+def test_expert_files_are_read_only_where_the_sidecar_does_not_describe_them(env, tmp_path, monkeypatch):
+    import trajectory_io
+    path, folder = buffers_copy(env, tmp_path)
+    shapes = [p.shape for p in get_network(MODEL, 1, 10, (8, 8)).parameters()]
+    reads, real = [], trajectory_io.torch.load
+
+    def counting(f, *a, **k):
+        reads.append(os.path.basename(str(f)))
+        return real(f, *a, **k)
+
+    monkeypatch.setattr(trajectory_io.torch, 'load', counting)
+
+    def check():
+        reads.clear()
+        return trajectory_io.validate_buffers(folder, dataset='Digits', model=MODEL, param_shapes=shapes,
+                                              needed_epochs=EPOCHS, zca=False)
+    assert len(check()) == 2 and reads == []                          # both sidecars agree: nothing read
+    open(meta_path(folder, 1), 'w').write('[1, 2]')                  # garbage sidecar, good file: read, accepted
+    assert len(check()) == 2 and reads == ['replay_buffer_1.pt']
+    os.remove(meta_path(folder, 1))                                   # missing sidecar (an MTT file): read
+    assert len(check()) == 2 and reads == ['replay_buffer_1.pt']
+    meta = json.load(open(meta_path(folder, 0)))
+    json.dump({**meta, 'pt_bytes': meta['pt_bytes'] + 1}, open(meta_path(folder, 0), 'w'))  # describes another file
+    assert len(check()) == 2 and reads == ['replay_buffer_0.pt', 'replay_buffer_1.pt']
+
+
 # ---------------------------------------------------------------- no code from data files
 
 def test_cifar_reader_refuses_a_pickle_that_would_run_code(tmp_path):
