@@ -193,7 +193,7 @@ def real(lo: float = 0.0, *, strict: bool = True, below: float | None = None) ->
     return Domain(lambda v: (v > lo if strict else v >= lo) and (below is None or v < below), words)
 
 
-POSITIVE_INT, NON_NEGATIVE_INT = integer(1), integer(0)
+POSITIVE_INT = integer(1)
 POSITIVE, NON_NEGATIVE = real(0.0), real(0.0, strict=False)
 MOMENTUM = real(0.0, strict=False, below=1.0)
 SEED = integer(0, 2**31 - 1)
