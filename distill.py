@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from data import DATASETS, DEFAULT_MODEL, SUBSETS, check_dataset, load_dataset
 from distributed import (Dist, all_gather_objects, all_ranks_true, all_reduce_mean_, barrier, broadcast_,
-                         broadcast_object, cleanup, init_distributed, mean_over_ranks, rank_seed)
+                         broadcast_object, cleanup, from_env, init_distributed, mean_over_ranks, rank_seed)
 from accel import accel_from_args, add_accel_flags
 from evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set, random_real
 from matching import ATT_METRICS, UNROLLS, Targets, match_and_backward
@@ -351,7 +351,7 @@ def main(argv=None):
     check_flags(args, FLAG_DOMAINS)
     device = pick_device(args.device)
     check_writable(run_dir or args.run_dir, 'run folder' if run_dir else '--run_dir')
-    if run_dir:
+    if run_dir and from_env().is_main:  # rank 0 alone writes the run folder (under torchrun: before init)
         remove_stray_temps(run_dir)
     data, files = prepare(args)
     d, device = init_distributed(device)

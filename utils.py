@@ -308,7 +308,10 @@ def check_writable(folder: str, what: str) -> None:
     try:
         fd, probe = _new_temp(probe_in, 'write-probe')
         os.close(fd)
-        os.remove(probe)
+        try:
+            os.remove(probe)
+        except FileNotFoundError:
+            pass  # another process's remove_stray_temps took it: it was written, which is what we test
     except OSError as e:
         raise UsageError(f"{what} {folder} is not writable ({e.strerror or e} in {probe_in}); choose another "
                          f"folder or fix its permissions") from None

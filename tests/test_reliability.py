@@ -493,6 +493,20 @@ def test_unwritable_outputs_stop_before_any_work(env, tmp_path, monkeypatch, cap
     assert os.listdir(tmp_path / 'ro') == []
 
 
+def test_a_probe_taken_by_another_process_still_counts_as_writable(tmp_path, monkeypatch):
+    """Under torchrun every rank probes the run folder while rank 0 clears stray temps from it."""
+    real = utils._new_temp
+
+    def taken(folder, name):
+        fd, path = real(folder, name)
+        assert utils.remove_stray_temps(folder) == [path]  # the probe matches the stray-temp pattern
+        return fd, path
+
+    monkeypatch.setattr(utils, '_new_temp', taken)
+    utils.check_writable(str(tmp_path), 'run folder')
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only folders')
 def test_a_read_only_folder_for_real(env, tmp_path, capsys):
     ro = tmp_path / 'ro'
