@@ -9,24 +9,27 @@ Expert i is written to its own replay_buffer_{i}.pt whichever process trains it,
 the same as one process would write.
 """
 import argparse
+import os
 import time
 
 import torch
 from tqdm import tqdm
 
 from ast_components import GP_DEFAULT_MU, gradient_penalty, loss_decay_factor
-from data import DATASETS, DEFAULT_MODEL, SUBSETS, DataError, check_dataset, load_dataset
+from data import DATASETS, DEFAULT_MODEL, SUBSETS, check_dataset, load_dataset
 from accel import FP32, Accel, accel_from_args, add_accel_flags
 from distributed import barrier, broadcast_object, cleanup, init_distributed, shard
 from networks import MODELS, get_network
 from stacked import NetStack, StackedSGD, accuracies_stacked, stackable, train_epoch_stacked
-from trajectory_io import avg_var, buffer_dir, expert_done, read_meta, save_expert, snapshot, trajectory_tensor
+from trajectory_io import (avg_var, buffer_dir, expert_done, expert_epochs_on_disk, expert_path, load_trajectories,
+                           meta_path, read_meta, save_expert, sidecar_of, snapshot, trajectory_tensor, write_meta)
 from training import accuracy, train_epoch
-from utils import UsageError, fail, pick_device, seed_everything
+from utils import (MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, check_flags,
+                   check_writable, cli_entry, pick_device, remove_stray_temps, seed_everything)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dataset', default='Digits', choices=DATASETS)
     p.add_argument('--subset', default='imagenette', choices=list(SUBSETS), help='ImageNet subset')
     p.add_argument('--res', type=int, default=128, help='ImageNet subset resolution (pixels)')
@@ -103,7 +106,9 @@ RECIPE = ('optim', 'loss_decay', 'gp', 'gp_mu', 'gp_k', 'train_epochs', 'lr_teac
 def recipe_clash(folder: str, done: list[int], args: dict) -> str | None:
     """Experts on disk trained another way would be silently mixed in: say so instead."""
     for i in done:
-        saved = (read_meta(folder, i) or {}).get('args', {})
+        saved = (sidecar_of(folder, i) or {}).get('args')
+        if not isinstance(saved, dict):
+            continue  # no readable record of how it was trained; check_experts_on_disk checks the file itself
         diff = [k for k in RECIPE if k in saved and saved[k] != args.get(k)]
         if diff:
             return (f"expert {i} in {folder} was trained with other settings ({', '.join(diff)}); "
@@ -176,14 +181,59 @@ def train_experts_stacked(args, data, device, indices: list[int], progress: bool
     return [(traj, expert_meta(args, i, traj, accs)) for i, traj, accs in zip(indices, trajectories, test_accs)]
 
 
-def expert_meta(args, index: int, trajectory: list, test_accs: list[float]) -> dict:
+def expert_meta(args, index: int, trajectory: list, test_accs: list[float] | None) -> dict:
     return {'dataset': args.dataset, 'model': args.model, 'zca': args.zca, 'index': index,
             'seed': expert_seed(args.seed, index),
             'subset': args.subset if args.dataset == 'ImageNet' else None,
             'res': args.res if args.dataset == 'ImageNet' else None,
             'format': 'mtt: list of trajectories; trajectory = list of E+1 snapshots; snapshot = list of tensors',
-            'num_snapshots': len(trajectory), 'test_acc': test_accs[-1], 'test_acc_per_epoch': test_accs,
-            'avg_var': avg_var(trajectory_tensor(trajectory)), 'args': vars(args)}
+            'num_snapshots': len(trajectory), 'test_acc': test_accs[-1] if test_accs else None,
+            'test_acc_per_epoch': test_accs, 'avg_var': avg_var(trajectory_tensor(trajectory)), 'args': vars(args)}
+
+
+# flag -> allowed values; checked before anything is read or trained
+FLAG_DOMAINS = {
+    'num_experts': POSITIVE_INT, 'train_epochs': POSITIVE_INT, 'lr_teacher': POSITIVE, 'mom': MOMENTUM,
+    'l2': NON_NEGATIVE, 'gp_mu': NON_NEGATIVE.or_none("the variant's default"), 'gp_k': NON_NEGATIVE,
+    'batch_train': POSITIVE_INT, 'res': POSITIVE_INT, 'seed': SEED, 'parallel_experts': POSITIVE_INT,
+}
+
+
+def snapshot_accuracies(args, data, trajectory: list, device: torch.device) -> list[float] | None:
+    """Test accuracy after every epoch, recomputed from the stored snapshots; None for networks with
+    BatchNorm running statistics, which the snapshots do not hold."""
+    net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device)
+    if any(True for _ in net.buffers()):
+        return None
+    x_test, y_test = data.images_test.to(device), data.labels_test.to(device)
+    accs = []
+    for snap in trajectory[1:]:
+        with torch.no_grad():
+            for p, t in zip(net.parameters(), snap):
+                p.copy_(t)
+        accs.append(accuracy(net, x_test, y_test))
+    return accs
+
+
+def check_experts_on_disk(args, data, folder: str, indices: list[int], param_shapes: list,
+                          device: torch.device) -> list[int]:
+    """Experts already on disk must be ones this run can keep (readable, this dataset/model/zca, the
+    shapes of --model, --train_epochs long). A sidecar that an interrupted write left missing or garbage is
+    rewritten from the .pt. Returns the indices whose sidecar was rewritten."""
+    rebuilt = []
+    for i in indices:
+        path, meta = expert_path(folder, i), sidecar_of(folder, i)
+        epochs = expert_epochs_on_disk(path, meta, dataset=args.dataset, model=args.model,
+                                       param_shapes=param_shapes, zca=args.zca)
+        if epochs != args.train_epochs:
+            raise UsageError(f"{path} holds {epochs} epochs, this run trains --train_epochs {args.train_epochs}; "
+                             f"use another --buffer_path or the same --train_epochs")
+        if meta is None:
+            trajectory = load_trajectories(path)[0]
+            meta = expert_meta(args, i, trajectory, snapshot_accuracies(args, data, trajectory, device))
+            write_meta(folder, i, trajectory, {**meta, 'sidecar_rebuilt': True})
+            rebuilt.append(i)
+    return rebuilt
 
 
 def check_parallel_experts(parallel: int, *, gp: bool, model: str, net: torch.nn.Module) -> None:
@@ -203,28 +253,38 @@ def mean_avg_var(folder: str, indices: list[int]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+@cli_entry
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.model = args.model or DEFAULT_MODEL[args.dataset]
     args.lr_teacher = expert_recipe(args.optim, args.lr_teacher, args.mom, args.l2, args.decay, 1)['lr']
-    try:
-        if not args.download:
-            check_dataset(args.dataset, args.data_path, subset=args.subset)
-        device = pick_device(args.device)
-        seed_everything(args.seed)
-        data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res,
-                            download=args.download)
-        net = get_network(args.model, data.channel, data.num_classes, data.im_size)  # fail early on a bad size
-        check_parallel_experts(args.parallel_experts, gp=bool(args.gp), model=args.model, net=net)
-        d, device = init_distributed(device)
-    except (DataError, UsageError, ValueError) as e:
-        fail(str(e))
+    # every check that can fail runs before any training, and before anything is written
+    check_flags(args, FLAG_DOMAINS)
+    device = pick_device(args.device)
     folder = buffer_dir(args.buffer_path, args.dataset, args.model, zca=args.zca, subset=args.subset, res=args.res)
+    check_writable(folder, 'buffer folder')
+    if not args.download:
+        check_dataset(args.dataset, args.data_path, subset=args.subset)
+    seed_everything(args.seed)
+    data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res,
+                        download=args.download)
+    try:
+        net = get_network(args.model, data.channel, data.num_classes, data.im_size)  # fail early on a bad size
+    except ValueError as e:
+        raise UsageError(f"--model {args.model}: {e}") from None
+    check_parallel_experts(args.parallel_experts, gp=bool(args.gp), model=args.model, net=net)
+    d, device = init_distributed(device)
+    if d.is_main:  # before the listing is shared: no other rank writes yet
+        remove_stray_temps(folder)
+        on_disk = [i for i in range(args.num_experts) if expert_done(folder, i)]
+        clash = recipe_clash(folder, on_disk, vars(args))
+        if clash:
+            raise UsageError(clash)
+        for i in check_experts_on_disk(args, data, folder, on_disk, [p.shape for p in net.parameters()], device):
+            print(f"expert {i}: sidecar {os.path.basename(meta_path(folder, i))} was missing or unreadable; "
+                  f"rewritten from its .pt")
     # rank 0's listing for all: a fast rank could otherwise save an expert before a slow one lists the folder
     todo = broadcast_object([i for i in range(args.num_experts) if not expert_done(folder, i)])
-    clash = recipe_clash(folder, [i for i in range(args.num_experts) if i not in todo], vars(args))
-    if clash:
-        fail(clash)
     if d.is_main:
         print(f"{folder}: {args.num_experts - len(todo)} experts on disk, training {len(todo)}"
               + (f" on {d.world_size} processes" if d.world_size > 1 else ''))

@@ -10,11 +10,11 @@ from data import DATASETS, DEFAULT_MODEL, SUBSETS
 from mct import compress_buffer_folder
 from networks import MODELS
 from trajectory_io import buffer_dir
-from utils import UsageError, fail
+from utils import CliParser, UsageError, check_flags, cli_entry, integer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Same flags and meaning as buffer.py, so the same command line finds the same folder.
     p.add_argument('--buffer_path', default='buffers')
     p.add_argument('--dataset', default='Digits', choices=DATASETS)
@@ -28,16 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_entry
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     folder = args.folder or buffer_dir(args.buffer_path, args.dataset, args.model or DEFAULT_MODEL[args.dataset],
                                        zca=args.zca, subset=args.subset, res=args.res)
-    if args.k < 2:
-        fail(f"--k must be >= 2 (waypoints include epochs 0 and E), got {args.k}")
+    check_flags(args, {'k': integer(2), 'res': integer(1)})  # k waypoints include epochs 0 and E
     try:
         stats = compress_buffer_folder(folder, k=args.k, out_folder=args.out_folder)
-    except (UsageError, ValueError) as e:
-        fail(str(e))
+    except ValueError as e:
+        raise UsageError(f"{folder}: {e}") from None
     mb = 1024 ** 2
     skipped = f" ({stats['skipped']} already compressed)" if stats['skipped'] else ''
     print(f"compressed {stats['files']} files: {stats['bytes_full'] / mb:.2f} MB -> "

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from utils import UsageError
+
 # ============================================================================
 # Constants
 # ============================================================================
@@ -70,8 +72,8 @@ _TINY_URL = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip'
 # Errors
 # ============================================================================
 
-class DataError(Exception):
-    """A user-facing data problem; the message is one line with the fix."""
+class DataError(UsageError):
+    """A user-facing data problem (bad input: exit 2); the message is one line with the fix."""
 
 
 def _one_line(e: BaseException) -> str:
@@ -392,12 +394,29 @@ def _cifar_missing(name: str, data_path: str) -> DataError | None:
     return None
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what the CIFAR-10/100 files hold: dicts, lists, bytes, str, numbers and numpy
+    arrays. Any other global (os.system, builtins.eval, ...) is refused, so a crafted file cannot run code."""
+    ALLOWED = {
+        ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+        ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+        ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),  # protocol 5
+        ('numpy', 'ndarray'), ('numpy', 'dtype'),
+        ('_codecs', 'encode'),  # how protocol-2 pickles written by Python 3 store bytes
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name} (not an array type of CIFAR files)")
+        return super().find_class(module, name)
+
+
 def _read_pickle(path: Path, keys: tuple[str, ...]) -> dict[str, object]:
-    """Load a CIFAR pickle and return the wanted keys (accepting bytes or str keys)."""
+    """Load a CIFAR pickle (restricted: no code runs from it) and return the wanted keys (bytes or str keys)."""
     fix = 'delete the folder and download again (--download)'
     try:
         with open(path, 'rb') as f:
-            d = pickle.load(f, encoding='bytes')
+            d = CifarUnpickler(f, encoding='bytes').load()
         out = {}
         for k in keys:
             out[k] = d[k.encode()] if k.encode() in d else d[k]

@@ -10,15 +10,17 @@ and augmentations, and the image and syn_lr gradients are averaged before the st
 writes the run folder and evaluates. One process is the plain run, bit for bit.
 """
 import argparse
+import copy
 import dataclasses
 import os
+import shlex
 
 import torch
 from tqdm import tqdm
 
-from data import DATASETS, DEFAULT_MODEL, SUBSETS, DataError, check_dataset, load_dataset
+from data import DATASETS, DEFAULT_MODEL, SUBSETS, check_dataset, load_dataset
 from distributed import (Dist, all_gather_objects, all_ranks_true, all_reduce_mean_, barrier, broadcast_,
-                         broadcast_object, cleanup, init_distributed, mean_over_ranks, rank_seed)
+                         broadcast_object, cleanup, from_env, init_distributed, mean_over_ranks, rank_seed)
 from accel import accel_from_args, add_accel_flags
 from evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set, random_real
 from matching import ATT_METRICS, UNROLLS, Targets, match_and_backward
@@ -30,13 +32,16 @@ from ast_components import (balance_weight, intermediate_betas, intermediate_ste
 from mct import CompressedTrajectory, compressed_dir, load_compressed
 from reparam_module import load_flat_
 from trajectory_io import ExpertCursor, buffer_dir, load_trajectory_tensors, validate_buffers
-from utils import UsageError, atomic_torch_save, atomic_write_json, fail, pick_device, rng_state, seed_everything, set_rng_state
+from utils import (MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, Diverged, UsageError, WriteError,
+                   atomic_torch_save, atomic_write_json, check_flags, check_saved_flags, check_writable, cli_entry,
+                   explicit_flags, integer, pick_device, real, remove_stray_temps, rng_state, seed_everything,
+                   set_rng_state)
 
 
 # ---------------------------------------------------------------- flags (defaults: Digits quickstart)
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     # data / model
     a('--dataset', default='Digits', choices=DATASETS)
@@ -82,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     a('--mct_k', type=int, default=4, help='waypoints of the compressed buffers')
     a('--max_experts', type=int, default=None, help='use only the first K expert files')
     a('--expert_cache_mib', type=float, default=2048, help='keep loaded expert files in memory up to this (MiB)')
-    a('--max_skips', type=int, default=10, help='stop after this many non-finite losses in a row')
+    a('--max_skips', type=int, default=10, help='stop (exit 3) after this many skipped steps in a row')
+    a('--max_loss', type=float, default=1e4,
+      help='skip a step whose matching loss is above this (1: the student ends as far from the target as the '
+           'expert started): the images never take a step from an exploding unroll')
     # evaluation
     a('--eval_mode', nargs='+', default=None, choices=list(MODELS), help='architectures to evaluate (default: --model)')
     a('--eval_it', type=int, default=100, help='evaluate every this many iterations (and at the end)')
@@ -99,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     a('--device', default='auto')
     a('--run_dir', default='runs', help='numbered run folders go here')
     a('--save_every', type=int, default=50, help='checkpoint every this many iterations')
-    a('--resume', default=None, help="run folder to continue, or 'latest'")
+    a('--resume', default=None, help="run folder to continue, or 'latest' (the newest with a checkpoint); "
+                                     "flags given with it override the run's: " + ', '.join(
+                                         '--' + f for f in RESUME_OVERRIDABLE))
     a('--wandb', default='auto', choices=WANDB_MODES, help='auto: WANDB_MODE, else online if logged in, else offline')
     a('--project', default='ast-distill', help='wandb project')
     add_accel_flags(p)  # --channels_last/--bf16 reach evaluation only; the unroll is always fp32
@@ -110,6 +120,70 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     args.model = args.model or DEFAULT_MODEL[args.dataset]
     args.eval_mode = args.eval_mode or [args.model]
     return args
+
+
+# flag -> allowed values; checked before any work and before a run folder is made (on --resume: the run's
+# args.json with the flags given)
+FLAG_DOMAINS = {
+    'ipc': POSITIVE_INT, 'Iteration': POSITIVE_INT, 'syn_steps': POSITIVE_INT, 'expert_epochs': POSITIVE_INT,
+    'max_start_epoch': POSITIVE_INT, 'lr_img': POSITIVE, 'lr_lr': NON_NEGATIVE, 'lr_teacher': POSITIVE,
+    'batch_syn': POSITIVE_INT.or_none('the whole set'), 'syn_mom': MOMENTUM, 'balance_base': real(1.0),
+    'perturb_rho': NON_NEGATIVE, 'mct_k': integer(2), 'max_experts': POSITIVE_INT.or_none('all'),
+    'expert_cache_mib': NON_NEGATIVE, 'max_skips': POSITIVE_INT, 'max_loss': POSITIVE, 'eval_it': POSITIVE_INT,
+    'num_eval': POSITIVE_INT, 'epoch_eval_train': POSITIVE_INT, 'seed': SEED, 'save_every': POSITIVE_INT,
+    'res': POSITIVE_INT,
+}
+
+# flags a --resume may change: step sizes, stopping rules, logging; never what the matching, the evaluation
+# protocol (best is selected by it) or the random streams depend on
+RESUME_OVERRIDABLE = ('lr_img', 'lr_lr', 'max_skips', 'max_loss', 'save_every', 'eval_it', 'expert_cache_mib',
+                      'parallel_eval', 'wandb')
+
+
+def resume_args(parser: argparse.ArgumentParser, argv, given_resume: str, run_root: str
+                ) -> tuple[str, argparse.Namespace, dict]:
+    """(run folder, the run's flags with the overrides applied, {flag: (old, new)} for each override)."""
+    run_dir = latest_run_dir(run_root, holding='checkpoint.pt') if given_resume == 'latest' else given_resume
+    if not run_dir or not os.path.isfile(os.path.join(run_dir, 'checkpoint.pt')):
+        where = f"no run folder in {run_root} has one" if given_resume == 'latest' else f"none in {run_dir}"
+        raise UsageError(f"--resume {given_resume}: needs a checkpoint.pt ({where}); give a run folder of "
+                         f"distill.py that reached --save_every")
+    saved = load_args(run_dir)
+    check_saved_flags(parser, saved, os.path.join(run_dir, 'args.json'))
+    merged = vars(parser.parse_args([]))  # defaults for flags newer than the run
+    merged.update(saved)
+    changes = {k: (merged.get(k), v) for k, v in explicit_flags(parser, argv).items()
+               if k not in ('resume', 'run_dir') and v != merged.get(k)}
+    refused = [k for k in changes if k not in RESUME_OVERRIDABLE]
+    if refused:
+        raise UsageError(f"--{refused[0]} cannot change when resuming {run_dir} (the run was made with "
+                         f"{changes[refused[0]][0]!r}); flags that can: "
+                         f"{', '.join('--' + f for f in RESUME_OVERRIDABLE)}; or start a new run")
+    merged.update({k: new for k, (_, new) in changes.items()})
+    return run_dir, argparse.Namespace(**merged), changes
+
+
+SKIP_WORDS = {'nonfinite': 'non-finite loss or gradient', 'max_loss': 'loss above --max_loss',
+              'syn_lr': 'the step would have made syn_lr <= 0 or non-finite', 'other_rank': 'skipped on another process'}
+
+
+def resume_command(run_dir: str, world_size: int, **flags) -> str:
+    how = f"torchrun --nproc_per_node={world_size} distill.py" if world_size > 1 else "python distill.py"
+    return ' '.join([how, '--resume', shlex.quote(run_dir)] + [f"--{k} {v:g}" for k, v in flags.items()])
+
+
+def guarded_step(opt_img: torch.optim.Optimizer, opt_lr: torch.optim.Optimizer, syn_lr: torch.Tensor) -> bool:
+    """syn_lr's SGD step, then the images', unless syn_lr would leave (0, inf): then syn_lr and its momentum
+    are put back and the images never take the step. Returns whether the step was taken."""
+    before, state = syn_lr.detach().clone(), copy.deepcopy(opt_lr.state_dict())
+    opt_lr.step()
+    if not bool(torch.isfinite(syn_lr) & (syn_lr > 0)):
+        with torch.no_grad():
+            syn_lr.copy_(before)
+        opt_lr.load_state_dict(state)
+        return False
+    opt_img.step()
+    return True
 
 
 # ---------------------------------------------------------------- setup (all checks before long work)
@@ -125,18 +199,24 @@ def init_synthetic(data, ipc: int, pix_init: str, generator: torch.Generator, *,
 
 
 def prepare(args):
-    """Every check that can fail fast: data, model/size, ipc, buffers. Returns (data, expert files)."""
+    """Every check that can fail fast: data, model/size, ipc, every expert file read. Returns (data, expert files)."""
     check_dataset(args.dataset, args.data_path, subset=args.subset)
     folder = buffer_dir(args.buffer_path, args.dataset, args.model, zca=args.zca, subset=args.subset, res=args.res)
     if not os.path.isdir(folder):
         raise UsageError(f"no expert buffers at {folder}; run buffer.py with the same --dataset/--model/--zca "
                          f"first (e.g. bash buffer.sh), or point --buffer_path at them")
     data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res)
-    nets = [get_network(m, data.channel, data.num_classes, data.im_size)  # ValueError if the size does not fit
-            for m in [args.model] + args.eval_mode]
+    try:
+        nets = [get_network(m, data.channel, data.num_classes, data.im_size)  # ValueError if the size does not fit
+                for m in [args.model] + args.eval_mode]
+    except ValueError as e:
+        raise UsageError(f"--model/--eval_mode: {e}") from None
     smallest = min(len(idx) for idx in data.indices_per_class())
     if args.ipc > smallest:
         raise UsageError(f"--ipc {args.ipc} is larger than the smallest class ({smallest} images); lower --ipc")
+    if args.batch_syn is not None and args.batch_syn > args.ipc * data.num_classes:
+        raise UsageError(f"--batch_syn {args.batch_syn} is larger than the synthetic set "
+                         f"({args.ipc} x {data.num_classes} images); lower it or leave it unset")
     if args.mct:
         folder = compressed_dir(folder, args.mct_k)
         if not os.path.isdir(folder):
@@ -144,8 +224,9 @@ def prepare(args):
                              f"with the same --dataset/--model/--zca/--buffer_path first")
     files = validate_buffers(folder, dataset=args.dataset, model=args.model,
                              param_shapes=[p.shape for p in nets[0].parameters()],
-                             needed_epochs=args.max_start_epoch + args.expert_epochs, compressed=args.mct)
-    return data, files[:args.max_experts]
+                             needed_epochs=args.max_start_epoch + args.expert_epochs, compressed=args.mct,
+                             zca=args.zca, max_experts=args.max_experts)
+    return data, files
 
 
 # ---------------------------------------------------------------- expert points and AST pieces
@@ -221,10 +302,25 @@ def restore_rank_state(ckpt: dict, d: Dist, cursor: ExpertCursor, gen: torch.Gen
     set_rng_state(mine['rng'])
 
 
+CHECKPOINT_KEYS = ('images', 'syn_lr', 'labels', 'opt_img', 'opt_lr', 'cursor', 'generator', 'rng', 'state')
+STATE_KEYS = ('it', 'best_acc', 'best_it', 'skipped', 'skips_in_row')
+
+
 def load_checkpoint(run_dir: str, d: Dist) -> dict:
     """The run's checkpoint (on the CPU); it holds each rank's streams, so it continues only with as
     many processes."""
-    ckpt = torch.load(os.path.join(run_dir, 'checkpoint.pt'), map_location='cpu', weights_only=True)
+    path = os.path.join(run_dir, 'checkpoint.pt')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, foreign, or a pickle weights_only refuses (never loaded unsafely)
+        raise UsageError(f"cannot read {path} ({type(e).__name__}): truncated, corrupt or not a distill.py "
+                         f"checkpoint; restore it or start a new run") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ['(not a dict)']
+    state = ckpt.get('state') if not missing else None
+    missing += [f'state.{k}' for k in STATE_KEYS if not (isinstance(state, dict) and isinstance(state.get(k), (int, float))
+                                                         and not isinstance(state.get(k), bool))]
+    if missing:
+        raise UsageError(f"{path} is not a distill.py checkpoint (missing {missing[0]}); restore it or start a new run")
     saved = ckpt.get('world_size', 1)  # checkpoints from before torchrun support: one process
     if saved != d.world_size:
         how = f"torchrun --nproc_per_node={saved} distill.py" if saved > 1 else "python distill.py"
@@ -233,27 +329,50 @@ def load_checkpoint(run_dir: str, d: Dist) -> dict:
     return ckpt
 
 
+def restore(ckpt: dict, run_dir: str, d: Dist, syn_images, syn_lr, opt_img, opt_lr, cursor, gen) -> None:
+    """Put the checkpoint's tensors, optimiser and random states in place (copy_, load_state_dict: onto the
+    device); one that does not fit this run is a UsageError before any iteration."""
+    path = os.path.join(run_dir, 'checkpoint.pt')
+    images, lr = ckpt['images'], ckpt['syn_lr']
+    if not (torch.is_tensor(images) and images.shape == syn_images.shape and torch.is_tensor(lr) and lr.numel() == 1):
+        raise UsageError(f"{path} holds images of shape {tuple(getattr(images, 'shape', ()))}, this run's are "
+                         f"{tuple(syn_images.shape)}; it belongs to another run")
+    try:
+        with torch.no_grad():
+            syn_images.copy_(images)
+            syn_lr.copy_(lr.reshape(()))
+        opt_img.load_state_dict(ckpt['opt_img'])
+        opt_lr.load_state_dict(ckpt['opt_lr'])
+        restore_rank_state(ckpt, d, cursor, gen)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{path} does not fit this run ({type(e).__name__}); restore it or start a new run") from None
+
+
 # ---------------------------------------------------------------- main loop
 
+@cli_entry
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.resume:
-        run_dir = latest_run_dir(args.run_dir) if args.resume == 'latest' else args.resume
-        if not run_dir or not os.path.exists(os.path.join(run_dir, 'checkpoint.pt')):
-            fail(f"--resume {args.resume}: no checkpoint.pt in {run_dir}; give a run folder of distill.py")
-        saved = vars(build_parser().parse_args([]))  # defaults for flags newer than the run
-        saved.update(load_args(run_dir))
-        args = argparse.Namespace(**saved)  # the run's own flags, never wandb's
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides = {}
+    if args.resume:  # the run's own flags (never wandb's), with the safe ones given here overriding them
+        run_dir, args, overrides = resume_args(parser, argv, args.resume, args.run_dir)
+        if os.path.exists(os.path.join(run_dir, 'final.json')):  # nothing to do: the folder stays as it is
+            print(f"{run_dir} has finished (final.json); nothing to resume"
+                  + (f" (ignored: {', '.join('--' + k for k in overrides)})" if overrides else ''))
+            return run_dir
     else:
         args = finalize_args(args)
         run_dir = None
-    try:
-        device = pick_device(args.device)
-        data, files = prepare(args)
-        d, device = init_distributed(device)
-        ckpt = load_checkpoint(run_dir, d) if run_dir else None
-    except (DataError, UsageError, ValueError) as e:
-        fail(str(e))
+    # every check runs before any work and before a run folder is made
+    check_flags(args, FLAG_DOMAINS)
+    device = pick_device(args.device)
+    check_writable(run_dir or args.run_dir, 'run folder' if run_dir else '--run_dir')
+    if run_dir and from_env().is_main:  # rank 0 alone writes the run folder (under torchrun: before init)
+        remove_stray_temps(run_dir)
+    data, files = prepare(args)
+    d, device = init_distributed(device)
+    ckpt = load_checkpoint(run_dir, d) if run_dir else None
 
     gen = seed_everything(args.seed)
     expert_net = None
@@ -280,14 +399,21 @@ def main(argv=None):
 
     state = {'it': 0, 'best_acc': -1.0, 'best_it': -1, 'skipped': 0, 'skips_in_row': 0}
     log = None  # rank 0 alone writes metrics, wandb, images and checkpoints
-    if ckpt is not None:  # resume: restore everything the loop reads (copy_, load_state_dict: onto the device)
-        with torch.no_grad():
-            syn_images.copy_(ckpt['images'])
-            syn_lr.copy_(ckpt['syn_lr'])
-        opt_img.load_state_dict(ckpt['opt_img'])
-        opt_lr.load_state_dict(ckpt['opt_lr'])
-        restore_rank_state(ckpt, d, cursor, gen)
+    if ckpt is not None:  # resume: restore everything the loop reads
+        restore(ckpt, run_dir, d, syn_images, syn_lr, opt_img, opt_lr, cursor, gen)
         state = ckpt['state']
+        if not (isinstance(state['it'], int) and 0 <= state['it'] <= args.Iteration):
+            raise UsageError(f"{run_dir}/checkpoint.pt is at iteration {state['it']!r}, outside 0..{args.Iteration} "
+                             f"of its args.json; restore the run's files or start a new run")
+        for group, lr in ((opt_img.param_groups[0], args.lr_img), (opt_lr.param_groups[0], args.lr_lr)):
+            group['lr'] = lr  # the flags are the truth: a --resume override takes effect here
+        if overrides:  # recorded with the iteration it took effect; a new streak of skips starts
+            state['skips_in_row'] = 0
+            earlier = getattr(args, 'resume_overrides', [])
+            args.resume_overrides = (earlier if isinstance(earlier, list) else []) + [
+                {'it': state['it'], **{k: {'was': old, 'now': new} for k, (old, new) in overrides.items()}}]
+            if d.is_main:
+                save_args(run_dir, vars(args))
         if d.is_main:
             log = RunLog(run_dir, vars(args), wandb_mode=args.wandb, project=args.project,
                          wandb_id=ckpt.get('wandb_id'))
@@ -301,17 +427,23 @@ def main(argv=None):
     if d.is_main:
         print(f"{'run folder:' if ckpt is None else 'resuming'} {run_dir}  (wandb: {log.mode})"
               + (f"  ({d.world_size} processes)" if d.world_size > 1 else '')
-              + ('' if ckpt is None else "; its args.json flags are used"))
+              + ('' if ckpt is None else "; its args.json flags are used"
+                 + (f", with {', '.join(f'--{k} {new}' for k, (_, new) in overrides.items())}" if overrides else '')))
 
     def checkpoint():
         """Collective: every rank hands its streams to rank 0, which writes; all leave once it is on disk."""
         ranks = all_gather_objects(rank_state(cursor, gen))
         if d.is_main:
-            atomic_torch_save({'images': syn_images.detach().cpu(), 'syn_lr': syn_lr.detach().cpu(),
-                               'labels': syn_labels.cpu(), 'opt_img': opt_img.state_dict(),
-                               'opt_lr': opt_lr.state_dict(), **ranks[0], 'other_ranks': ranks[1:],
-                               'world_size': d.world_size, 'state': state, 'wandb_id': log.wandb_id},
-                              os.path.join(run_dir, 'checkpoint.pt'))
+            path = os.path.join(run_dir, 'checkpoint.pt')
+            try:
+                atomic_torch_save({'images': syn_images.detach().cpu(), 'syn_lr': syn_lr.detach().cpu(),
+                                   'labels': syn_labels.cpu(), 'opt_img': opt_img.state_dict(),
+                                   'opt_lr': opt_lr.state_dict(), **ranks[0], 'other_ranks': ranks[1:],
+                                   'world_size': d.world_size, 'state': state, 'wandb_id': log.wandb_id}, path)
+            except WriteError as e:
+                later = (f"then continue with {resume_command(run_dir, d.world_size)}" if os.path.exists(path)
+                         else "no checkpoint was written yet: start the run again")
+                raise WriteError(f"{e}; {later}") from None
         barrier()
 
     def evaluate(it: int):
@@ -359,11 +491,17 @@ def main(argv=None):
         n_finals.append(info['n_final'])
         finite = bool(torch.isfinite(loss)) and syn_images.grad is not None and bool(
             torch.isfinite(syn_images.grad).all() and torch.isfinite(syn_lr.grad))
-        # agreed first: every rank then skips or steps together, and a skipped step needs no all-reduce
-        if all_ranks_true(finite):  # a non-finite loss or gradient (on any rank) never reaches the images
+        bounded = finite and loss.item() <= args.max_loss
+        # agreed first: every rank then skips or steps together, and a skipped step needs no all-reduce.
+        # A non-finite or exploding loss or gradient (on any rank), or a step that would take syn_lr out
+        # of (0, inf) (the same on every rank: the averaged gradient), never reaches the images
+        agreed, stepped = all_ranks_true(bounded), False
+        if agreed:
             all_reduce_mean_([syn_images.grad, syn_lr.grad])  # the mean over the ranks' trajectories
-            opt_img.step()
-            opt_lr.step()
+            stepped = guarded_step(opt_img, opt_lr, syn_lr)
+        skip = None if stepped else ('nonfinite' if not finite else 'max_loss' if not bounded
+                                     else 'syn_lr' if agreed else 'other_rank')
+        if stepped:
             state['skips_in_row'] = 0
         else:
             state['skipped'] += 1
@@ -374,12 +512,15 @@ def main(argv=None):
         info = {k: mean_over_ranks(v) if torch.is_tensor(v) else v for k, v in info.items()}
         if d.is_main:
             log.log(it, loss=loss.item(), syn_lr=syn_lr.item(), start_epoch=t, nu=nu, skipped=state['skipped'],
-                    **info)
+                    **({'skip_reason': skip} if skip else {}), **info)
             bar.set_postfix(loss=f'{loss.item():.4f}', syn_lr=f'{syn_lr.item():.2e}', skipped=state['skipped'])
         if state['skips_in_row'] >= args.max_skips:
             checkpoint()
-            fail(f"matching loss or its gradient was non-finite {args.max_skips} iterations in a row (it {it}); "
-                 f"lower --lr_img / --lr_lr or --syn_steps, then --resume {run_dir}", code=3)
+            smaller = {'lr_img': args.lr_img / 10, **({'lr_lr': args.lr_lr / 10} if args.lr_lr > 0 else {})}
+            raise Diverged(f"{args.max_skips} steps in a row were skipped (it {it}; last: {SKIP_WORDS[skip]}); the "
+                           f"run is checkpointed: continue it with smaller steps, e.g. "
+                           f"{resume_command(run_dir, d.world_size, **smaller)}"
+                           + (" (or a larger --max_loss)" if skip == 'max_loss' else ''))
         if state['it'] % args.save_every == 0:
             checkpoint()
     finished_before = broadcast_object(os.path.exists(os.path.join(run_dir, 'final.json')))  # rank 0's view

@@ -6,20 +6,22 @@
 Prints a mean ± std table and writes JSON (--out).
 """
 import argparse
+import math
 import os
 
 import torch
 
 from accel import accel_from_args, add_accel_flags
-from data import DATASETS, DEFAULT_MODEL, SUBSETS, DataError, load_dataset
+from data import DATASETS, DEFAULT_MODEL, SUBSETS, load_dataset
 from evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set, markdown_table, random_real
 from networks import MODELS, get_network
 from runlog import latest_run_dir, load_args
-from utils import UsageError, atomic_write_json, fail, pick_device, seed_everything
+from utils import (POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, atomic_write_json, check_flags,
+                   check_saved_flags, check_writable, cli_entry, pick_device, remove_stray_temps, seed_everything)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument('--run', help="a distill.py run folder, or 'latest' in --run_dir (uses images_best.pt, labels_best.pt, lr_best.pt)")
@@ -48,59 +50,134 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_source(args, device):
-    """Returns (data, images, labels, lr, name) for whichever source was asked for."""
+# flag -> allowed values; checked before anything is read or trained
+FLAG_DOMAINS = {'ipc': POSITIVE_INT, 'lr': POSITIVE.or_none("the run's learned lr, else 0.01"),
+                'num_eval': POSITIVE_INT, 'epoch_eval_train': POSITIVE_INT, 'res': POSITIVE_INT, 'seed': SEED}
+RUN_FILES = ('images_best.pt', 'labels_best.pt', 'lr_best.pt')
+
+
+def load_tensor(path: str, what: str) -> torch.Tensor:
+    """One tensor file, read with weights_only (no code runs from it); any failure is one UsageError line."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path} not found")
+    try:
+        x = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or a pickle weights_only refuses
+        raise UsageError(f"cannot read {what} {path} ({type(e).__name__}): not a tensor file saved by torch.save, "
+                         f"or corrupt; only plain tensors are read") from None
+    if not torch.is_tensor(x):
+        raise UsageError(f"{what} {path} holds a {type(x).__name__}, not a tensor")
+    return x
+
+
+def check_set(images: torch.Tensor, labels: torch.Tensor, lr: float, names: tuple[str, str]) -> None:
+    """The parts of a synthetic set that can be checked without the dataset."""
+    if images.dim() != 4 or not images.is_floating_point() or images.shape[0] == 0:
+        raise UsageError(f"{names[0]}: expected a float tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+    if not torch.isfinite(images).all():
+        raise UsageError(f"{names[0]} holds NaN or infinite pixels; the run diverged, pick another file")
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or len(labels) != len(images):
+        raise UsageError(f"{names[1]}: expected {len(images)} integer labels, got {labels.dtype} {tuple(labels.shape)}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"learning rate {lr} (from --lr or lr_best.pt) must be a finite number > 0; give --lr")
+
+
+def read_run(args) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """--run: the run's flags (into args), images, labels and lr; everything is checked, nothing trained."""
     if args.run == 'latest':
-        args.run = latest_run_dir(args.run_dir)
+        args.run = latest_run_dir(args.run_dir, holding=RUN_FILES[0])
         if args.run is None:
-            raise UsageError(f"--run latest: no run folders in {args.run_dir}; run distill.py first")
-    if args.run:
-        run_args = load_args(args.run)
-        for key in ('dataset', 'subset', 'res', 'zca'):
+            raise UsageError(f"--run latest: no run folder in {args.run_dir} holds {RUN_FILES[0]}; "
+                             f"run distill.py first (it saves the set at each evaluation)")
+    if not os.path.isdir(args.run):
+        raise UsageError(f"--run {args.run}: no such folder; give a distill.py run folder or 'latest'")
+    run_args = load_args(args.run)
+    source = os.path.join(args.run, 'args.json')
+    missing = [k for k in ('dataset', 'model') if k not in run_args]
+    if missing:
+        raise UsageError(f"{source} lacks '{missing[0]}'; it was edited or is corrupt (restore it)")
+    check_saved_flags(build_parser(), run_args, source, keys=('dataset', 'subset', 'res', 'zca'))
+    if run_args['model'] not in MODELS:
+        raise UsageError(f"{source}: model = {run_args['model']!r} is not a known architecture")
+    for key in ('dataset', 'subset', 'res', 'zca'):
+        if key in run_args:
             setattr(args, key, run_args[key])
-        paths = [os.path.join(args.run, f) for f in ('images_best.pt', 'labels_best.pt', 'lr_best.pt')]
-        missing = [p for p in paths if not os.path.exists(p)]
-        if missing:
-            raise UsageError(f"{missing[0]} not found; the run has not evaluated yet (see --eval_it) or is not a distill.py run")
-        images, labels, lr = (torch.load(p, map_location='cpu', weights_only=True) for p in paths)
-        args.eval_mode = args.eval_mode or [run_args['model']]
-        lr = args.lr if args.lr is not None else float(lr)
-        data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res)
-        return data, images, labels, lr, os.path.basename(os.path.normpath(args.run))
-    data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res)
-    lr = args.lr if args.lr is not None else 0.01
-    if args.images:
+    args.eval_mode = args.eval_mode or [run_args['model']]
+    paths = [os.path.join(args.run, f) for f in RUN_FILES]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise UsageError(f"{missing[0]} not found; the run has not evaluated yet (see --eval_it) or is not a "
+                         f"distill.py run")
+    images, labels, lr = (load_tensor(p, 'run file') for p in paths)
+    if lr.numel() != 1 or not lr.is_floating_point():
+        raise UsageError(f"{paths[2]}: expected one learning rate, got {lr.dtype} {tuple(lr.shape)}")
+    return images, labels, args.lr if args.lr is not None else float(lr)
+
+
+def read_set(args) -> tuple[tuple | None, str]:
+    """The tensor files of --run or --images, checked as far as possible without the dataset, and the
+    source's name; (None, name) for a baseline."""
+    if args.labels and not args.images:
+        raise UsageError('--labels goes with --images')
+    if args.baseline:
+        return None, 'full' if args.baseline == 'full' else f'random_ipc{args.ipc}'
+    if args.run:
+        images, labels, lr = read_run(args)
+        name, files = os.path.basename(os.path.normpath(args.run)), [os.path.join(args.run, f) for f in RUN_FILES]
+    else:
         if not args.labels:
             raise UsageError('--images needs --labels (and usually --lr)')
-        images = torch.load(args.images, map_location='cpu', weights_only=True)
-        labels = torch.load(args.labels, map_location='cpu', weights_only=True)
-        return data, images, labels, lr, os.path.basename(args.images)
+        images, labels = load_tensor(args.images, '--images'), load_tensor(args.labels, '--labels')
+        lr, name, files = (args.lr if args.lr is not None else 0.01), os.path.basename(args.images), [args.images, args.labels]
+    check_set(images, labels, lr, files)
+    return (images, labels, lr, files), name
+
+
+def source_on(data, args, loaded) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(images, labels, lr) on the loaded dataset: a checked set, or a baseline drawn from it."""
+    if loaded is not None:
+        images, labels, lr, files = loaded
+        if tuple(images.shape[1:]) != (data.channel, *data.im_size):
+            raise UsageError(f"{files[0]}: images of shape {tuple(images.shape[1:])} do not match {args.dataset} "
+                             f"({data.channel}x{data.im_size[0]}x{data.im_size[1]}); check --dataset/--zca")
+        if int(labels.min()) < 0 or int(labels.max()) >= data.num_classes:
+            raise UsageError(f"{files[1]}: labels must lie in 0..{data.num_classes - 1} for {args.dataset}")
+        return images.float(), labels.long(), lr
+    lr = args.lr if args.lr is not None else 0.01
     if args.baseline == 'full':
-        return data, data.images_train, data.labels_train, lr, 'full'
+        return data.images_train, data.labels_train, lr
+    smallest = min(len(idx) for idx in data.indices_per_class())
+    if args.ipc > smallest:
+        raise UsageError(f"--ipc {args.ipc} is larger than the smallest class of {args.dataset} ({smallest} images)")
     images, labels = random_real(data, args.ipc, torch.Generator().manual_seed(args.seed))
-    return data, images, labels, lr, f'random_ipc{args.ipc}'
+    return images, labels, lr
 
 
+@cli_entry
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        device = pick_device(args.device)
-        data, images, labels, lr, name = load_source(args, device)
-        args.eval_mode = args.eval_mode or [DEFAULT_MODEL[args.dataset]]
-        for m in args.eval_mode:
+    # every check that can fail runs before any training; the output folder's before the dataset is read
+    check_flags(args, FLAG_DOMAINS)
+    device = pick_device(args.device)
+    loaded, name = read_set(args)
+    out = args.out or (os.path.join(args.run, 'eval.json') if args.run else f'eval_{name}.json')
+    out_folder = os.path.dirname(os.path.abspath(out))
+    check_writable(out_folder, 'output folder')
+    remove_stray_temps(out_folder)
+    data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res)
+    images, labels, lr = source_on(data, args, loaded)
+    args.eval_mode = args.eval_mode or [DEFAULT_MODEL[args.dataset]]
+    for m in args.eval_mode:
+        try:
             get_network(m, data.channel, data.num_classes, data.im_size)
-        if tuple(images.shape[1:]) != (data.channel, *data.im_size):
-            raise UsageError(f"images of shape {tuple(images.shape[1:])} do not match {args.dataset} "
-                             f"({data.channel}x{data.im_size[0]}x{data.im_size[1]}); check --dataset/--zca")
-    except (DataError, UsageError, ValueError) as e:
-        fail(str(e))
+        except ValueError as e:
+            raise UsageError(f"--eval_mode {m}: {e}") from None
     seed_everything(args.seed)
     results = evaluate_set(args.eval_mode, (data.channel, data.im_size, data.num_classes), images.to(device),
                            labels.to(device), data.images_test.to(device), data.labels_test.to(device), lr=lr,
                            epochs=args.epoch_eval_train, num_eval=args.num_eval, seed=args.seed, lr_decay=args.lr_decay,
                            parallel=args.parallel_eval, accel=accel_from_args(args, device))
     print(markdown_table(results, f'{name} ({args.dataset}, lr {lr:.4g})'))
-    out = args.out or (os.path.join(args.run, 'eval.json') if args.run else f'eval_{name}.json')
     atomic_write_json({'source': name, 'dataset': args.dataset, 'lr': lr, 'epochs': args.epoch_eval_train,
                        'num_images': int(images.shape[0]),
                        'results': {r.model: {'accs': r.accs, 'mean': r.mean, 'std': r.std} for r in results}}, out)

@@ -10,7 +10,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from utils import atomic_write_bytes, atomic_write_json
+from utils import UsageError, WriteError, atomic_write_bytes, atomic_write_json, finite_or_none
 
 WANDB_MODES = ('auto', 'online', 'offline', 'disabled')
 
@@ -30,10 +30,15 @@ def new_run_dir(root: str, name: str) -> str:
             continue
 
 
-def latest_run_dir(root: str) -> str | None:
+def latest_run_dir(root: str, holding: str | None = None) -> str | None:
+    """The highest-numbered run folder in root; with `holding`, the highest one that has that file
+    (a run that crashed before its first checkpoint is then passed over)."""
     runs = sorted((int(m.group(1)), d) for d in (os.listdir(root) if os.path.isdir(root) else [])
                   if (m := re.match(r'(\d+)-', d)))
-    return os.path.join(root, runs[-1][1]) if runs else None
+    for _, d in reversed(runs):
+        if holding is None or os.path.isfile(os.path.join(root, d, holding)):
+            return os.path.join(root, d)
+    return None
 
 
 # ---------------------------------------------------------------- wandb
@@ -92,17 +97,22 @@ class RunLog:
         self.wandb_id = self.wandb.id if self.wandb else None
 
     def truncate_after(self, it: int) -> None:
-        """On resume, drop lines written after the checkpoint so metrics.jsonl has each iteration once."""
+        """On resume, drop lines written after the checkpoint so metrics.jsonl has each iteration once
+        (and a line torn by a crash or a full disk, which is not JSON)."""
         if not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line)['it'] <= it]
+            keep = [line for line in f if (row := _row(line)) is not None and row['it'] <= it]
         atomic_write_bytes(''.join(keep).encode(), self.metrics_path)
 
     def log(self, it: int, **metrics) -> None:
         row = {'it': it, **{k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}}
-        with open(self.metrics_path, 'a') as f:
-            f.write(json.dumps(row) + '\n')
+        try:
+            with open(self.metrics_path, 'a') as f:  # strict JSON: a non-finite value is written as null
+                f.write(json.dumps(finite_or_none(row), allow_nan=False) + '\n')
+        except OSError as e:
+            raise WriteError(f"cannot append to {self.metrics_path} ({e.strerror or e}); free disk space or fix "
+                             f"permissions") from None
         if self.wandb:
             self.wandb.log({k: v for k, v in row.items() if k != 'it'}, step=it)
 
@@ -125,10 +135,30 @@ class RunLog:
             self.wandb.finish()
 
 
+def _row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get('it'), int) else None
+
+
 def save_args(run_dir: str, args: dict) -> None:
     atomic_write_json(args, os.path.join(run_dir, 'args.json'))
 
 
 def load_args(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, 'args.json')) as f:
-        return json.load(f)
+    """The run's args.json as a dict; a missing, garbage or non-object file is a UsageError naming it."""
+    path = os.path.join(run_dir, 'args.json')
+    try:
+        with open(path) as f:
+            args = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path} not found; {run_dir} is not a distill.py run folder") from None
+    except (OSError, ValueError) as e:  # unreadable, not JSON, not UTF-8
+        raise UsageError(f"{path} cannot be read as JSON ({type(e).__name__}); it was edited or is corrupt "
+                         f"(restore it, or start a new run)") from None
+    if not isinstance(args, dict):
+        raise UsageError(f"{path} holds a JSON {type(args).__name__}, not the run's flags; it was edited or is "
+                         f"corrupt (restore it, or start a new run)")
+    return args

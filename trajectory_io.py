@@ -8,6 +8,7 @@ metadata; MTT's files with several experts each read the same way.
 """
 import glob
 import json
+import math
 import os
 import re
 
@@ -58,9 +59,18 @@ def snapshot(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def save_expert(folder: str, index: int, trajectory: list[list[torch.Tensor]], metadata: dict) -> None:
-    """Atomic: .pt first, then .json; an expert counts as saved once its .pt exists."""
-    atomic_torch_save([trajectory], expert_path(folder, index))
-    atomic_write_json(metadata, meta_path(folder, index))
+    """Atomic: .pt first, then .json; an expert counts as saved once its .pt exists.
+    The sidecar also records the .pt's size and parameter shapes, so distill.py can trust it cheaply
+    only while it describes the file actually on disk."""
+    path = expert_path(folder, index)
+    atomic_torch_save([trajectory], path)
+    write_meta(folder, index, trajectory, metadata)
+
+
+def write_meta(folder: str, index: int, trajectory: list[list[torch.Tensor]], metadata: dict) -> None:
+    meta = {**metadata, 'num_snapshots': len(trajectory), 'pt_bytes': os.path.getsize(expert_path(folder, index)),
+            'param_shapes': [list(t.shape) for t in trajectory[0]]}
+    atomic_write_json(meta, meta_path(folder, index))
 
 
 def expert_done(folder: str, index: int) -> bool:
@@ -69,13 +79,26 @@ def expert_done(folder: str, index: int) -> bool:
 
 # ---------------------------------------------------------------- read
 
-def load_trajectories(path: str) -> list[list[list[torch.Tensor]]]:
+def _load(path: str, mmap: bool):
+    """torch.load(weights_only=True); mmap reads only the pickled structure (tensor data stays on disk),
+    and falls back to a plain read for files in torch's legacy (non-zip) format."""
+    if mmap:
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except Exception:
+            pass  # legacy format, or unreadable: the plain read below says which
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def load_trajectories(path: str, mmap: bool = False) -> list[list[list[torch.Tensor]]]:
     try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated or foreign file
-        raise UsageError(f"cannot read expert buffer {path} ({type(e).__name__}); delete it and re-run buffer.py") from None
-    if not (isinstance(data, list) and data and isinstance(data[0], list) and data[0]
-            and isinstance(data[0][0], list)):
+        data = _load(path, mmap)
+    except Exception as e:  # truncated, foreign, or a pickle weights_only refuses (never loaded unsafely)
+        raise UsageError(f"cannot read expert buffer {path} ({type(e).__name__}); delete it and re-run "
+                         f"buffer.py") from None
+    if not (isinstance(data, list) and data and all(
+            isinstance(t, list) and t and all(isinstance(s, list) and s and all(torch.is_tensor(x) for x in s)
+                                              for s in t) for t in data)):
         raise UsageError(f"{path} is not an MTT buffer (list of trajectories of lists of tensors); re-run buffer.py")
     return data
 
@@ -91,46 +114,91 @@ def load_trajectory_tensors(path: str) -> list[torch.Tensor]:
 
 
 def read_meta(folder: str, index: int) -> dict | None:
-    path = meta_path(folder, index)
-    if not os.path.exists(path):
+    """The JSON sidecar of expert `index`, or None where it is missing, unreadable or not a JSON object."""
+    try:
+        with open(meta_path(folder, index)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):  # missing, unreadable, garbage (UnicodeDecodeError is a ValueError too)
         return None
-    with open(path) as f:
-        return json.load(f)
+    return meta if isinstance(meta, dict) else None
+
+
+def sidecar_of(folder: str, index: int) -> dict | None:
+    """The sidecar of expert `index` if it is one of ours for that file (dataset/model strings, its own
+    index), else None (missing, garbage, a list, another file's)."""
+    meta = read_meta(folder, index)
+    if not (meta and isinstance(meta.get('dataset'), str) and isinstance(meta.get('model'), str)):
+        return None
+    if 'index' in meta and meta['index'] != index:
+        return None
+    return meta
+
+
+def expert_epochs_on_disk(path: str, meta: dict | None, *, dataset: str, model: str,
+                          param_shapes: list, zca: bool | None = None, compressed: bool = False) -> int:
+    """Epochs of the shortest trajectory in the expert file `path`, after checking that it is readable and was
+    made for this dataset/model (UsageError naming the file otherwise).
+
+    Cheap where the sidecar agrees with the file on disk (same byte size as when it was written: MTT
+    files only); a sidecar that is missing, garbage, older or describes another file means a full read
+    (torch.load weights_only, mmap: the structure and every shape, not the numbers). MCT files are small
+    and always read.
+    """
+    wanted = [tuple(s) for s in param_shapes]
+    if meta is not None:
+        if meta['dataset'] != dataset or meta['model'] != model:
+            raise UsageError(f"{path} holds experts of {meta['dataset']}/{meta['model']}, not "
+                             f"{dataset}/{model}; use matching --dataset/--model or another --buffer_path")
+        if zca is not None and isinstance(meta.get('zca'), bool) and meta['zca'] != zca:
+            raise UsageError(f"{path} holds experts trained {'with' if meta['zca'] else 'without'} --zca; "
+                             f"move it to the matching buffer folder")
+        shapes, n = meta.get('param_shapes'), meta.get('num_snapshots')
+        agrees = (isinstance(n, int) and not isinstance(n, bool) and n >= 2
+                  and meta.get('pt_bytes') == os.path.getsize(path)
+                  and isinstance(shapes, list) and all(isinstance(x, list) for x in shapes))
+        if agrees and not compressed:
+            if [tuple(x) for x in shapes] != wanted:
+                raise UsageError(f"{path} does not fit model {model} (parameter shapes differ); "
+                                 f"these buffers were made for another model or dataset")
+            return n - 1
+    if compressed:
+        from mct import load_compressed  # mct builds on this module
+        trajs = load_compressed(path)
+        found = {tuple(t.layer_sizes.tolist()) for t in trajs}
+        if found != {tuple(math.prod(s) for s in wanted)}:
+            raise UsageError(f"{path} does not fit model {model} (layer sizes differ); "
+                             f"these buffers were made for another model or dataset")
+        return min(t.num_epochs for t in trajs)
+    trajs = load_trajectories(path, mmap=True)
+    if any([tuple(x.shape) for x in snap] != wanted for traj in trajs for snap in traj):
+        raise UsageError(f"{path} does not fit model {model} (parameter shapes differ); "
+                         f"these buffers were made for another model or dataset")
+    if min(len(t) for t in trajs) < 2:
+        raise UsageError(f"{path} holds a trajectory of a single snapshot; delete it and re-run buffer.py")
+    return min(len(t) for t in trajs) - 1
 
 
 def validate_buffers(folder: str, *, dataset: str, model: str, param_shapes: list[torch.Size],
-                     needed_epochs: int, compressed: bool = False) -> list[str]:
-    """Check before distilling that buffers exist, belong to this dataset/model and are long enough.
+                     needed_epochs: int, compressed: bool = False, zca: bool | None = None,
+                     max_experts: int | None = None) -> list[str]:
+    """Check before distilling that buffers exist and that every expert file the run will read (the first
+    max_experts) is readable, belongs to this dataset/model and is long enough.
 
     needed_epochs = max_start_epoch + expert_epochs: the last snapshot index we will read.
-    Returns the expert files. Reads the first file fully (shapes, length) and every JSON sidecar.
-    compressed: MCT files (mct.py), which keep per-layer sizes rather than shapes.
+    Returns the expert files the run reads. compressed: MCT files (mct.py).
     """
-    files = expert_files(folder)
+    files = expert_files(folder)[:max_experts]
     if not files:
         raise UsageError(f"no expert buffers in {folder}; run buffer.py with the same --dataset/--model/--zca "
                          f"first, or point --buffer_path at them")
     for path in files:
         index = int(re.search(r'(\d+)\.pt$', path).group(1))
-        meta = read_meta(folder, index)
-        if meta is None:
-            continue  # MTT buffers have no sidecar; the shape check below still runs
-        if meta.get('dataset') != dataset or meta.get('model') != model:
-            raise UsageError(f"{path} holds experts of {meta.get('dataset')}/{meta.get('model')}, not "
-                             f"{dataset}/{model}; use matching --dataset/--model or another --buffer_path")
-    if compressed:
-        from mct import load_compressed  # mct builds on this module
-        first = load_compressed(files[0])[0]
-        found, wanted, last = first.layer_sizes.tolist(), [s.numel() for s in param_shapes], first.num_epochs
-    else:
-        first = load_trajectories(files[0])[0]
-        found, wanted, last = [tuple(t.shape) for t in first[0]], [tuple(s) for s in param_shapes], len(first) - 1
-    if found != wanted:
-        raise UsageError(f"{files[0]} does not fit model {model} (parameter shapes differ); "
-                         f"these buffers were made for another model or dataset")
-    if needed_epochs > last:
-        raise UsageError(f"max_start_epoch + expert_epochs = {needed_epochs} is past the end of the expert "
-                         f"trajectories ({last} epochs); lower --max_start_epoch or train experts longer")
+        last = expert_epochs_on_disk(path, sidecar_of(folder, index), dataset=dataset,
+                                     model=model, param_shapes=param_shapes, zca=zca, compressed=compressed)
+        if needed_epochs > last:
+            raise UsageError(f"max_start_epoch + expert_epochs = {needed_epochs} is past the end of the expert "
+                             f"trajectories in {path} ({last} epochs); lower --max_start_epoch or train experts "
+                             f"longer")
     return files
 
 
