@@ -246,3 +246,15 @@ def test_adaptive_middle_loss_alone_switches_intermediate_matching_on(buffers, t
     without = run_distill(buffers, tmp_path / 'b', *common)
     assert all('loss_mid1' in r for r in metrics(with_flag) if 'loss' in r)
     assert not any('loss_mid1' in r for r in metrics(without))
+
+
+def test_ast_evaluation_logs_its_test_selected_maximum_beside_the_final_accuracy(buffers, tmp_path):
+    run_dir = run_distill(buffers, tmp_path, '--Iteration', '1', '--eval_it', '100', '--wandb', 'disabled',
+                          '--lr_decay', 'ast', '--epoch_eval_train', '21')
+    evals = [r for r in metrics(run_dir) if f'eval/{MODEL}_mean' in r]
+    assert evals and all(f'eval/{MODEL}_max_selected_on_test' in r for r in evals)
+    out = tmp_path / 'eval.json'
+    eval_script.main(['--run', run_dir, '--num_eval', '1', '--epoch_eval_train', '21', '--lr_decay', 'ast',
+                      '--eval_mode', MODEL, '--out', str(out)])
+    res = json.load(open(out))['results'][MODEL]
+    assert len(res['max_acc_selected_on_test']) == 1 and len(res['accs']) == 1
