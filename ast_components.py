@@ -1,7 +1,7 @@
 """AST components (arXiv 2310.10541), one small pure function each.
 
 The expert-training and distillation loops compose these behind flags
-(SPEC sections 4 and 6):
+(docs/method.md, sections 1 and 2):
 
 * smooth experts:  ``loss_decay_factor`` (``--loss_decay``) and
   ``gradient_penalty`` (``--gp``);
@@ -32,7 +32,7 @@ def _check_variant(variant: str) -> None:
 
 
 # --------------------------------------------------------------------------
-# Smooth experts (SPEC 4): loss decay and gradient penalty
+# Smooth experts (docs/method.md, section 1): loss decay and gradient penalty
 # --------------------------------------------------------------------------
 
 # λ_e for the first epochs; 1 afterwards (docs/method.md, "Smooth experts", says which source gives which).
@@ -86,7 +86,7 @@ def gradient_penalty(net: nn.Module, x: Tensor, mu: float = 1.0, K: float = 1.0,
 
 
 # --------------------------------------------------------------------------
-# Balanced inner loss (SPEC 6)
+# Balanced inner loss (docs/method.md, section 2; AST paper Sec. IV-C2)
 # --------------------------------------------------------------------------
 
 def balance_weight(t: int, max_start_epoch: int, base: float = 5.0,
@@ -106,7 +106,7 @@ def balance_weight(t: int, max_start_epoch: int, base: float = 5.0,
 
 
 # --------------------------------------------------------------------------
-# Intermediate matching (SPEC 6)
+# Intermediate matching (docs/method.md, section 2; AST paper Sec. IV-D1)
 # --------------------------------------------------------------------------
 
 def intermediate_steps(syn_steps: int, expert_epochs: int) -> list[int]:
@@ -189,7 +189,7 @@ def perturb_start(flat: Tensor, param_shapes: Sequence[torch.Size], rho: float =
 
 
 # --------------------------------------------------------------------------
-# Representative (K-Means) initialisation of the synthetic set (SPEC 6)
+# Representative (K-Means) initialisation of the synthetic set (AST paper Sec. IV-C1)
 # --------------------------------------------------------------------------
 
 def _features(net: nn.Module, images: Tensor, batch_size: int) -> np.ndarray:

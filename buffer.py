@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--mom', type=float, default=0.0, help='expert SGD momentum (--optim sgd)')
     p.add_argument('--l2', type=float, default=0.0, help='expert weight decay (--optim sgd)')
     p.add_argument('--decay', action='store_true', help='lr x0.1 after epoch index E//2+1 (MTT)')
-    # AST smooth experts (SPEC 4): paper values by default, the authors' code as the 'code' variant
+    # AST smooth experts (docs/method.md, section 1): paper values by default, the authors' code as the 'code' variant
     p.add_argument('--optim', default='sgd', type=str.lower, choices=list(OPTIMS),
                    help='sgd: MTT (--mom/--l2/--decay); sgdmom: AST paper (momentum 0.9, lr x0.5 after E//2); '
                         'sgdmom_code: AST authors\' code, used by the AST presets (momentum 0.9, wd 1e-3, '

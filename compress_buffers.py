@@ -1,4 +1,4 @@
-"""Compress MTT expert buffers for MCT (SPEC section 8): K waypoints + per-layer path fractions.
+"""Compress MTT expert buffers for MCT (docs/method.md, MCT): K waypoints + per-layer path fractions.
 
     python compress_buffers.py --dataset Digits --model ConvNetD2 [--zca] [--k 4]
     python compress_buffers.py --folder buffers/Digits_NO_ZCA/ConvNetD2

@@ -1,4 +1,4 @@
-"""Distill a dataset by matching expert training trajectories (MTT, SPEC 5).
+"""Distill a dataset by matching expert training trajectories (MTT; docs/method.md, section 2).
 
     python distill.py --dataset Digits --ipc 10                 # a new numbered folder under runs/
     python distill.py --resume runs/003-Digits-ipc10-ConvNetD2  # continue it to the same --Iteration
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
       help='bptt keeps every step graph; recompute is exact with constant graph memory (SPEC 12)')
     a('--auto_steps', action='store_true', help='ATT: match at N_opt = argmin_n ||w_n - target|| (<= syn_steps)')
     a('--att_metric', default='l1', choices=ATT_METRICS, help='ATT distance')
-    # AST components (SPEC 6), each independent of the others
+    # AST components (docs/method.md, section 2), each independent of the others
     a('--balance_loss', action='store_true', help='AST: scale the inner CE by ν(t)')
     a('--balance_base', type=float, default=5.0, help='log base of ν (authors\' code: 5)')
     a('--agg_middle_loss', action='store_true', help='AST: add intermediate matching terms θ*_{t+i} at step floor(iN/M)')
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     a('--perturb_variant', default='paper', choices=['paper', 'code'],
       help='paper: θ + ρ d, d per-filter normalised, every weight; code (the authors\' code, AST presets): '
            'θ + d ⊙ θ on 4-D weights, d/||d||_F, loss denominators from the perturbed start')
-    # MCT (SPEC 8)
+    # MCT (docs/method.md, MCT)
     a('--mct', action='store_true', help='read compressed buffers ({buffer}/mct{K}, compress_buffers.py) and '
                                         'sample real-valued start epochs')
     a('--mct_k', type=int, default=4, help='waypoints of the compressed buffers')

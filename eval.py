@@ -1,4 +1,4 @@
-"""Score a distilled set, or a baseline, by training fresh networks on it (SPEC 9).
+"""Score a distilled set, or a baseline, by training fresh networks on it (docs/method.md, section 3).
 
     python eval.py --run runs/000-Digits-ipc10-ConvNetD2 --eval_mode ConvNetD2 AlexNet --num_eval 5
     python eval.py --baseline random --dataset Digits --ipc 10

@@ -1,4 +1,4 @@
-"""Trajectory matching (SPEC 5, 7, 12): unroll a student on the synthetic set, compare with the expert.
+"""Trajectory matching (docs/method.md, section 2): unroll a student on the synthetic set, compare with the expert.
 
 The student is a ReparamModule: its weights are one flat vector w, so an inner step is
 w_n = w_{n-1} - α b_n with b_n = μ b_{n-1} + g_n (μ = 0: plain SGD) and the matching loss reaches
@@ -166,7 +166,7 @@ def record_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int,
 
 def recompute_backward(student, syn_images, syn_labels, syn_lr, tape: Tape, seeds: dict[int, torch.Tensor], *,
                        syn_mom: float, use_dsa: bool, loss_weight: float) -> None:
-    """Accumulate dL/dS into syn_images.grad and dL/dα into syn_lr.grad (SPEC 12).
+    """Accumulate dL/dS into syn_images.grad and dL/dα into syn_lr.grad (docs/method.md, section 2).
 
     seeds[n] = ∂L/∂w_n from the loss terms. Walking n = max(seeds)..1 with adjoints λ (of w_n) and
     λ_b (of b_n, from the momentum recursion): v = λ_b - α λ is the adjoint of g_n, so

@@ -1,4 +1,4 @@
-"""MCT: expert trajectories compressed to a convexified path (SPEC section 8).
+"""MCT: expert trajectories compressed to a convexified path (docs/method.md, MCT).
 
 An expert trajectory [E+1, P] is stored as K waypoints (evenly spaced epochs, including 0 and E)
 plus, per epoch and per layer, the cumulative fraction of that layer's path length within its
@@ -119,7 +119,7 @@ def step_norms(trajectory: Tensor, layer_sizes: list[int]) -> Tensor:
 
 
 def path_fractions(norms: Tensor, epochs: list[int]) -> Tensor:
-    """[E+1, L] float32 cumulative path-length fraction per layer within each segment (see SPEC section 8).
+    """[E+1, L] float32 cumulative path-length fraction per layer within each segment (docs/method.md, MCT).
 
     Row a of a segment [a, b] is 0; row b is left to the next segment (0), except row E which is 1.
     A layer that did not move in a segment gets the linear epoch fraction, so at() stays defined.
