@@ -139,7 +139,7 @@ def memplan_child(case: str, unroll: str, syn_steps: int, ipc: int, device: str)
         for opt in opts:
             opt.step()
 
-    iteration(1)
+    iteration(2)  # every code path of both modes (recompute regenerates a segment from 2 steps on)
     gc.collect()
     if dev.type == 'cuda':
         torch.cuda.synchronize()
