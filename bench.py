@@ -112,7 +112,7 @@ def _vm_hwm_mib() -> float:
 
 def memplan_child(case: str, unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
     """Peak growth of one distill iteration (unroll, matching backward, SGD steps) in this fresh process,
-    over the memory once a one-step iteration has warmed the runtime up (code pages, thread pools and
+    over the memory once a two-step iteration has warmed the runtime up (code pages, thread pools and
     the optimisers' momentum are not the iteration's). CPU: VmHWM reset through /proc/self/clear_refs;
     the parent runs this with glibc's mmap threshold fixed, so freed tensors leave the RSS, as they
     leave CUDA's max_memory_allocated."""

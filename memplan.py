@@ -206,7 +206,8 @@ def recompute_vectors(shape: RunShape) -> dict[str, int]:
         # kept w_n off the checkpoints, ATT's running best, one loss gradient per term, and the walk's
         # λ, λ_b, v, g, H v and H v's accumulator (w_prev reaches g through the weights and through the
         # gradient formula: two contributions are summed) (+ b_n with momentum)
-        'walk': sum(1 for s in read if s % every) + shape.auto_steps + len(read) + 6 + (shape.syn_mom != 0),
+        'walk': (sum(1 for s in read if s % every) + (shape.auto_steps and n > 1) + len(read) + 6
+                 + (shape.syn_mom != 0)),
     }
 
 
