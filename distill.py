@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     a('--syn_mom', type=float, default=0.0, help='student heavy-ball momentum (AST uses 0.9)')
     a('--dsa', default='True', choices=['True', 'False'], help='DSA augmentation in the inner loop and eval')
     a('--unroll', default='auto', choices=(*UNROLLS, 'auto'),
-      help='bptt keeps every step graph; recompute is exact with constant graph memory (SPEC 12); auto: bptt '
-           'when its predicted peak fits the free memory with a margin, else recompute (memplan.py)')
+      help='bptt keeps every step graph; recompute is exact with constant graph memory; auto: bptt when its '
+           'predicted peak fits the free memory with a margin, else recompute (memplan.py)')
     a('--plan', action='store_true', help='print the predicted peak memory of one iteration for bptt and '
                                           'recompute, split into parts, and exit (needs no data or buffers)')
     a('--auto_steps', action='store_true', help='ATT: match at N_opt = argmin_n ||w_n - target|| (<= syn_steps)')

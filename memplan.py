@@ -32,7 +32,7 @@ MiB, GiB = 2**20, 2**30
 GPU_GB = (24, 40, 80)              # the cards of the README table; a "G GB" card is taken as G GiB
 CUDA_RESERVE = 1 * GiB             # CUDA context, cuDNN/cuBLAS workspaces: outside torch's allocator, not predicted
 # auto needs peak x (1 + margin) free. CUDA: the caching allocator's rounding and fragmentation; CPU: glibc's
-# heap keeps freed blocks, measured at up to +35 % RSS over the tensor bytes (README, Memory plan)
+# heap keeps freed blocks: RSS measured up to 32 % over the tensor bytes (README, Memory plan)
 MARGIN = {'cuda': 0.25, 'cpu': 0.5}
 PROBE_BATCHES = (1, 2)
 REPLAY_STATE_BYTES = torch.Generator().get_state().numel()  # recompute keeps one per step to replay its DSA draw
