@@ -4,12 +4,15 @@
     python bench.py --only distill       # unroll modes x syn_steps x ipc: s/iteration and peak memory
     python bench.py --only expert eval
     python bench.py --only loop           # a whole distill.py iteration (needs bash buffer.sh's experts)
+    python bench.py --only memplan        # memplan.py's predicted peak growth vs measured, both unroll modes
 Distill numbers come from one fresh subprocess per configuration (Digits, ConvNetD2, batch_syn = all),
 so each peak is that configuration's own: on CUDA torch.cuda.max_memory_allocated, on CPU the growth
 of the process's peak RSS over its RSS just before the first iteration.
 """
 import argparse
+import gc
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -95,6 +98,107 @@ def bench_distill(device: str) -> list[dict]:
                 print(f"distill ipc {ipc:>2} {unroll:>9} syn_steps {steps:>2}: {r['sec_per_iter']:.3f} s/it, "
                       f"peak +{r['peak_mib']:.1f} MiB", flush=True)
     return rows
+
+
+# memplan cells: (model, channels, image size, classes); random images (memory does not depend on the values)
+MEMPLAN_CASES = {'Digits': ('ConvNetD2', 1, (8, 8), 10), '32x32x3': ('ConvNet', 3, (32, 32), 10)}
+MEMPLAN_RAM_SHARE = 0.4  # run a cell only if its predicted growth is below this share of the free RAM
+
+
+def _vm_hwm_mib() -> float:
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith('VmHWM:')) / 1024
+
+
+def memplan_child(case: str, unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
+    """Peak growth of one distill iteration (unroll, matching backward, SGD steps) in this fresh process,
+    over the memory once a two-step iteration has warmed the runtime up (code pages, thread pools and
+    the optimisers' momentum are not the iteration's). CPU: VmHWM reset through /proc/self/clear_refs;
+    the parent runs this with glibc's mmap threshold fixed, so freed tensors leave the RSS, as they
+    leave CUDA's max_memory_allocated."""
+    from matching import Targets, match_and_backward
+    from networks import get_network
+    from reparam_module import ReparamModule
+    model, channel, im_size, classes = MEMPLAN_CASES[case]
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(classes * ipc, channel, *im_size, generator=gen).to(dev).requires_grad_(True)
+    labels = torch.arange(classes).repeat_interleave(ipc).to(dev)
+    syn_lr = torch.tensor(0.01, device=dev, requires_grad=True)
+    student = ReparamModule(get_network(model, channel, classes, im_size).to(dev))
+    w0 = student.flat_param()
+    targets = Targets(w0, w0 + 0.01 * torch.randn(w0.shape, generator=gen).to(dev))
+    opts = [torch.optim.SGD([images], lr=1.0, momentum=0.5), torch.optim.SGD([syn_lr], lr=1e-5, momentum=0.5)]
+
+    def iteration(steps: int):
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        match_and_backward(student, images, labels, syn_lr, w0, targets, syn_steps=steps,
+                           batch_syn=images.shape[0], generator=gen, unroll_mode=unroll)
+        for opt in opts:
+            opt.step()
+
+    iteration(2)  # every code path of both modes (recompute regenerates a segment from 2 steps on)
+    gc.collect()
+    if dev.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # VmHWM := current RSS
+        base = current_rss_mib()
+    start = time.perf_counter()
+    iteration(syn_steps)
+    if dev.type == 'cuda':
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = _vm_hwm_mib() - base
+    return {'case': case, 'unroll': unroll, 'syn_steps': syn_steps, 'ipc': ipc, 'measured_mib': peak,
+            'sec': time.perf_counter() - start, 'device': device}
+
+
+def bench_memplan(device: str) -> list[dict]:
+    """Predicted (memplan.py) vs measured peak growth of one iteration, one fresh process per cell, one
+    cell at a time; a cell whose predicted growth would not fit the free RAM comfortably is skipped."""
+    from memplan import MiB, RunShape, free_bytes, make_plan
+    # freed tensors go back to the OS at once; one thread: on a shared CPU, OpenMP's spinning threads made a
+    # cell 15x slower (same peak), and only memory is measured here
+    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536', 'OMP_NUM_THREADS': '1'}
+    rows = []
+    for case, (model, channel, im_size, classes) in MEMPLAN_CASES.items():
+        for ipc in IPCS:
+            for unroll in UNROLL_MODES:
+                for steps in SYN_STEPS:
+                    shape = RunShape(model, channel, im_size, classes, ipc, classes * ipc, steps)
+                    row = {'case': case, 'ipc': ipc, 'unroll': unroll, 'syn_steps': steps,
+                           'predicted_mib': make_plan(shape).growth(unroll) / MiB}
+                    free = free_bytes(torch.device('cpu')) if device == 'cpu' else None
+                    if free is not None and row['predicted_mib'] * MiB > MEMPLAN_RAM_SHARE * free:
+                        row['skipped'] = f"predicted {row['predicted_mib']:.0f} MiB > {MEMPLAN_RAM_SHARE:.0%} of " \
+                                         f"{free / MiB:.0f} MiB free"
+                    else:
+                        out = subprocess.run([sys.executable, __file__, '--memplan_child', case, unroll, str(steps),
+                                              str(ipc), device], capture_output=True, text=True, check=True, env=env)
+                        row.update(json.loads(out.stdout.strip().splitlines()[-1]))
+                        row['error'] = row['predicted_mib'] / row['measured_mib'] - 1
+                    rows.append(row)
+                    print(memplan_line(row), flush=True)
+    done = [r for r in rows if 'error' in r]
+    if done:
+        print(f"memplan: {len(done)} cells measured, largest |predicted / measured - 1| = "
+              f"{max(abs(r['error']) for r in done):.1%}; {len(rows) - len(done)} skipped")
+    return rows
+
+
+def memplan_line(r: dict) -> str:
+    head = f"memplan {r['case']:>8} ipc {r['ipc']:>2} {r['unroll']:>9} syn_steps {r['syn_steps']:>2}: " \
+           f"predicted +{r['predicted_mib']:.1f} MiB"
+    if 'skipped' in r:
+        return f"{head}, not run ({r['skipped']})"
+    return f"{head}, measured +{r['measured_mib']:.1f} MiB ({r['error']:+.1%}; {r['sec']:.1f} s)"
 
 
 def bench_expert(device: str) -> dict:
@@ -210,20 +314,25 @@ def bench_loop(device: str, buffer_path: str, iters: int = 20) -> dict:
     return r
 
 
-PARTS = ['distill', 'loop', 'reparam', 'expert', 'eval']
+PARTS = ['distill', 'loop', 'reparam', 'expert', 'eval', 'memplan']
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--only', nargs='+', default=PARTS, choices=PARTS)
+    p.add_argument('--only', nargs='+', default=PARTS[:-1], choices=PARTS, help='default: all but memplan (long)')
     p.add_argument('--buffer_path', default='buffers', help="experts for 'loop' (bash buffer.sh makes them)")
     p.add_argument('--device', default='auto')
     p.add_argument('--out', default='bench.json')
     p.add_argument('--child', nargs=4, help=argparse.SUPPRESS)
+    p.add_argument('--memplan_child', nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         unroll, steps, ipc, device = args.child
         print(json.dumps(distill_child(unroll, int(steps), int(ipc), device)))
+        return
+    if args.memplan_child:
+        case, unroll, steps, ipc, device = args.memplan_child
+        print(json.dumps(memplan_child(case, unroll, int(steps), int(ipc), device)))
         return
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device
     result = {'device': torch.cuda.get_device_name() if device == 'cuda' else f'cpu ({torch.get_num_threads()} threads)',
@@ -246,6 +355,11 @@ def main(argv=None):
         result['expert_stacked'] = bench_expert_stacked(device)
     if 'eval' in args.only:
         result['eval'] = bench_eval(device)
+    if 'memplan' in args.only:
+        result['memplan'] = bench_memplan(device)
+    if os.path.exists(args.out):  # the parts not run keep their last results
+        with open(args.out) as f:
+            result = {**json.load(f), **result}
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}")

@@ -634,6 +634,25 @@ def _shape(name: str, res: int) -> tuple[int, int, int]:
             'CIFAR10': (3, 32, 32), 'CIFAR100': (3, 32, 32), 'Tiny': (3, 64, 64), 'ImageNet': (3, res, res)}[name]
 
 
+# Classes and test images of each dataset, known without reading it (memplan.py plans runs from these)
+_CLASSES = {'Digits': 10, 'MNIST': 10, 'FashionMNIST': 10, 'SVHN': 10, 'CIFAR10': 10, 'CIFAR100': 100, 'Tiny': 200}
+_TEST_IMAGES = {'Digits': 360, 'MNIST': 10000, 'FashionMNIST': 10000, 'SVHN': 26032, 'CIFAR10': 10000,
+                'CIFAR100': 10000, 'Tiny': 10000}
+_IMAGENET_VAL_PER_CLASS = 50
+
+
+def dataset_meta(name: str, subset: str = 'imagenette', res: int = 128) -> tuple[int, tuple[int, int], int, int]:
+    """(channels, (height, width), classes, test images) of a dataset, without reading any file."""
+    if name not in DATASETS:
+        raise DataError(f'unknown dataset {name!r}; choose --dataset from {", ".join(DATASETS)}')
+    if name == 'ImageNet' and subset not in SUBSETS:
+        raise DataError(f'unknown ImageNet subset {subset!r}; choose --subset from {", ".join(SUBSETS)}')
+    c, h, w = _shape(name, res)
+    classes = len(SUBSETS[subset]) if name == 'ImageNet' else _CLASSES[name]
+    tests = classes * _IMAGENET_VAL_PER_CLASS if name == 'ImageNet' else _TEST_IMAGES[name]
+    return c, (h, w), classes, tests
+
+
 def load_dataset(name: str, data_path: str = 'data', *, zca: bool = False, subset: str = 'imagenette',
                  res: int = 128, download: bool = False, max_bytes: int | None = None) -> RealData:
     """Load a real dataset into memory as normalised (or ZCA-whitened) float32 tensors."""

@@ -24,6 +24,7 @@ from distributed import (Dist, all_gather_objects, all_ranks_true, all_reduce_me
 from accel import accel_from_args, add_accel_flags
 from evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set, random_real
 from matching import ATT_METRICS, UNROLLS, Targets, match_and_backward
+from memplan import auto_unroll, describe_choice, describe_for_args
 from networks import MODELS, get_network
 from reparam_module import ReparamModule
 from runlog import WANDB_MODES, RunLog, latest_run_dir, load_args, new_run_dir, save_args
@@ -66,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     a('--batch_syn', type=int, default=None, help='student batch size; default: the whole synthetic set')
     a('--syn_mom', type=float, default=0.0, help='student heavy-ball momentum (AST uses 0.9)')
     a('--dsa', default='True', choices=['True', 'False'], help='DSA augmentation in the inner loop and eval')
-    a('--unroll', default='bptt', choices=UNROLLS,
-      help='bptt keeps every step graph; recompute is exact with constant graph memory (SPEC 12)')
+    a('--unroll', default='auto', choices=(*UNROLLS, 'auto'),
+      help='bptt keeps every step graph; recompute is exact with constant graph memory; auto: bptt when its '
+           'predicted peak fits the free memory with a margin, else recompute (memplan.py)')
+    a('--plan', action='store_true', help='print the predicted peak memory of one iteration for bptt and '
+                                          'recompute, split into parts, and exit (needs no data or buffers)')
     a('--auto_steps', action='store_true', help='ATT: match at N_opt = argmin_n ||w_n - target|| (<= syn_steps)')
     a('--att_metric', default='l1', choices=ATT_METRICS, help='ATT distance')
     # AST components (docs/method.md, section 2), each independent of the others
@@ -368,12 +372,24 @@ def main(argv=None):
     # every check runs before any work and before a run folder is made
     check_flags(args, FLAG_DOMAINS)
     device = pick_device(args.device)
+    if args.plan:  # needs no data, buffers or run folder: the dataset's shape is known
+        try:
+            print(describe_for_args(args, device))
+        except ValueError as e:
+            raise UsageError(f"--plan: {e}") from None
+        return None
     check_writable(run_dir or args.run_dir, 'run folder' if run_dir else '--run_dir')
     if run_dir and from_env().is_main:  # rank 0 alone writes the run folder (under torchrun: before init)
         remove_stray_temps(run_dir)
     data, files = prepare(args)
     d, device = init_distributed(device)
     ckpt = load_checkpoint(run_dir, d) if run_dir else None
+    if args.unroll == 'auto':  # resolved once and saved in args.json, so a resumed run keeps the mode
+        choice = auto_unroll(args, data, files, device)
+        choice['unroll'] = 'bptt' if all_ranks_true(choice['bptt_fits']) else 'recompute'  # one mode on all ranks
+        args.unroll, args.unroll_plan = choice['unroll'], choice
+        if d.is_main:
+            print(describe_choice(choice))
 
     gen = seed_everything(args.seed)
     expert_net = None

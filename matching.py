@@ -117,6 +117,11 @@ def _replay_generator(state: torch.Tensor) -> torch.Generator:
     return g
 
 
+def checkpoint_every(syn_steps: int) -> int:
+    """Steps between recompute's checkpoints: ceil(sqrt(N)) keeps O(sqrt(N)) parameter vectors."""
+    return max(1, math.ceil(math.sqrt(syn_steps)))
+
+
 @dataclass
 class Tape:
     """What the graph-free forward keeps: (w_n, b_n) every `every` steps, w_n at the steps the loss
@@ -136,7 +141,7 @@ def record_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int,
     O(sqrt(N)) parameter vectors; ATT's N_opt is tracked on the fly (first minimum, as final_step)."""
     device = syn_images.device
     images, alpha = syn_images.detach(), syn_lr.detach()
-    every = max(1, math.ceil(math.sqrt(syn_steps)))
+    every = checkpoint_every(syn_steps)
     w, b = w0.detach().to(device), None
     batches = syn_batches(syn_images.shape[0], batch_syn, syn_steps, generator, device)
     # an intermediate term can fall on step 0 (N < M): the start itself, a constant the loss still reads

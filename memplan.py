@@ -1,0 +1,405 @@
+"""Memory plan of one distillation iteration, for --unroll bptt and recompute, before a run starts.
+
+    python distill.py --dataset CIFAR10 --ipc 10 --syn_steps 30 --plan   # one run's plan; no data needed
+    python memplan.py presets                                           # README's table, every preset
+
+Predicted peak = what an iteration holds anyway (synthetic set and its SGD momentum, the student's
+parameters, the expert points, the test set on the device) + what the unroll adds on top:
+- bptt keeps every step's graph: N x (bytes autograd saves in one inner step + the step's w_n);
+- recompute keeps (w_n, b_n) every ceil(sqrt(N)) steps, one segment's states and one step's graph.
+The bytes one inner step saves come from a probe: that step, for the run's model on the run's image
+shape, under torch.autograd.graph.saved_tensors_hooks, counting each saved storage once. Which tensors
+autograd saves is fixed by the derivative formulas, not by the kernels, so the probe runs on the CPU
+and plans a GPU run too. Every saved tensor is affine in the batch, so the probe runs at batches 1
+and 2 and extrapolates exactly to batch_syn (a full-size probe of an ImageNet step would itself need
+gigabytes). The backward of a step materialises one gradient per activation of the step: about the
+step's forward activations, the "backward working set" below. `python bench.py --only memplan`
+checks the predictions against measured peaks.
+"""
+import argparse
+import functools
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from augment import DSA_STRATEGY, draw_group, parse_strategy
+from matching import checkpoint_every, inner_loss
+
+MiB, GiB = 2**20, 2**30
+GPU_GB = (24, 40, 80)              # the cards of the README table; a "G GB" card is taken as G GiB
+CUDA_RESERVE = 1 * GiB             # CUDA context, cuDNN/cuBLAS workspaces: outside torch's allocator, not predicted
+# auto needs peak x (1 + margin) free. CUDA: the caching allocator's rounding and fragmentation; CPU: glibc's
+# heap keeps freed blocks: RSS measured up to 32 % over the tensor bytes (README, Memory plan)
+MARGIN = {'cuda': 0.25, 'cpu': 0.5}
+PROBE_BATCHES = (1, 2)
+REPLAY_STATE_BYTES = torch.Generator().get_state().numel()  # recompute keeps one per step to replay its DSA draw
+
+
+# ---------------------------------------------------------------- the run's shapes
+
+@dataclass(frozen=True)
+class RunShape:
+    """Everything the memory of one iteration depends on."""
+    model: str
+    channel: int
+    im_size: tuple[int, int]
+    num_classes: int
+    ipc: int
+    batch_syn: int                     # student batch; clipped to the synthetic set's size
+    syn_steps: int
+    middle_steps: tuple[int, ...] = ()  # AST's intermediate terms: the steps they read
+    auto_steps: bool = False           # ATT
+    syn_mom: float = 0.0
+    dsa: bool = True
+    weight_perturb: bool = False
+    num_test: int = 0                  # test images kept on the device for the evaluations
+
+    @property
+    def num_syn(self) -> int:
+        return self.num_classes * self.ipc
+
+    @property
+    def batch(self) -> int:
+        return min(self.batch_syn, self.num_syn)
+
+    @property
+    def image_bytes(self) -> int:
+        return self.channel * self.im_size[0] * self.im_size[1] * 4
+
+
+def run_shape(args: argparse.Namespace, data=None) -> RunShape:
+    """The shapes of a distill.py run: from the loaded data, or from the dataset's known metadata."""
+    from ast_components import intermediate_steps
+    from data import DEFAULT_MODEL, dataset_meta
+    if data is not None:
+        channel, im_size, classes, tests = data.channel, tuple(data.im_size), data.num_classes, len(data.labels_test)
+    else:
+        channel, im_size, classes, tests = dataset_meta(args.dataset, args.subset, args.res)
+    middle = tuple(intermediate_steps(args.syn_steps, args.expert_epochs)) if (args.agg_middle_loss or args.adaptive_middle_loss) else ()
+    return RunShape(model=args.model or DEFAULT_MODEL[args.dataset], channel=channel, im_size=im_size,
+                    num_classes=classes, ipc=args.ipc, batch_syn=args.batch_syn or classes * args.ipc,
+                    syn_steps=args.syn_steps, middle_steps=middle, auto_steps=args.auto_steps, syn_mom=args.syn_mom,
+                    dsa=args.dsa == 'True', weight_perturb=args.weight_perturb, num_test=tests)
+
+
+# ---------------------------------------------------------------- the probe
+
+class SavedBytes:
+    """Context manager: the bytes of the distinct storages autograd saves inside it (views and tensors
+    sharing a storage count once), leaving out the storages of `exclude` (the step's inputs)."""
+
+    def __init__(self, exclude=()):
+        self._skip = {t.untyped_storage().data_ptr() for t in exclude}
+        self._sizes = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._skip:
+            self._sizes[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+
+def dsa_generator(group: str | None) -> torch.Generator:
+    """A generator whose first DSA draw is `group` (the first such seed), so each group is probed once."""
+    if group is None:  # no DSA: nothing is drawn
+        return torch.Generator().manual_seed(0)
+    for seed in range(10_000):
+        if draw_group(DSA_STRATEGY, torch.Generator().manual_seed(seed)) == group:
+            return torch.Generator().manual_seed(seed)
+    raise ValueError(f"no seed draws DSA group {group!r}")
+
+
+def probe_step(student, channel: int, im_size: tuple[int, int], num_classes: int, batch: int, *,
+               group: str | None, syn_mom: float) -> tuple[int, int, int]:
+    """Bytes autograd saves in one bptt inner step (matching.unroll's body), in three phases:
+    (forward of the inner loss, its create-graph backward, the update w - α b)."""
+    gen = torch.Generator().manual_seed(0)
+    w = student.flat_param().requires_grad_(True)
+    images = torch.randn(batch, channel, *im_size, generator=gen).requires_grad_(True)
+    labels = torch.arange(batch) % num_classes
+    alpha = torch.tensor(0.01, requires_grad=True)
+    b_prev = torch.zeros_like(w) if syn_mom else None
+    inputs = [w, images, alpha] + ([b_prev] if syn_mom else [])
+    with SavedBytes(exclude=inputs) as saved:
+        idx = torch.randperm(batch, generator=gen)  # a batch is an index into the synthetic set, as syn_batches
+        loss = inner_loss(student, w, images[idx], labels[idx], generator=dsa_generator(group),
+                          use_dsa=group is not None)
+        forward = saved.nbytes
+        g = torch.autograd.grad(loss, w, create_graph=True)[0]
+        graph = saved.nbytes
+        b = g if b_prev is None else syn_mom * b_prev + g
+        _ = w - alpha * b  # saves b (the step's update); w_n itself is counted by the plan
+    return forward, graph - forward, saved.nbytes - graph
+
+
+@dataclass(frozen=True)
+class StepProbe:
+    """One inner step at batch_syn (bytes). bptt holds N steps: the mean over DSA groups; recompute
+    holds one: the largest group."""
+    num_params: int
+    saved_bptt: float         # forward + create-graph backward + update, mean over groups
+    saved_recompute: float    # forward + create-graph backward, largest group
+    forward: float            # the forward's activations, largest group
+    groups: int
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_batches(model: str, channel: int, im_size: tuple[int, int], num_classes: int, dsa: bool,
+                   syn_mom: bool) -> tuple[int, dict]:
+    """{group: [(forward, backward, update) at each PROBE_BATCHES]}, and the parameter count."""
+    from networks import get_network
+    from reparam_module import ReparamModule
+    with torch.random.fork_rng(devices=[]):  # building the network draws its init: leave the caller's RNG alone
+        torch.manual_seed(0)
+        student = ReparamModule(get_network(model, channel, num_classes, im_size))
+    groups = parse_strategy(DSA_STRATEGY) if dsa else [None]
+    out = {g: [probe_step(student, channel, im_size, num_classes, b, group=g, syn_mom=0.9 if syn_mom else 0.0)
+               for b in PROBE_BATCHES] for g in groups}
+    return student.num_params, out
+
+
+def _at_batch(values: list[tuple[int, ...]], batch: int) -> tuple[float, ...]:
+    """Affine in the batch: v(b) = v(1) + (v(2) - v(1)) (b - 1)."""
+    (b1, v1), (b2, v2) = zip(PROBE_BATCHES, values)
+    return tuple(x1 + (x2 - x1) * (batch - b1) / (b2 - b1) for x1, x2 in zip(v1, v2))
+
+
+def probe(shape: RunShape) -> StepProbe:
+    num_params, per_group = _probe_batches(shape.model, shape.channel, tuple(shape.im_size), shape.num_classes,
+                                           shape.dsa, bool(shape.syn_mom))
+    steps = [_at_batch(v, shape.batch) for v in per_group.values()]
+    return StepProbe(num_params=num_params, saved_bptt=sum(f + b + u for f, b, u in steps) / len(steps),
+                     saved_recompute=max(f + b for f, b, _ in steps), forward=max(f for f, _, _ in steps),
+                     groups=len(steps))
+
+
+# ---------------------------------------------------------------- closed-form parts
+
+def longest_segment(syn_steps: int, every: int) -> int:
+    """Most states recompute regenerates at once: the states strictly inside one checkpoint segment."""
+    last_start = (syn_steps - 1) // every * every
+    return max(min(every, syn_steps) - 1, syn_steps - last_start - 1)
+
+
+def recompute_vectors(shape: RunShape) -> dict[str, int]:
+    """Parameter-sized vectors recompute holds at its peak (the double backward of one walk step)."""
+    n, every = shape.syn_steps, checkpoint_every(shape.syn_steps)
+    read = set(shape.middle_steps) | {n}  # the steps the loss reads: kept from the forward
+    return {
+        'checkpoints': 2 * (n // every),                        # (w_n, b_n) at every `every` steps
+        'segment': 2 * longest_segment(n, every),               # (w_n, b_n) regenerated inside a segment
+        # kept w_n off the checkpoints, ATT's running best, one loss gradient per term, and the walk's
+        # λ, λ_b, v, g, H v and H v's accumulator (w_prev reaches g through the weights and through the
+        # gradient formula: two contributions are summed) (+ b_n with momentum)
+        'walk': (sum(1 for s in read if s % every) + (shape.auto_steps and n > 1) + len(read) + 6
+                 + (shape.syn_mom != 0)),
+    }
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    bptt: float
+    recompute: float
+    held: bool  # there between iterations too (not part of an iteration's growth)
+
+
+@dataclass
+class Plan:
+    shape: RunShape
+    step: StepProbe
+    parts: list[Part] = field(default_factory=list)
+
+    def peak(self, mode: str) -> float:
+        return sum(getattr(p, mode) for p in self.parts)
+
+    def growth(self, mode: str) -> float:
+        """What one iteration adds over what is held between iterations (what bench.py measures)."""
+        return sum(getattr(p, mode) for p in self.parts if not p.held)
+
+
+def make_plan(shape: RunShape, step: StepProbe | None = None) -> Plan:
+    step = step or probe(shape)
+    n, vec = shape.syn_steps, step.num_params * 4
+    syn = shape.num_syn * shape.image_bytes
+    rec = recompute_vectors(shape)
+    every = checkpoint_every(n)
+    points = 3 + len(shape.middle_steps) + shape.weight_perturb  # θ*_t, θ*_{t+M}, w_0, θ*_{t+i}, perturbed start
+    loss_terms = 1 + len(shape.middle_steps)
+    batches = n * shape.batch * 8
+    both = lambda name, b, held=False: Part(name, b, b, held)  # noqa: E731
+    parts = [
+        both('synthetic set, its SGD momentum, labels', 2 * syn + shape.num_syn * 8, True),
+        both(f'student + {points} expert points: {1 + points} x {step.num_params:,} parameters', (1 + points) * vec,
+             True),
+        both(f'test set on the device ({shape.num_test:,} images)', shape.num_test * (shape.image_bytes + 8), True),
+        Part(f'saved by autograd: bptt {n} steps, recompute 1', n * step.saved_bptt, step.saved_recompute, False),
+        Part(f'student states: bptt w_1..w_{n}; recompute {rec["checkpoints"] // 2} checkpoint (every {every}) + '
+             f'{rec["segment"] // 2} segment (w, b) pairs', n * vec, (rec['checkpoints'] + rec['segment']) * vec,
+             False),
+        Part('adjoints, loss-term gradients, kept states', (2 + loss_terms) * vec, rec['walk'] * vec, False),
+        both('image gradient', 2 * syn),
+        both("backward working set (about one step's forward activations)", step.forward),
+        Part('index batches, DSA replay states', batches, batches + n * REPLAY_STATE_BYTES, False),
+    ]
+    return Plan(shape, step, parts)
+
+
+# ---------------------------------------------------------------- what fits where
+
+def fits(need: float, free: float, margin: float) -> bool:
+    return need * (1 + margin) <= free
+
+
+def fits_gpu(peak: float, gb: int) -> bool:
+    return fits(peak, gb * GiB - CUDA_RESERVE, MARGIN['cuda'])
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free for this run: CUDA's free device memory, or the host's MemAvailable (None if unknown)."""
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == 'cpu':
+        try:
+            with open('/proc/meminfo') as f:
+                for line in f:
+                    if line.startswith('MemAvailable:'):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def expert_cache_bytes(files: list[str], cache_mib: float) -> int:
+    """Host memory the expert cache fills (trajectory_io.ExpertCursor): the files, up to --expert_cache_mib."""
+    return int(min(sum(os.path.getsize(f) for f in files), cache_mib * MiB))
+
+
+def choose_unroll(plan: Plan, device: torch.device, free: int | None, host_extra: int = 0) -> dict:
+    """auto: bptt when its predicted peak fits the free memory with the device's margin, else recompute.
+    On a CPU the expert cache (host_extra) comes out of the same memory. Unknown free memory: bptt."""
+    margin = MARGIN['cuda' if device.type == 'cuda' else 'cpu']
+    extra = host_extra if device.type == 'cpu' else 0
+    need = {m: plan.peak(m) + extra for m in ('bptt', 'recompute')}
+    bptt_fits = free is None or fits(need['bptt'], free, margin)
+    return {'requested': 'auto', 'unroll': 'bptt' if bptt_fits else 'recompute', 'bptt_fits': bptt_fits,
+            'peak_bptt_mib': round(plan.peak('bptt') / MiB, 1),
+            'peak_recompute_mib': round(plan.peak('recompute') / MiB, 1),
+            'host_cache_mib': round(extra / MiB, 1), 'free_mib': None if free is None else round(free / MiB, 1),
+            'margin': margin, 'device': str(device)}
+
+
+def auto_unroll(args: argparse.Namespace, data, files: list[str], device: torch.device) -> dict:
+    """distill.py's --unroll auto on this device (see choose_unroll)."""
+    plan = make_plan(run_shape(args, data))
+    return choose_unroll(plan, device, free_bytes(device), expert_cache_bytes(files, args.expert_cache_mib))
+
+
+def describe_choice(choice: dict) -> str:
+    free = 'unknown free memory' if choice['free_mib'] is None else f"{fmt(choice['free_mib'] * MiB)} free"
+    cache = f" + expert cache {fmt(choice['host_cache_mib'] * MiB)}" if choice['host_cache_mib'] else ''
+    return (f"unroll auto -> {choice['unroll']}: predicted peak bptt {fmt(choice['peak_bptt_mib'] * MiB)}, "
+            f"recompute {fmt(choice['peak_recompute_mib'] * MiB)}{cache}; {choice['device']} has {free} "
+            f"(bptt needs its peak x {1 + choice['margin']:g})")
+
+
+# ---------------------------------------------------------------- printing
+
+def fmt(nbytes: float) -> str:
+    return f'{nbytes / GiB:.2f} GiB' if nbytes >= GiB else f'{nbytes / MiB:.1f} MiB'
+
+
+def gpu_verdict(peak: float) -> str:
+    return ' / '.join('yes' if fits_gpu(peak, gb) else 'no' for gb in GPU_GB)
+
+
+def describe(plan: Plan) -> str:
+    """The plan as a table: each part for both modes, the peaks and the GPUs each fits."""
+    s, p = plan.shape, plan.step
+    lines = [
+        f"memory plan of one iteration: {s.model} ({p.num_params:,} parameters) on {s.channel}x{s.im_size[0]}x"
+        f"{s.im_size[1]} images, {s.num_classes} classes x ipc {s.ipc} = {s.num_syn} synthetic images, batch_syn "
+        f"{s.batch}, syn_steps {s.syn_steps}, intermediate terms {len(s.middle_steps)}, "
+        f"ATT {'on' if s.auto_steps else 'off'}, syn_mom {s.syn_mom:g}, DSA {'on' if s.dsa else 'off'}",
+        f"probe: one inner step on the CPU at batches {PROBE_BATCHES[0]} and {PROBE_BATCHES[1]}"
+        f"{f' for each of {p.groups} DSA groups' if p.groups > 1 else ''}, bytes autograd saves extrapolated to "
+        f"batch {s.batch}: {fmt(p.saved_bptt)} per bptt step",
+        '',
+    ]
+    width = max(len(part.name) for part in plan.parts) + 2
+    row = lambda name, bptt, rec: f"{name:<{width}}{bptt:>18}{rec:>18}"  # noqa: E731
+    lines.append(row('part', 'bptt', 'recompute'))
+    lines += [row(part.name, fmt(part.bptt), fmt(part.recompute)) for part in plan.parts]
+    lines.append(row('peak', fmt(plan.peak('bptt')), fmt(plan.peak('recompute'))))
+    lines.append(row(f"fits a {' / '.join(map(str, GPU_GB))} GB GPU", gpu_verdict(plan.peak('bptt')),
+                     gpu_verdict(plan.peak('recompute'))))
+    lines.append(f"(a G GB GPU: G GiB less {CUDA_RESERVE // GiB} GiB for the CUDA context and workspaces, peak x "
+                 f"{1 + MARGIN['cuda']:g}; the CUDA context itself and evaluation networks are not in the peak)")
+    return '\n'.join(lines)
+
+
+def describe_for_args(args: argparse.Namespace, device: torch.device) -> str:
+    """distill.py --plan: the plan of these flags, and what auto would pick on this machine now."""
+    plan = make_plan(run_shape(args))
+    choice = choose_unroll(plan, device, free_bytes(device) if device.type in ('cpu', 'cuda') else None)
+    return (describe(plan) + '\n' + describe_choice(choice)
+            + ' (a run decides again once its data and experts are loaded)')
+
+
+# ---------------------------------------------------------------- every preset (README table)
+
+def preset_shape(name: str, batch_syn: int | None = None) -> RunShape:
+    import distill
+    import presets
+    args = distill.finalize_args(distill.build_parser().parse_args(presets.distill_flags(name)))
+    if batch_syn is not None:
+        args.batch_syn = batch_syn
+    return run_shape(args)
+
+
+def preset_table() -> str:
+    """Markdown: every preset's predicted peak in both modes and the GPUs each fits; a preset run with a
+    reduced batch_syn gets a second line with the whole synthetic set under recompute."""
+    import presets
+    head = ['preset', 'model', 'batch_syn', 'syn_steps', 'bptt peak', f'bptt fits {"/".join(map(str, GPU_GB))} GB',
+            'recompute peak', f'recompute fits {"/".join(map(str, GPU_GB))} GB']
+    rows = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+    for name in presets.DISTILL:
+        shape = preset_shape(name)
+        variants = [(name, shape, True)]
+        if shape.batch < shape.num_syn:
+            variants.append((f'{name}, whole set', preset_shape(name, shape.num_syn), False))
+        for label, s, with_bptt in variants:
+            plan = make_plan(s)
+            bptt = [fmt(plan.peak('bptt')), gpu_verdict(plan.peak('bptt'))] if with_bptt else ['', '']
+            rows.append('| ' + ' | '.join([f'`{label}`' if with_bptt else label, s.model, str(s.batch),
+                                           str(s.syn_steps), *bptt, fmt(plan.peak('recompute')),
+                                           gpu_verdict(plan.peak('recompute'))]) + ' |')
+    return '\n'.join(rows)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('what', choices=['presets'], help='presets: the README table of every preset')
+    p.parse_args(argv)
+    print(preset_table())
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))

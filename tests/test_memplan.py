@@ -1,0 +1,224 @@
+"""memplan.py: the probe counts what the unroll saves, the plan scales in syn_steps as each unroll mode
+should and matches the live tensor bytes of a real iteration, auto's choice, distill.py --plan and
+--unroll auto."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import buffer
+import distill
+import memplan
+from augment import DSA_STRATEGY, draw_group, parse_strategy
+from matching import Targets, checkpoint_every, match_and_backward, record_steps, syn_batches, unroll
+from memplan import (RunShape, SavedBytes, choose_unroll, make_plan, probe_step, recompute_vectors)
+from networks import get_network
+from reparam_module import ReparamModule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL, CHANNEL, IM, CLASSES = 'ConvNetW32', 1, (8, 8), 4
+GROUPS = parse_strategy(DSA_STRATEGY)
+
+
+def tiny(ipc=2, syn_steps=6, **kw) -> RunShape:
+    return RunShape(MODEL, CHANNEL, IM, CLASSES, ipc, kw.pop('batch_syn', CLASSES * ipc), syn_steps, **kw)
+
+
+def student():
+    torch.manual_seed(0)
+    return ReparamModule(get_network(MODEL, CHANNEL, CLASSES, IM))
+
+
+def unroll_seed(group: str, num_syn: int) -> int:
+    """A seed whose one-step unroll (batch draw first, then DSA) draws `group`."""
+    for seed in range(1000):
+        g = torch.Generator().manual_seed(seed)
+        syn_batches(num_syn, num_syn, 1, g)
+        if draw_group(DSA_STRATEGY, g) == group:
+            return seed
+    raise AssertionError(group)
+
+
+@pytest.mark.parametrize('group', GROUPS)
+def test_probe_counts_what_one_bptt_step_of_the_unroll_saves(group):
+    net, n = student(), 5
+    forward, backward, update = probe_step(net, CHANNEL, IM, CLASSES, n, group=group, syn_mom=0.0)
+    w0 = net.flat_param()
+    images = torch.randn(n, CHANNEL, *IM).requires_grad_(True)
+    lr = torch.tensor(0.01, requires_grad=True)
+    with SavedBytes(exclude=[w0, images, lr]) as saved:
+        unroll(net, images, torch.arange(n) % CLASSES, lr, w0, syn_steps=1, batch_syn=n,
+               generator=torch.Generator().manual_seed(unroll_seed(group, n)))
+    assert forward > 0 and backward > 0 and update > 0
+    assert forward + backward + update == saved.nbytes
+
+
+def test_saved_bytes_count_a_shared_storage_once():
+    x = torch.randn(1000, requires_grad=True)
+    with SavedBytes(exclude=[x]) as saved:
+        y = x * 2  # a product with a number saves nothing
+        (y[:500] * y[500:]).sum()  # saves two views of y: one storage
+    assert saved.nbytes == 1000 * 4
+
+
+@pytest.mark.parametrize('group', GROUPS)
+def test_probe_extrapolates_exactly_from_batches_1_and_2(group):
+    net = student()
+    per = [probe_step(net, CHANNEL, IM, CLASSES, b, group=group, syn_mom=0.9) for b in memplan.PROBE_BATCHES]
+    direct = probe_step(net, CHANNEL, IM, CLASSES, 7, group=group, syn_mom=0.9)
+    assert memplan._at_batch(per, 7) == pytest.approx(direct, rel=0, abs=0)
+
+
+def test_bptt_grows_linearly_in_syn_steps_and_recompute_like_its_square_root():
+    steps = (4, 9, 16, 36, 64)
+    plans = {n: make_plan(tiny(syn_steps=n)) for n in steps}
+    p = plans[4].step
+    vec = p.num_params * 4
+    saved = {n: next(part for part in pl.parts if part.name.startswith('saved by autograd')) for n, pl in plans.items()}
+    for a, b in zip(steps, steps[1:]):
+        # bptt: every step adds its saved tensors and its w_n
+        extra = (b - a) * (p.saved_bptt + vec + tiny().batch * 8)
+        assert plans[b].growth('bptt') - plans[a].growth('bptt') == pytest.approx(extra, rel=1e-9)
+        assert saved[b].bptt == pytest.approx(b / a * saved[a].bptt, rel=1e-9)
+        assert saved[b].recompute == saved[a].recompute  # one step's graph, whatever N
+    for n in steps:  # N = k^2: k checkpoint pairs and k - 1 regenerated pairs
+        k = math.isqrt(n)
+        rec = recompute_vectors(tiny(syn_steps=n))
+        assert rec['checkpoints'] + rec['segment'] == 4 * k - 2
+    assert plans[64].growth('bptt') / plans[4].growth('bptt') > 8
+    for n in steps:  # recompute: O(sqrt(N)) vectors over N = 4, plus each step's index batch and replay state
+        per_step = tiny().batch * 8 + memplan.REPLAY_STATE_BYTES
+        bound = plans[4].growth('recompute') + 4 * math.isqrt(n) * vec + n * per_step
+        assert plans[n].growth('recompute') <= bound
+
+
+@pytest.mark.parametrize('syn_steps', [2, 5, 9, 10, 17])
+@pytest.mark.parametrize('middle, auto_steps', [((), False), ((1,), False), ((), True), ((1,), True)])
+def test_recompute_vectors_count_what_the_tape_keeps(syn_steps, middle, auto_steps):
+    net, n = student(), 8
+    w0 = net.flat_param()
+    images = torch.randn(n, CHANNEL, *IM)
+    tape = record_steps(net, images, torch.arange(n) % CLASSES, torch.tensor(0.01), w0, syn_steps=syn_steps,
+                        batch_syn=n, generator=torch.Generator().manual_seed(0), keep=set(middle), target=w0 + 1,
+                        auto_steps=auto_steps, att_metric='l1')
+    tensors = [t for k, pair in tape.checkpoints.items() if k for t in pair] + list(tape.kept.values())
+    storages = {t.untyped_storage().data_ptr() for t in tensors} - {w0.untyped_storage().data_ptr()}
+    rec = recompute_vectors(tiny(syn_steps=syn_steps, middle_steps=middle, auto_steps=auto_steps))
+    every = checkpoint_every(syn_steps)
+    read = set(middle) | {syn_steps}
+    kept = sum(1 for s in read if s % every) + (auto_steps and syn_steps > 1)  # the plan's count
+    assert rec['checkpoints'] == 2 * (syn_steps // every)
+    if auto_steps:  # ATT's running best replaces the state at N_opt when the loss reads that step anyway
+        assert len(storages) == rec['checkpoints'] + kept - (tape.n_final in read and tape.n_final % every != 0)
+    else:
+        assert len(storages) == rec['checkpoints'] + kept
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the storages created inside the block and still alive (a CPU stand-in for
+    torch.cuda.max_memory_allocated, without the host's allocator and bookkeeping)."""
+
+    def __init__(self):
+        super().__init__()
+        self.alive, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                self.alive[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+        self.alive = {k: v for k, v in self.alive.items() if not v[0].expired()}
+        self.peak = max(self.peak, sum(n for _, n in self.alive.values()))
+        return out
+
+
+@pytest.mark.parametrize('mode', ['bptt', 'recompute'])
+@pytest.mark.parametrize('syn_steps, syn_mom, middle, auto_steps', [(4, 0.0, (), False), (9, 0.9, (4,), True)])
+def test_predicted_growth_matches_the_live_tensor_bytes_of_an_iteration(mode, syn_steps, syn_mom, middle, auto_steps):
+    shape = tiny(ipc=4, syn_steps=syn_steps, syn_mom=syn_mom, middle_steps=middle, auto_steps=auto_steps)
+    net = student()
+    w0 = net.flat_param()
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(shape.num_syn, CHANNEL, *IM, generator=gen).requires_grad_(True)
+    labels = torch.arange(CLASSES).repeat_interleave(shape.ipc)
+    lr = torch.tensor(0.01, requires_grad=True)
+    targets = Targets(w0, w0 + 0.01 * torch.randn(w0.shape, generator=gen),
+                      [(n, w0 + 0.005, 1.0) for n in middle])
+    live = LiveTensorBytes()
+    with live:
+        match_and_backward(net, images, labels, lr, w0, targets, syn_steps=syn_steps, batch_syn=shape.batch,
+                           generator=gen, syn_mom=syn_mom, unroll_mode=mode, auto_steps=auto_steps)
+    assert make_plan(shape).growth(mode) == pytest.approx(live.peak, rel=0.10)
+
+
+def test_auto_picks_bptt_when_its_peak_fits_with_the_margin_else_recompute():
+    plan, cpu, cuda = make_plan(tiny()), torch.device('cpu'), torch.device('cuda')
+    need = plan.peak('bptt') * (1 + memplan.MARGIN['cpu'])
+    assert choose_unroll(plan, cpu, math.ceil(need))['unroll'] == 'bptt'
+    assert choose_unroll(plan, cpu, math.floor(need) - 1)['unroll'] == 'recompute'
+    assert choose_unroll(plan, cpu, math.ceil(need), host_extra=10**6)['unroll'] == 'recompute'  # the expert cache
+    cuda_need = plan.peak('bptt') * (1 + memplan.MARGIN['cuda'])
+    assert choose_unroll(plan, cuda, math.ceil(cuda_need), host_extra=10**9)['unroll'] == 'bptt'  # host RAM only
+    choice = choose_unroll(plan, cpu, None)
+    assert choice['unroll'] == 'bptt' and choice['free_mib'] is None
+    assert choice['peak_bptt_mib'] > choice['peak_recompute_mib'] > 0
+
+
+def test_gpu_fits_follow_the_peak():
+    assert memplan.fits_gpu(10 * memplan.GiB, 24) and not memplan.fits_gpu(20 * memplan.GiB, 24)
+    assert memplan.fits_gpu(30 * memplan.GiB, 40) and not memplan.fits_gpu(70 * memplan.GiB, 80)
+
+
+def test_plan_of_a_cifar_run_exits_0_without_data_buffers_or_run_folder(tmp_path):
+    out = subprocess.run([sys.executable, 'distill.py', '--dataset', 'CIFAR10', '--model', MODEL, '--ipc', '1',
+                          '--plan', '--data_path', str(tmp_path / 'no_data'), '--buffer_path', str(tmp_path / 'no'),
+                          '--run_dir', str(tmp_path / 'runs')], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert 'bptt' in out.stdout and 'recompute' in out.stdout and '3x32x32' in out.stdout
+    peak = next(line for line in out.stdout.splitlines() if line.startswith('peak'))
+    assert len(peak.split()) == 5  # two sizes with their units
+    assert not os.path.exists(tmp_path / 'runs')
+
+
+@pytest.fixture(scope='module')
+def buffers(tmp_path_factory):
+    path = tmp_path_factory.mktemp('buffers')
+    buffer.main(['--num_experts', '1', '--train_epochs', '3', '--model', MODEL, '--buffer_path', str(path)])
+    return str(path)
+
+
+def run(buffers, runs, *extra):
+    flags = ['--model', MODEL, '--ipc', '2', '--syn_steps', '3', '--expert_epochs', '1', '--max_start_epoch', '2',
+             '--num_eval', '1', '--epoch_eval_train', '2', '--lr_img', '10', '--Iteration', '2', '--eval_it', '100',
+             '--wandb', 'disabled', '--buffer_path', buffers, '--run_dir', str(runs)]
+    run_dir = distill.main(flags + list(extra))
+    with open(os.path.join(run_dir, 'args.json')) as f:
+        args = json.load(f)
+    return args, torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)['images']
+
+
+def test_default_auto_picks_bptt_on_digits_logs_it_and_changes_nothing(buffers, tmp_path, capsys):
+    args, images = run(buffers, tmp_path / 'auto')
+    assert 'unroll auto -> bptt' in capsys.readouterr().out
+    assert args['unroll'] == 'bptt' and args['unroll_plan']['requested'] == 'auto'
+    assert args['unroll_plan']['peak_bptt_mib'] > args['unroll_plan']['peak_recompute_mib'] > 0
+    explicit, same = run(buffers, tmp_path / 'bptt', '--unroll', 'bptt')
+    assert 'unroll_plan' not in explicit
+    assert torch.equal(images, same)
+
+
+def test_auto_falls_back_to_recompute_when_bptt_does_not_fit_and_explicit_modes_win(buffers, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(memplan, 'free_bytes', lambda device: 1)  # a device with no room
+    args, _ = run(buffers, tmp_path / 'auto')
+    assert args['unroll'] == 'recompute' and not args['unroll_plan']['bptt_fits']
+    args, _ = run(buffers, tmp_path / 'bptt', '--unroll', 'bptt')
+    assert args['unroll'] == 'bptt'
