@@ -193,7 +193,8 @@ def expert_meta(args, index: int, trajectory: list, test_accs: list[float] | Non
 
 # flag -> allowed values; checked before anything is read or trained
 FLAG_DOMAINS = {
-    'num_experts': POSITIVE_INT, 'train_epochs': POSITIVE_INT, 'lr_teacher': POSITIVE, 'mom': MOMENTUM,
+    'num_experts': POSITIVE_INT, 'train_epochs': POSITIVE_INT, 'mom': MOMENTUM,
+    'lr_teacher': POSITIVE.or_none("the --optim recipe's default"),
     'l2': NON_NEGATIVE, 'gp_mu': NON_NEGATIVE.or_none("the variant's default"), 'gp_k': NON_NEGATIVE,
     'batch_train': POSITIVE_INT, 'res': POSITIVE_INT, 'seed': SEED, 'parallel_experts': POSITIVE_INT,
 }

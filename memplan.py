@@ -78,7 +78,8 @@ def run_shape(args: argparse.Namespace, data=None) -> RunShape:
         channel, im_size, classes, tests = data.channel, tuple(data.im_size), data.num_classes, len(data.labels_test)
     else:
         channel, im_size, classes, tests = dataset_meta(args.dataset, args.subset, args.res)
-    middle = tuple(intermediate_steps(args.syn_steps, args.expert_epochs)) if (args.agg_middle_loss or args.adaptive_middle_loss) else ()
+    uses_middle = args.agg_middle_loss or args.adaptive_middle_loss  # either flag switches the terms on
+    middle = tuple(intermediate_steps(args.syn_steps, args.expert_epochs)) if uses_middle else ()
     return RunShape(model=args.model or DEFAULT_MODEL[args.dataset], channel=channel, im_size=im_size,
                     num_classes=classes, ipc=args.ipc, batch_syn=args.batch_syn or classes * args.ipc,
                     syn_steps=args.syn_steps, middle_steps=middle, auto_steps=args.auto_steps, syn_mom=args.syn_mom,
