@@ -18,7 +18,6 @@ checks the predictions against measured peaks.
 """
 import argparse
 import functools
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -357,7 +356,9 @@ def describe(plan: Plan) -> str:
 def describe_for_args(args: argparse.Namespace, device: torch.device) -> str:
     """distill.py --plan: the plan of these flags, and what auto would pick on this machine now."""
     plan = make_plan(run_shape(args))
-    choice = choose_unroll(plan, device, free_bytes(device) if device.type in ('cpu', 'cuda') else None)
+    if args.unroll != 'auto':  # a resumed run, or an explicit mode
+        return describe(plan) + f'\nthis run uses --unroll {args.unroll}'
+    choice = choose_unroll(plan, device, free_bytes(device))
     return (describe(plan) + '\n' + describe_choice(choice)
             + ' (a run decides again once its data and experts are loaded)')
 
