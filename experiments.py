@@ -214,7 +214,8 @@ def main(argv=None):
     study = Study(args.root, args.seeds, args.num_eval, {1: args.iterations})
     todo = ['smoothness', 'ablation', 'methods'] if args.study == 'all' else [args.study]
     header = (f'Digits, ConvNetD2, 10 experts x 20 epochs per recipe; final images scored by {args.num_eval} '
-              f'networks (1000 epochs); mean ± std over {args.seeds} distillation seeds x {args.num_eval} networks.')
+              f'networks (MTT evaluation, E = 1000: 1001 epochs); mean ± std over {args.seeds} distillation '
+              f'seeds x {args.num_eval} networks.')
     for name in todo:
         if name == 'methods':
             table = methods(study)
