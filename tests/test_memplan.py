@@ -13,7 +13,6 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import buffer
 import distill
 import memplan
 from augment import DSA_STRATEGY, draw_group, parse_strategy
@@ -21,6 +20,7 @@ from matching import Targets, checkpoint_every, match_and_backward, record_steps
 from memplan import (RunShape, SavedBytes, choose_unroll, make_plan, probe_step, recompute_vectors)
 from networks import get_network
 from reparam_module import ReparamModule
+from conftest import tiny_buffers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL, CHANNEL, IM, CLASSES = 'ConvNetW32', 1, (8, 8), 4
@@ -190,9 +190,7 @@ def test_plan_of_a_cifar_run_exits_0_without_data_buffers_or_run_folder(tmp_path
 
 @pytest.fixture(scope='module')
 def buffers(tmp_path_factory):
-    path = tmp_path_factory.mktemp('buffers')
-    buffer.main(['--num_experts', '1', '--train_epochs', '3', '--model', MODEL, '--buffer_path', str(path)])
-    return str(path)
+    return tiny_buffers(tmp_path_factory, 1, MODEL)
 
 
 def run(buffers, runs, *extra):

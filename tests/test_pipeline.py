@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-import buffer
 import distill
 import eval as eval_script
 import matching
+from conftest import tiny_buffers
 
 MODEL = 'ConvNetW32'
 TINY = ['--model', MODEL, '--ipc', '2', '--syn_steps', '3', '--expert_epochs', '1', '--max_start_epoch', '2',
@@ -20,9 +20,7 @@ TINY = ['--model', MODEL, '--ipc', '2', '--syn_steps', '3', '--expert_epochs', '
 
 @pytest.fixture(scope='module')
 def buffers(tmp_path_factory):
-    path = tmp_path_factory.mktemp('buffers')
-    buffer.main(['--num_experts', '2', '--train_epochs', '3', '--model', MODEL, '--buffer_path', str(path)])
-    return str(path)
+    return tiny_buffers(tmp_path_factory, 2, MODEL)
 
 
 def run_distill(buffers, runs, *extra):
