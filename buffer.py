@@ -81,17 +81,22 @@ def _gp_variant(value: str) -> str:
     return 'paper' if value in ('True', 'true', '1') else value  # the AST README writes --gp True
 
 
+def expert_lr(optim: str, lr: float | None) -> float:
+    """--lr_teacher, or the --optim recipe's default lr where it is unset."""
+    return OPTIMS[optim][2] if lr is None else lr
+
+
 def expert_recipe(optim: str, lr: float | None, mom: float, l2: float, decay: bool, epochs: int) -> dict:
     """SGD settings and the one lr change: {'lr', 'momentum', 'weight_decay'}, 'decay_at' (epoch index
     after which the lr is multiplied and the optimiser rebuilt; None = never) and 'factor'.
     lr None = the recipe's default."""
-    momentum, wd, default_lr, factor, when = OPTIMS[optim]
+    momentum, wd, _, factor, when = OPTIMS[optim]
     if optim == 'sgd':
         momentum, wd = mom, l2
     decay_at = epochs // 2 if when == 'half' else epochs // 2 + 1
     if optim == 'sgd' and not decay:
         decay_at = None
-    return {'lr': default_lr if lr is None else lr, 'momentum': momentum, 'weight_decay': wd,
+    return {'lr': expert_lr(optim, lr), 'momentum': momentum, 'weight_decay': wd,
             'decay_at': decay_at, 'factor': factor}
 
 
@@ -204,7 +209,7 @@ def snapshot_accuracies(args, data, trajectory: list, device: torch.device) -> l
     """Test accuracy after every epoch, recomputed from the stored snapshots; None for networks with
     BatchNorm running statistics, which the snapshots do not hold."""
     net = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device)
-    if any(True for _ in net.buffers()):
+    if not stackable(net):  # BatchNorm running statistics are not in the snapshots
         return None
     x_test, y_test = data.images_test.to(device), data.labels_test.to(device)
     accs = []
@@ -258,7 +263,7 @@ def mean_avg_var(folder: str, indices: list[int]) -> float | None:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.model = args.model or DEFAULT_MODEL[args.dataset]
-    args.lr_teacher = expert_recipe(args.optim, args.lr_teacher, args.mom, args.l2, args.decay, 1)['lr']
+    args.lr_teacher = expert_lr(args.optim, args.lr_teacher)  # recorded in the sidecars as trained
     # every check that can fail runs before any training, and before anything is written
     check_flags(args, FLAG_DOMAINS)
     device = pick_device(args.device)

@@ -182,6 +182,13 @@ class RealData:
             self._indices = [torch.nonzero(self.labels_train == c).flatten() for c in range(self.num_classes)]
         return self._indices
 
+    def check_ipc(self, ipc: int) -> None:
+        """ipc images per class must exist in every class (distill.py's set, eval.py's random baseline)."""
+        smallest = min(len(idx) for idx in self.indices_per_class())
+        if ipc > smallest:
+            raise DataError(f"--ipc {ipc} is larger than the smallest class of {self.name} ({smallest} images); "
+                            f"lower --ipc")
+
     def sample_real(self, c: int, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n distinct random real train images of class c."""
         if not 0 <= c < self.num_classes:

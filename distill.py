@@ -12,6 +12,7 @@ writes the run folder and evaluates. One process is the plain run, bit for bit.
 import argparse
 import copy
 import dataclasses
+import math
 import os
 import shlex
 
@@ -216,9 +217,7 @@ def prepare(args):
                 for m in [args.model] + args.eval_mode]
     except ValueError as e:
         raise UsageError(f"--model/--eval_mode: {e}") from None
-    smallest = min(len(idx) for idx in data.indices_per_class())
-    if args.ipc > smallest:
-        raise UsageError(f"--ipc {args.ipc} is larger than the smallest class ({smallest} images); lower --ipc")
+    data.check_ipc(args.ipc)
     if args.batch_syn is not None and args.batch_syn > args.ipc * data.num_classes:
         raise UsageError(f"--batch_syn {args.batch_syn} is larger than the synthetic set "
                          f"({args.ipc} x {data.num_classes} images); lower it or leave it unset")
@@ -328,9 +327,8 @@ def load_checkpoint(run_dir: str, d: Dist) -> dict:
         raise UsageError(f"{path} is not a distill.py checkpoint (missing {missing[0]}); restore it or start a new run")
     saved = ckpt.get('world_size', 1)  # checkpoints from before torchrun support: one process
     if saved != d.world_size:
-        how = f"torchrun --nproc_per_node={saved} distill.py" if saved > 1 else "python distill.py"
         raise UsageError(f"{run_dir} was checkpointed by {saved} process(es), this is {d.world_size}; "
-                         f"resume it with {how} --resume {run_dir}")
+                         f"resume it with {resume_command(run_dir, saved)}")
     return ckpt
 
 
@@ -509,9 +507,10 @@ def main(argv=None):
                                         unroll_mode=args.unroll, auto_steps=args.auto_steps,
                                         att_metric=args.att_metric)
         n_finals.append(info['n_final'])
-        finite = bool(torch.isfinite(loss)) and syn_images.grad is not None and bool(
+        loss_value = loss.item()  # one host sync for both checks
+        finite = math.isfinite(loss_value) and syn_images.grad is not None and bool(
             torch.isfinite(syn_images.grad).all() and torch.isfinite(syn_lr.grad))
-        bounded = finite and loss.item() <= args.max_loss
+        bounded = finite and loss_value <= args.max_loss
         # agreed first: every rank then skips or steps together, and a skipped step needs no all-reduce.
         # A non-finite or exploding loss or gradient (on any rank), or a step that would take syn_lr out
         # of (0, inf) (the same on every rank: the averaged gradient), never reaches the images
@@ -543,17 +542,17 @@ def main(argv=None):
                            + (" (or a larger --max_loss)" if skip == 'max_loss' else ''))
         if state['it'] % args.save_every == 0:
             checkpoint()
-    finished_before = broadcast_object(os.path.exists(os.path.join(run_dir, 'final.json')))  # rank 0's view
-    if state['it'] == args.Iteration and not finished_before:
-        if d.is_main:
-            evaluate(args.Iteration)
-        checkpoint()
-        if d.is_main:
-            summary = {'best_mean_selected_on_test': state['best_acc'], 'best_it': state['best_it'],
-                       'skipped_steps': state['skipped'], 'syn_lr': syn_lr.item()}
-            atomic_write_json(summary, os.path.join(run_dir, 'final.json'))
-            print(f"done: best {100 * state['best_acc']:.2f}% at it {state['best_it']} (selected on test); "
-                  f"{run_dir}")
+    # the loop ends at --Iteration (a finished run returned before it); a crash after the last checkpoint
+    # but before final.json resumes here and finishes
+    if d.is_main:
+        evaluate(args.Iteration)
+    checkpoint()
+    if d.is_main:
+        summary = {'best_mean_selected_on_test': state['best_acc'], 'best_it': state['best_it'],
+                   'skipped_steps': state['skipped'], 'syn_lr': syn_lr.item()}
+        atomic_write_json(summary, os.path.join(run_dir, 'final.json'))
+        print(f"done: best {100 * state['best_acc']:.2f}% at it {state['best_it']} (selected on test); "
+              f"{run_dir}")
     if d.is_main:
         log.finish()
     cleanup()

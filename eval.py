@@ -149,9 +149,7 @@ def source_on(data, args, loaded) -> tuple[torch.Tensor, torch.Tensor, float]:
     lr = args.lr if args.lr is not None else 0.01
     if args.baseline == 'full':
         return data.images_train, data.labels_train, lr
-    smallest = min(len(idx) for idx in data.indices_per_class())
-    if args.ipc > smallest:
-        raise UsageError(f"--ipc {args.ipc} is larger than the smallest class of {args.dataset} ({smallest} images)")
+    data.check_ipc(args.ipc)
     images, labels = random_real(data, args.ipc, torch.Generator().manual_seed(args.seed))
     return images, labels, lr
 

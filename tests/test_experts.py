@@ -27,7 +27,7 @@ def record_epochs(monkeypatch, digits, flags, epochs):
     args = buffer.build_parser().parse_args(flags + ['--train_epochs', str(epochs), '--model', 'ConvNetW32',
                                                      '--batch_train', '512'])
     args.model = 'ConvNetW32'
-    args.lr_teacher = buffer.expert_recipe(args.optim, args.lr_teacher, args.mom, args.l2, args.decay, 1)['lr']
+    args.lr_teacher = buffer.expert_lr(args.optim, args.lr_teacher)
     trajectory, meta = buffer.train_expert(args, digits, 'cpu', 0, progress=False)
     assert len(trajectory) == epochs + 1 and len(seen) == epochs
     return seen
