@@ -20,7 +20,7 @@ DIGITS_EXPERTS = {'num_experts': 10, 'train_epochs': 20}             # CPU quick
 # AST README: `buffer.py --optim SGDMOM --loss_decay --gp True --train_epochs=50 --num_experts=100`, "with
 # the default learning rate": the authors' buffer.py defaults (sgdmom_code: momentum 0.9, wd 1e-3, lr 0.003,
 # x0.6 after epoch E//2+1) and their own loss decay and gradient penalty ('code' variants).
-AST_EXPERTS = {'optim': 'sgdmom_code', 'loss_decay': 'code', 'gp': 'code', 'buffer_path': 'buffers/ast'}
+AST_EXPERTS = {'optim': 'sgdmom_code', 'loss_decay': 'code', 'gp': 'code'}  # folder: the row's buffer_path
 
 # ---------------------------------------------------------------- distillation rows
 
