@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ast_components import GP_DEFAULT_MU, gradient_penalty, loss_decay_factor
-from data import DATASETS, DEFAULT_MODEL, SUBSETS, check_dataset, load_dataset
+from data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, check_dataset, data_from_flags
 from accel import FP32, Accel, accel_from_args, add_accel_flags
 from distributed import barrier, broadcast_object, cleanup, init_distributed, shard
 from networks import MODELS, get_network
@@ -30,9 +30,7 @@ from utils import (MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliPars
 
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--dataset', default='Digits', choices=DATASETS)
-    p.add_argument('--subset', default='imagenette', choices=list(SUBSETS), help='ImageNet subset')
-    p.add_argument('--res', type=int, default=128, help='ImageNet subset resolution (pixels)')
+    add_data_flags(p, download=True)
     p.add_argument('--model', default=None, choices=list(MODELS), help='default: the dataset\'s ConvNet')
     p.add_argument('--num_experts', type=int, default=5)
     p.add_argument('--train_epochs', type=int, default=20, help='epochs per expert (E; E+1 snapshots)')
@@ -54,9 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--gp_k', type=float, default=1.0, help='target input-gradient norm K')
     p.add_argument('--batch_train', type=int, default=256)
     p.add_argument('--dsa', default='True', choices=['True', 'False'], help='DSA augmentation while training')
-    p.add_argument('--zca', action='store_true')
-    p.add_argument('--data_path', default='data')
-    p.add_argument('--download', action='store_true', help='download torchvision datasets if missing')
     p.add_argument('--buffer_path', default='buffers')
     p.add_argument('--device', default='auto')
     p.add_argument('--seed', type=int, default=0)
@@ -104,7 +99,7 @@ def sgd(params, recipe: dict, lr: float) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=lr, momentum=recipe['momentum'], weight_decay=recipe['weight_decay'])
 
 
-RECIPE = ('optim', 'loss_decay', 'gp', 'gp_mu', 'gp_k', 'train_epochs', 'lr_teacher', 'mom', 'l2', 'decay',
+RECIPE = ('valid', 'optim', 'loss_decay', 'gp', 'gp_mu', 'gp_k', 'train_epochs', 'lr_teacher', 'mom', 'l2', 'decay',
           'batch_train', 'dsa', 'seed')
 
 
@@ -187,7 +182,7 @@ def train_experts_stacked(args, data, device, indices: list[int], progress: bool
 
 
 def expert_meta(args, index: int, trajectory: list, test_accs: list[float] | None) -> dict:
-    return {'dataset': args.dataset, 'model': args.model, 'zca': args.zca, 'index': index,
+    return {'dataset': args.dataset, 'model': args.model, 'zca': args.zca, 'valid': args.valid, 'index': index,
             'seed': expert_seed(args.seed, index),
             'subset': args.subset if args.dataset == 'ImageNet' else None,
             'res': args.res if args.dataset == 'ImageNet' else None,
@@ -201,7 +196,7 @@ FLAG_DOMAINS = {
     'num_experts': POSITIVE_INT, 'train_epochs': POSITIVE_INT, 'mom': MOMENTUM,
     'lr_teacher': POSITIVE.or_none("the --optim recipe's default"),
     'l2': NON_NEGATIVE, 'gp_mu': NON_NEGATIVE.or_none("the variant's default"), 'gp_k': NON_NEGATIVE,
-    'batch_train': POSITIVE_INT, 'res': POSITIVE_INT, 'seed': SEED, 'parallel_experts': POSITIVE_INT,
+    'batch_train': POSITIVE_INT, 'seed': SEED, 'parallel_experts': POSITIVE_INT, **DATA_FLAG_DOMAINS,
 }
 
 
@@ -272,8 +267,7 @@ def main(argv=None):
     if not args.download:
         check_dataset(args.dataset, args.data_path, subset=args.subset)
     seed_everything(args.seed)
-    data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res,
-                        download=args.download)
+    data = data_from_flags(args, download=args.download)
     try:
         net = get_network(args.model, data.channel, data.num_classes, data.im_size)  # fail early on a bad size
     except ValueError as e:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils import UsageError
+from utils import POSITIVE_INT, UsageError, integer
 
 # ============================================================================
 # Constants
@@ -174,6 +174,8 @@ class RealData:
     images_test: Tensor
     labels_test: Tensor
     zca: ZCA | None = None
+    images_val: Tensor | None = None   # --valid images held out of the training set (None: no split)
+    labels_val: Tensor | None = None
     _indices: list[Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def indices_per_class(self) -> list[Tensor]:
@@ -287,16 +289,26 @@ def _load_digits():
 _IDX_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 
 
+def _has_idx(root: Path, f: str) -> bool:
+    return (root / f).is_file() or (root / (f + '.gz')).is_file()
+
+
 def _idx_dir(name: str, data_path: str) -> Path:
-    return Path(data_path) / name / 'raw'
+    """DIR itself when the idx files sit there (Debian's dataset-fashion-mnist: /usr/share/datasets/
+    fashion-mnist), else torchvision's DIR/<name>/raw."""
+    flat = Path(data_path)
+    return flat if all(_has_idx(flat, f) for f in _IDX_FILES) else flat / name / 'raw'
 
 
 def _idx_missing(name: str, data_path: str) -> DataError | None:
     root = _idx_dir(name, data_path)
     for f in _IDX_FILES:
-        if not (root / f).is_file() and not (root / (f + '.gz')).is_file():
-            return DataError(f'{name} not found: expected {root}/{{{",".join(_IDX_FILES)}}} (idx files, optionally '
-                             f'.gz), missing {f}; download it with --download or pass --data_path DIR')
+        if not _has_idx(root, f):
+            hint = ' (or apt-get install dataset-fashion-mnist and --data_path /usr/share/datasets/fashion-mnist)' \
+                if name == 'FashionMNIST' else ''
+            return DataError(f'{name} not found: expected the idx files {",".join(_IDX_FILES)} (optionally .gz) '
+                             f'in {data_path} or {root}, missing {f}; download it with --download{hint} '
+                             f'or pass --data_path DIR')
     return None
 
 
@@ -636,6 +648,31 @@ def _download(name: str, data_path: str) -> None:
 # Public entry point
 # ============================================================================
 
+def add_data_flags(p, *, download: bool = False) -> None:
+    """The data flags of buffer.py, distill.py and eval.py, declared once (load with `data_from_flags`)."""
+    a = p.add_argument
+    a('--dataset', default='Digits', choices=DATASETS)
+    a('--subset', default='imagenette', choices=list(SUBSETS), help='ImageNet subset')
+    a('--res', type=int, default=128, help='ImageNet subset resolution (pixels)')
+    a('--zca', action='store_true', help='ZCA-whiten the images (distill.py needs buffers trained with --zca)')
+    a('--data_path', default='data',
+      help='dataset folder (Fashion-MNIST from Debian\'s dataset-fashion-mnist: /usr/share/datasets/fashion-mnist)')
+    a('--valid', type=int, default=0,
+      help='hold this many training images out as a validation set (the same images in every run, for '
+           'choosing hyper-parameters); 0: no split')
+    if download:
+        a('--download', action='store_true', help='download torchvision datasets if missing')
+
+
+DATA_FLAG_DOMAINS = {'res': POSITIVE_INT, 'valid': integer(0)}
+
+
+def data_from_flags(args, **kwargs) -> RealData:
+    """load_dataset with the flags of add_data_flags."""
+    return load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res,
+                        valid=args.valid, **kwargs)
+
+
 def _shape(name: str, res: int) -> tuple[int, int, int]:
     return {'Digits': (1, 8, 8), 'MNIST': (1, 28, 28), 'FashionMNIST': (1, 28, 28), 'SVHN': (3, 32, 32),
             'CIFAR10': (3, 32, 32), 'CIFAR100': (3, 32, 32), 'Tiny': (3, 64, 64), 'ImageNet': (3, res, res)}[name]
@@ -660,9 +697,24 @@ def dataset_meta(name: str, subset: str = 'imagenette', res: int = 128) -> tuple
     return c, (h, w), classes, tests
 
 
+# The validation split is the same for every run (experts, distillation, evaluation), whatever --seed is.
+VALID_SEED = 0
+
+
+def hold_out(x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(train x, train y, validation x, validation y): n training images drawn at random (VALID_SEED)."""
+    if not 0 <= n < len(x):
+        raise DataError(f'--valid {n} must hold out fewer than the {len(x)} training images (0 = no split); '
+                        f'lower --valid')
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(VALID_SEED))
+    keep, val = order[n:].sort().values, order[:n].sort().values
+    return x[keep], y[keep], x[val], y[val]
+
+
 def load_dataset(name: str, data_path: str = 'data', *, zca: bool = False, subset: str = 'imagenette',
-                 res: int = 128, download: bool = False, max_bytes: int | None = None) -> RealData:
-    """Load a real dataset into memory as normalised (or ZCA-whitened) float32 tensors."""
+                 res: int = 128, download: bool = False, max_bytes: int | None = None, valid: int = 0) -> RealData:
+    """Load a real dataset into memory as normalised (or ZCA-whitened) float32 tensors; valid > 0 holds
+    that many training images out as a validation set (images_val), for choosing hyper-parameters."""
     if name not in DATASETS:
         raise DataError(f'unknown dataset {name!r}; choose --dataset from {", ".join(DATASETS)}')
     if name == 'ImageNet' and res < 1:
@@ -698,17 +750,21 @@ def load_dataset(name: str, data_path: str = 'data', *, zca: bool = False, subse
     if x_tr.shape[1:] != (c, h, w):
         raise DataError(f'{name} images in {data_path} have shape {tuple(x_tr.shape[1:])}, expected '
                         f'{(c, h, w)}; re-download the dataset')
+    x_va = y_va = None
+    if valid:
+        x_tr, y_tr, x_va, y_va = hold_out(x_tr, y_tr, valid)
     # Convert to float once each (uint8 -> float32), freeing the uint8 copy right after.
     x_tr = _to_float(x_tr)
-    x_te = _to_float(x_te)
+    others = [_to_float(x) for x in (x_te, x_va) if x is not None]
     whitener = None
     if zca:
-        whitener = ZCA.fit(x_tr)            # fitted on un-normalised [0,1] pixels
-        _transform_inplace(whitener, x_tr)
-        _transform_inplace(whitener, x_te)
+        whitener = ZCA.fit(x_tr)            # fitted on un-normalised [0,1] training pixels
+        for x in [x_tr] + others:
+            _transform_inplace(whitener, x)
     else:
-        _normalise_inplace(x_tr, mean, std)
-        _normalise_inplace(x_te, mean, std)
+        for x in [x_tr] + others:
+            _normalise_inplace(x, mean, std)
+    x_te, x_va = others[0], (others[1] if valid else None)
     return RealData(name=name, channel=c, im_size=(h, w), num_classes=len(names), class_names=list(names),
                     mean=tuple(mean), std=tuple(std), images_train=x_tr, labels_train=y_tr,
-                    images_test=x_te, labels_test=y_te, zca=whitener)
+                    images_test=x_te, labels_test=y_te, zca=whitener, images_val=x_va, labels_val=y_va)
