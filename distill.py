@@ -19,7 +19,7 @@ import shlex
 import torch
 from tqdm import tqdm
 
-from data import DATASETS, DEFAULT_MODEL, SUBSETS, check_dataset, load_dataset
+from data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, check_dataset, data_from_flags
 from distributed import (Dist, all_gather_objects, all_ranks_true, all_reduce_mean_, barrier, broadcast_,
                          broadcast_object, cleanup, from_env, init_distributed, mean_over_ranks, rank_seed)
 from accel import accel_from_args, add_accel_flags
@@ -28,7 +28,8 @@ from matching import ATT_METRICS, UNROLLS, Targets, match_and_backward
 from memplan import auto_unroll, describe_choice, describe_for_args
 from networks import MODELS, get_network
 from reparam_module import ReparamModule
-from runlog import WANDB_MODES, RunLog, latest_run_dir, load_args, new_run_dir, save_args
+from runlog import (ARGS_FILE, CHECKPOINT_FILE, FINAL_FILE, GRID_NAME, WANDB_MODES, RunLog, latest_run_dir,
+                    load_args, new_run_dir, run_file, save_args, save_best)
 from ast_components import (balance_weight, intermediate_betas, intermediate_steps, kmeans_init,
                             perturb_start)
 from mct import CompressedTrajectory, compressed_dir, load_compressed
@@ -46,12 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     # data / model
-    a('--dataset', default='Digits', choices=DATASETS)
-    a('--subset', default='imagenette', choices=list(SUBSETS), help='ImageNet subset')
-    a('--res', type=int, default=128, help='ImageNet subset resolution (pixels)')
+    add_data_flags(p)
     a('--model', default=None, choices=list(MODELS), help="default: the dataset's ConvNet")
-    a('--zca', action='store_true', help='ZCA-whiten real and synthetic images (needs ZCA buffers)')
-    a('--data_path', default='data')
     a('--buffer_path', default='buffers')
     # synthetic set
     a('--ipc', type=int, default=10, help='synthetic images per class')
@@ -137,7 +134,7 @@ FLAG_DOMAINS = {
     'perturb_rho': NON_NEGATIVE, 'mct_k': integer(2), 'max_experts': POSITIVE_INT.or_none('all'),
     'expert_cache_mib': NON_NEGATIVE, 'max_skips': POSITIVE_INT, 'max_loss': POSITIVE, 'eval_it': POSITIVE_INT,
     'num_eval': POSITIVE_INT, 'epoch_eval_train': POSITIVE_INT, 'seed': SEED, 'save_every': POSITIVE_INT,
-    'res': POSITIVE_INT,
+    **DATA_FLAG_DOMAINS,
 }
 
 # flags a --resume may change: step sizes, stopping rules, logging; never what the matching, the evaluation
@@ -149,13 +146,13 @@ RESUME_OVERRIDABLE = ('lr_img', 'lr_lr', 'max_skips', 'max_loss', 'save_every', 
 def resume_args(parser: argparse.ArgumentParser, argv, given_resume: str, run_root: str
                 ) -> tuple[str, argparse.Namespace, dict]:
     """(run folder, the run's flags with the overrides applied, {flag: (old, new)} for each override)."""
-    run_dir = latest_run_dir(run_root, holding='checkpoint.pt') if given_resume == 'latest' else given_resume
-    if not run_dir or not os.path.isfile(os.path.join(run_dir, 'checkpoint.pt')):
+    run_dir = latest_run_dir(run_root, holding=CHECKPOINT_FILE) if given_resume == 'latest' else given_resume
+    if not run_dir or not os.path.isfile(run_file(run_dir, CHECKPOINT_FILE)):
         where = f"no run folder in {run_root} has one" if given_resume == 'latest' else f"none in {run_dir}"
-        raise UsageError(f"--resume {given_resume}: needs a checkpoint.pt ({where}); give a run folder of "
+        raise UsageError(f"--resume {given_resume}: needs a {CHECKPOINT_FILE} ({where}); give a run folder of "
                          f"distill.py that reached --save_every")
     saved = load_args(run_dir)
-    check_saved_flags(parser, saved, os.path.join(run_dir, 'args.json'))
+    check_saved_flags(parser, saved, run_file(run_dir, ARGS_FILE))
     merged = vars(parser.parse_args([]))  # defaults for flags newer than the run
     merged.update(saved)
     changes = {k: (merged.get(k), v) for k, v in explicit_flags(parser, argv).items()
@@ -178,18 +175,67 @@ def resume_command(run_dir: str, world_size: int, **flags) -> str:
     return ' '.join([how, '--resume', shlex.quote(run_dir)] + [f"--{k} {v:g}" for k, v in flags.items()])
 
 
-def guarded_step(opt_img: torch.optim.Optimizer, opt_lr: torch.optim.Optimizer, syn_lr: torch.Tensor) -> bool:
-    """syn_lr's SGD step, then the images', unless syn_lr would leave (0, inf): then syn_lr and its momentum
-    are put back and the images never take the step. Returns whether the step was taken."""
-    before, state = syn_lr.detach().clone(), copy.deepcopy(opt_lr.state_dict())
-    opt_lr.step()
-    if not bool(torch.isfinite(syn_lr) & (syn_lr > 0)):
+# ---------------------------------------------------------------- the synthetic set
+
+class SyntheticSet:
+    """What distillation learns: the images, their labels (fixed), the student lr syn_lr, and the two
+    SGD optimisers (momentum 0.5, as MTT). state_dict / load_state_dict are the checkpoint's part."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, lr_teacher: float, *, lr_img: float,
+                 lr_lr: float):
+        self.images = images.requires_grad_(True)
+        self.labels = labels
+        self.lr = torch.tensor(lr_teacher, device=images.device, requires_grad=True)
+        self.opt_img = torch.optim.SGD([self.images], lr=lr_img, momentum=0.5)
+        self.opt_lr = torch.optim.SGD([self.lr], lr=lr_lr, momentum=0.5)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def set_step_sizes(self, lr_img: float, lr_lr: float) -> None:
+        """The flags are the truth: a --resume override of --lr_img / --lr_lr takes effect here."""
+        self.opt_img.param_groups[0]['lr'], self.opt_lr.param_groups[0]['lr'] = lr_img, lr_lr
+
+    def zero_grad(self) -> None:
+        self.opt_img.zero_grad(set_to_none=True)
+        self.opt_lr.zero_grad(set_to_none=True)
+
+    def grads(self) -> list[torch.Tensor]:
+        return [self.images.grad, self.lr.grad]
+
+    def grads_finite(self) -> bool:
+        return self.images.grad is not None and bool(torch.isfinite(self.images.grad).all()
+                                                     and torch.isfinite(self.lr.grad))
+
+    def step(self) -> bool:
+        """syn_lr's SGD step, then the images', unless syn_lr would leave (0, inf): then syn_lr and its
+        momentum are put back and the images never take the step. Returns whether the step was taken."""
+        before, state = self.lr.detach().clone(), copy.deepcopy(self.opt_lr.state_dict())
+        self.opt_lr.step()
+        if not bool(torch.isfinite(self.lr) & (self.lr > 0)):
+            with torch.no_grad():
+                self.lr.copy_(before)
+            self.opt_lr.load_state_dict(state)
+            return False
+        self.opt_img.step()
+        return True
+
+    def state_dict(self) -> dict:
+        return {'images': self.images.detach().cpu(), 'syn_lr': self.lr.detach().cpu(), 'labels': self.labels.cpu(),
+                'opt_img': self.opt_img.state_dict(), 'opt_lr': self.opt_lr.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """copy_ and load_state_dict: onto this set's device. ValueError when the state is another run's."""
+        images, lr = state['images'], state['syn_lr']
+        if not (torch.is_tensor(images) and images.shape == self.images.shape and torch.is_tensor(lr)
+                and lr.numel() == 1):
+            raise ValueError(f"images of shape {tuple(getattr(images, 'shape', ()))}, this run's are "
+                             f"{tuple(self.images.shape)}")
         with torch.no_grad():
-            syn_lr.copy_(before)
-        opt_lr.load_state_dict(state)
-        return False
-    opt_img.step()
-    return True
+            self.images.copy_(images)
+            self.lr.copy_(lr.reshape(()))
+        self.opt_img.load_state_dict(state['opt_img'])
+        self.opt_lr.load_state_dict(state['opt_lr'])
 
 
 # ---------------------------------------------------------------- setup (all checks before long work)
@@ -211,7 +257,7 @@ def prepare(args):
     if not os.path.isdir(folder):
         raise UsageError(f"no expert buffers at {folder}; run buffer.py with the same --dataset/--model/--zca "
                          f"first (e.g. bash buffer.sh), or point --buffer_path at them")
-    data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res)
+    data = data_from_flags(args)
     try:
         nets = [get_network(m, data.channel, data.num_classes, data.im_size)  # ValueError if the size does not fit
                 for m in [args.model] + args.eval_mode]
@@ -306,14 +352,31 @@ def restore_rank_state(ckpt: dict, d: Dist, cursor: ExpertCursor, gen: torch.Gen
     set_rng_state(mine['rng'])
 
 
+# ---------------------------------------------------------------- checkpoint
+
+@dataclasses.dataclass
+class LoopState:
+    """The loop's counters; saved in the checkpoint as a plain dict."""
+    it: int = 0               # iterations done
+    best_acc: float = -1.0    # best mean accuracy of the first --eval_mode so far (selected on the test set)
+    best_it: int = -1
+    skipped: int = 0          # steps refused so far (see SKIP_WORDS)
+    skips_in_row: int = 0
+
+    def record(self, it: int, stepped: bool) -> None:
+        self.it = it + 1
+        self.skipped += not stepped
+        self.skips_in_row = 0 if stepped else self.skips_in_row + 1
+
+
 CHECKPOINT_KEYS = ('images', 'syn_lr', 'labels', 'opt_img', 'opt_lr', 'cursor', 'generator', 'rng', 'state')
-STATE_KEYS = ('it', 'best_acc', 'best_it', 'skipped', 'skips_in_row')
+STATE_KEYS = tuple(f.name for f in dataclasses.fields(LoopState))
 
 
 def load_checkpoint(run_dir: str, d: Dist) -> dict:
     """The run's checkpoint (on the CPU); it holds each rank's streams, so it continues only with as
     many processes."""
-    path = os.path.join(run_dir, 'checkpoint.pt')
+    path = run_file(run_dir, CHECKPOINT_FILE)
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated, foreign, or a pickle weights_only refuses (never loaded unsafely)
@@ -332,50 +395,197 @@ def load_checkpoint(run_dir: str, d: Dist) -> dict:
     return ckpt
 
 
-def restore(ckpt: dict, run_dir: str, d: Dist, syn_images, syn_lr, opt_img, opt_lr, cursor, gen) -> None:
-    """Put the checkpoint's tensors, optimiser and random states in place (copy_, load_state_dict: onto the
-    device); one that does not fit this run is a UsageError before any iteration."""
-    path = os.path.join(run_dir, 'checkpoint.pt')
-    images, lr = ckpt['images'], ckpt['syn_lr']
-    if not (torch.is_tensor(images) and images.shape == syn_images.shape and torch.is_tensor(lr) and lr.numel() == 1):
-        raise UsageError(f"{path} holds images of shape {tuple(getattr(images, 'shape', ()))}, this run's are "
-                         f"{tuple(syn_images.shape)}; it belongs to another run")
+def restore(ckpt: dict, run_dir: str, d: Dist, syn: SyntheticSet, cursor: ExpertCursor, gen: torch.Generator,
+            iterations: int) -> LoopState:
+    """Put the checkpoint's set, optimisers and random states in place and return its loop state; one that
+    does not fit this run is a UsageError before any iteration."""
+    path = run_file(run_dir, CHECKPOINT_FILE)
     try:
-        with torch.no_grad():
-            syn_images.copy_(images)
-            syn_lr.copy_(lr.reshape(()))
-        opt_img.load_state_dict(ckpt['opt_img'])
-        opt_lr.load_state_dict(ckpt['opt_lr'])
+        syn.load_state_dict(ckpt)
         restore_rank_state(ckpt, d, cursor, gen)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-        raise UsageError(f"{path} does not fit this run ({type(e).__name__}); restore it or start a new run") from None
+        raise UsageError(f"{path} does not fit this run ({type(e).__name__}: {e}); it belongs to another run: "
+                         f"restore it or start a new run") from None
+    state = LoopState(**{k: ckpt['state'][k] for k in STATE_KEYS})
+    if not (isinstance(state.it, int) and 0 <= state.it <= iterations):
+        raise UsageError(f"{path} is at iteration {state.it!r}, outside 0..{iterations} of its {ARGS_FILE}; "
+                         f"restore the run's files or start a new run")
+    return state
 
 
-# ---------------------------------------------------------------- main loop
+def save_checkpoint(run_dir: str, d: Dist, syn: SyntheticSet, state: LoopState, cursor: ExpertCursor,
+                    gen: torch.Generator, wandb_id: str | None) -> None:
+    """Collective: every rank hands its streams to rank 0, which writes; all leave once it is on disk."""
+    ranks = all_gather_objects(rank_state(cursor, gen))
+    if d.is_main:
+        path = run_file(run_dir, CHECKPOINT_FILE)
+        try:
+            atomic_torch_save({**syn.state_dict(), **ranks[0], 'other_ranks': ranks[1:], 'world_size': d.world_size,
+                               'state': dataclasses.asdict(state), 'wandb_id': wandb_id}, path)
+        except WriteError as e:
+            later = (f"then continue with {resume_command(run_dir, d.world_size)}" if os.path.exists(path)
+                     else "no checkpoint was written yet: start the run again")
+            raise WriteError(f"{e}; {later}") from None
+    barrier()
 
-@cli_entry
-def main(argv=None):
+
+# ---------------------------------------------------------------- one iteration
+
+@dataclasses.dataclass(frozen=True)
+class Matching:
+    """How one iteration samples, unrolls and steps (the flags, fixed for the run)."""
+    syn_steps: int
+    expert_epochs: int
+    max_start_epoch: int
+    continuous: bool          # MCT: real-valued start epochs
+    middle: bool              # AST intermediate matching
+    adaptive: bool            # ... with β_i = i/M
+    perturb: bool
+    perturb_variant: str
+    perturb_rho: float
+    balance: bool
+    balance_base: float
+    batch_syn: int
+    syn_mom: float
+    dsa: bool
+    unroll: str
+    auto_steps: bool
+    att_metric: str
+    max_loss: float
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, num_syn: int) -> 'Matching':
+        return cls(syn_steps=args.syn_steps, expert_epochs=args.expert_epochs, max_start_epoch=args.max_start_epoch,
+                   continuous=args.mct, middle=args.agg_middle_loss or args.adaptive_middle_loss,
+                   adaptive=args.adaptive_middle_loss, perturb=args.weight_perturb,
+                   perturb_variant=args.perturb_variant, perturb_rho=args.perturb_rho, balance=args.balance_loss,
+                   balance_base=args.balance_base, batch_syn=args.batch_syn or num_syn, syn_mom=args.syn_mom,
+                   dsa=args.dsa == 'True', unroll=args.unroll, auto_steps=args.auto_steps,
+                   att_metric=args.att_metric, max_loss=args.max_loss)
+
+
+@dataclasses.dataclass
+class Step:
+    """What one iteration did: loss and info are means over the ranks; t and nu are this rank's own."""
+    t: float | int
+    nu: float
+    loss: torch.Tensor
+    info: dict
+    skip: str | None   # why the step was refused (a SKIP_WORDS key), None if it was taken
+
+
+def iteration(syn: SyntheticSet, student: ReparamModule, trajectory, gen: torch.Generator, m: Matching) -> Step:
+    """Sample a start, unroll the student on the set, match the expert, and step the set (all ranks together)."""
+    t = sample_start(m.max_start_epoch, m.continuous, gen)
+    targets = expert_targets(trajectory, t, syn_steps=m.syn_steps, expert_epochs=m.expert_epochs,
+                             middle=m.middle, adaptive=m.adaptive)
+    w0, targets = student_start(targets, student.param_shapes, perturb=m.perturb, variant=m.perturb_variant,
+                                rho=m.perturb_rho, generator=gen)
+    nu = balance_weight(t, m.max_start_epoch, base=m.balance_base) if m.balance else 1.0
+    syn.zero_grad()
+    loss, info = match_and_backward(student, syn.images, syn.labels, syn.lr, w0, targets,
+                                    syn_steps=m.syn_steps, batch_syn=m.batch_syn, generator=gen,
+                                    syn_mom=m.syn_mom, use_dsa=m.dsa, loss_weight=nu, unroll_mode=m.unroll,
+                                    auto_steps=m.auto_steps, att_metric=m.att_metric)
+    loss_value = loss.item()  # one host sync for both checks
+    finite = math.isfinite(loss_value) and syn.grads_finite()
+    bounded = finite and loss_value <= m.max_loss
+    # agreed first: every rank then skips or steps together, and a skipped step needs no all-reduce.
+    # A non-finite or exploding loss or gradient (on any rank), or a step that would take syn_lr out
+    # of (0, inf) (the same on every rank: the averaged gradient), never reaches the images
+    agreed, stepped = all_ranks_true(bounded), False
+    if agreed:
+        all_reduce_mean_(syn.grads())  # the mean over the ranks' trajectories
+        stepped = syn.step()
+    skip = None if stepped else ('nonfinite' if not finite else 'max_loss' if not bounded
+                                 else 'syn_lr' if agreed else 'other_rank')
+    info = {k: mean_over_ranks(v) if torch.is_tensor(v) else v for k, v in info.items()}
+    return Step(t, nu, mean_over_ranks(loss), info, skip)
+
+
+def diverged(max_skips: int, it: int, skip: str, args: argparse.Namespace, run_dir: str, world_size: int) -> Diverged:
+    smaller = {'lr_img': args.lr_img / 10, **({'lr_lr': args.lr_lr / 10} if args.lr_lr > 0 else {})}
+    return Diverged(f"{max_skips} steps in a row were skipped (it {it}; last: {SKIP_WORDS[skip]}); the "
+                    f"run is checkpointed: continue it with smaller steps, e.g. "
+                    f"{resume_command(run_dir, world_size, **smaller)}"
+                    + (" (or a larger --max_loss)" if skip == 'max_loss' else ''))
+
+
+# ---------------------------------------------------------------- evaluation
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """How the set is scored during the run (the flags and the test set, fixed for the run)."""
+    models: list[str]
+    data_shape: tuple
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    epochs: int
+    num_eval: int
+    seed: int
+    lr_decay: str
+    parallel: str
+    accel: object
+    to_pixels: object   # images -> [0, 1] pixels for the picture
+    nrow: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, data, device: torch.device) -> 'Evaluation':
+        return cls(models=args.eval_mode, data_shape=(data.channel, data.im_size, data.num_classes),
+                   test_x=data.images_test.to(device), test_y=data.labels_test.to(device),
+                   epochs=args.epoch_eval_train, num_eval=args.num_eval, seed=args.seed, lr_decay=args.lr_decay,
+                   parallel=args.parallel_eval, accel=accel_from_args(args, device), to_pixels=data.to_pixels,
+                   nrow=args.ipc if args.ipc > 1 else data.num_classes)
+
+
+def evaluate(it: int, syn: SyntheticSet, ev: Evaluation, state: LoopState, log: RunLog, run_dir: str) -> None:
+    """Train ev.num_eval fresh networks per model on the set, log their test accuracy and the picture, and
+    keep the set if the first model's mean is the best so far (selected on the test set: labelled so)."""
+    results = evaluate_set(ev.models, ev.data_shape, syn.images, syn.labels, ev.test_x, ev.test_y,
+                           lr=syn.lr.item(), epochs=ev.epochs, num_eval=ev.num_eval, seed=ev.seed * 1000 + it,
+                           lr_decay=ev.lr_decay, parallel=ev.parallel, accel=ev.accel)
+    metrics = {}
+    for r in results:
+        metrics[f'eval/{r.model}_mean'], metrics[f'eval/{r.model}_std'] = r.mean, r.std
+        if r.max_acc_selected_on_test:  # --lr_decay ast: the authors' max over checks, chosen on the test set
+            maxes = r.max_acc_selected_on_test
+            metrics[f'eval/{r.model}_max_selected_on_test'] = sum(maxes) / len(maxes)
+        tqdm.write(f"it {it}: {r}")
+    if results[0].mean > state.best_acc:
+        state.best_acc, state.best_it = results[0].mean, it
+        save_best(run_dir, syn.images, syn.labels, syn.lr)
+    metrics['eval/best_mean_selected_on_test'] = state.best_acc
+    log.log(it, **metrics)
+    log.save_grid(ev.to_pixels(syn.images.detach().cpu()), ev.nrow, GRID_NAME, it)
+
+
+# ---------------------------------------------------------------- main
+
+@dataclasses.dataclass
+class Run:
+    """The objects one run works with, built by `setup`."""
+    d: Dist
+    syn: SyntheticSet
+    student: ReparamModule
+    cursor: ExpertCursor
+    gen: torch.Generator
+    matching: Matching
+    evaluation: Evaluation
+    ckpt: dict | None   # the checkpoint to resume from
+
+
+def read_flags(argv) -> tuple[argparse.Namespace, str | None, dict]:
+    """(flags, run folder to resume or None, {flag: (old, new)} for each --resume override)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    overrides = {}
     if args.resume:  # the run's own flags (never wandb's), with the safe ones given here overriding them
         run_dir, args, overrides = resume_args(parser, argv, args.resume, args.run_dir)
-        if os.path.exists(os.path.join(run_dir, 'final.json')):  # nothing to do: the folder stays as it is
-            print(f"{run_dir} has finished (final.json); nothing to resume"
-                  + (f" (ignored: {', '.join('--' + k for k in overrides)})" if overrides else ''))
-            return run_dir
-    else:
-        args = finalize_args(args)
-        run_dir = None
-    # every check runs before any work and before a run folder is made
-    check_flags(args, FLAG_DOMAINS)
-    device = pick_device(args.device)
-    if args.plan:  # needs no data, buffers or run folder: the dataset's shape is known
-        try:
-            print(describe_for_args(args, device))
-        except ValueError as e:
-            raise UsageError(f"--plan: {e}") from None
-        return None
+        return args, run_dir, overrides
+    return finalize_args(args), None, {}
+
+
+def setup(args: argparse.Namespace, run_dir: str | None, device: torch.device) -> Run:
+    """Every check (before any work and before a run folder is made), then the set, streams and student."""
     check_writable(run_dir or args.run_dir, 'run folder' if run_dir else '--run_dir')
     if run_dir and from_env().is_main:  # rank 0 alone writes the run folder (under torchrun: before init)
         remove_stray_temps(run_dir)
@@ -388,173 +598,117 @@ def main(argv=None):
         args.unroll, args.unroll_plan = choice['unroll'], choice
         if d.is_main:
             print(describe_choice(choice))
-
     gen = seed_everything(args.seed)
     expert_net = None
     if args.pix_init in ('kmeans', 'avg'):
         net = get_network(args.model, data.channel, data.num_classes, data.im_size)
         expert_net = final_expert_net(files, args.mct, net).to(device)
-    syn_images, syn_labels = init_synthetic(data, args.ipc, args.pix_init, gen, expert_net=expert_net,
-                                            seed=args.seed)
+    images, labels = init_synthetic(data, args.ipc, args.pix_init, gen, expert_net=expert_net, seed=args.seed)
     # the same start on every rank even if K-Means or the device differed; averaged steps keep it so
-    syn_images = broadcast_(syn_images.to(device)).requires_grad_(True)
-    syn_labels = syn_labels.to(device)
-    syn_lr = torch.tensor(args.lr_teacher, device=device, requires_grad=True)
-    opt_img = torch.optim.SGD([syn_images], lr=args.lr_img, momentum=0.5)
-    opt_lr = torch.optim.SGD([syn_lr], lr=args.lr_lr, momentum=0.5)
+    syn = SyntheticSet(broadcast_(images.to(device)), labels.to(device), args.lr_teacher, lr_img=args.lr_img,
+                       lr_lr=args.lr_lr)
     gen, cursor = rank_streams(args.seed, d.rank, gen, files, args.mct, args.expert_cache_mib)
-    accel = accel_from_args(args, device)
-    num_syn = syn_images.shape[0]
-    batch_syn = args.batch_syn or num_syn
+    evaluation = Evaluation.from_args(args, data, device)
     student = ReparamModule(get_network(args.model, data.channel, data.num_classes, data.im_size).to(device))
-    param_shapes = student.param_shapes
-    n_finals = []  # ATT's N_opt since the last evaluation, for the histogram
-    test_x, test_y = data.images_test.to(device), data.labels_test.to(device)
-    data_shape = (data.channel, data.im_size, data.num_classes)
+    return Run(d, syn, student, cursor, gen, Matching.from_args(args, len(syn)), evaluation, ckpt)
 
-    state = {'it': 0, 'best_acc': -1.0, 'best_it': -1, 'skipped': 0, 'skips_in_row': 0}
+
+def start_or_resume(r: Run, args: argparse.Namespace, run_dir: str | None,
+                    overrides: dict) -> tuple[LoopState, RunLog | None, str]:
+    """A new numbered run folder, or the checkpoint's state restored; rank 0 alone gets the log."""
     log = None  # rank 0 alone writes metrics, wandb, images and checkpoints
-    if ckpt is not None:  # resume: restore everything the loop reads
-        restore(ckpt, run_dir, d, syn_images, syn_lr, opt_img, opt_lr, cursor, gen)
-        state = ckpt['state']
-        if not (isinstance(state['it'], int) and 0 <= state['it'] <= args.Iteration):
-            raise UsageError(f"{run_dir}/checkpoint.pt is at iteration {state['it']!r}, outside 0..{args.Iteration} "
-                             f"of its args.json; restore the run's files or start a new run")
-        for group, lr in ((opt_img.param_groups[0], args.lr_img), (opt_lr.param_groups[0], args.lr_lr)):
-            group['lr'] = lr  # the flags are the truth: a --resume override takes effect here
-        if overrides:  # recorded with the iteration it took effect; a new streak of skips starts
-            state['skips_in_row'] = 0
-            earlier = getattr(args, 'resume_overrides', [])
-            args.resume_overrides = (earlier if isinstance(earlier, list) else []) + [
-                {'it': state['it'], **{k: {'was': old, 'now': new} for k, (old, new) in overrides.items()}}]
-            if d.is_main:
-                save_args(run_dir, vars(args))
-        if d.is_main:
-            log = RunLog(run_dir, vars(args), wandb_mode=args.wandb, project=args.project,
-                         wandb_id=ckpt.get('wandb_id'))
-            log.truncate_after(state['it'] - 1)
-    else:
-        if d.is_main:
+    if r.ckpt is None:
+        state = LoopState()
+        if r.d.is_main:
             run_dir = new_run_dir(args.run_dir, f'{args.dataset}-ipc{args.ipc}-{args.model}')
             save_args(run_dir, vars(args))
             log = RunLog(run_dir, vars(args), wandb_mode=args.wandb, project=args.project)
-        run_dir = broadcast_object(run_dir)  # one folder per run, named by rank 0
-    if d.is_main:
-        print(f"{'run folder:' if ckpt is None else 'resuming'} {run_dir}  (wandb: {log.mode})"
-              + (f"  ({d.world_size} processes)" if d.world_size > 1 else '')
-              + ('' if ckpt is None else "; its args.json flags are used"
-                 + (f", with {', '.join(f'--{k} {new}' for k, (_, new) in overrides.items())}" if overrides else '')))
+        return state, log, broadcast_object(run_dir)  # one folder per run, named by rank 0
+    state = restore(r.ckpt, run_dir, r.d, r.syn, r.cursor, r.gen, args.Iteration)
+    r.syn.set_step_sizes(args.lr_img, args.lr_lr)
+    if overrides:  # recorded with the iteration it took effect; a new streak of skips starts
+        state.skips_in_row = 0
+        earlier = getattr(args, 'resume_overrides', [])
+        args.resume_overrides = (earlier if isinstance(earlier, list) else []) + [
+            {'it': state.it, **{k: {'was': old, 'now': new} for k, (old, new) in overrides.items()}}]
+        if r.d.is_main:
+            save_args(run_dir, vars(args))
+    if r.d.is_main:
+        log = RunLog(run_dir, vars(args), wandb_mode=args.wandb, project=args.project,
+                     wandb_id=r.ckpt.get('wandb_id'))
+        log.truncate_after(state.it - 1)
+    return state, log, run_dir
 
-    def checkpoint():
-        """Collective: every rank hands its streams to rank 0, which writes; all leave once it is on disk."""
-        ranks = all_gather_objects(rank_state(cursor, gen))
-        if d.is_main:
-            path = os.path.join(run_dir, 'checkpoint.pt')
-            try:
-                atomic_torch_save({'images': syn_images.detach().cpu(), 'syn_lr': syn_lr.detach().cpu(),
-                                   'labels': syn_labels.cpu(), 'opt_img': opt_img.state_dict(),
-                                   'opt_lr': opt_lr.state_dict(), **ranks[0], 'other_ranks': ranks[1:],
-                                   'world_size': d.world_size, 'state': state, 'wandb_id': log.wandb_id}, path)
-            except WriteError as e:
-                later = (f"then continue with {resume_command(run_dir, d.world_size)}" if os.path.exists(path)
-                         else "no checkpoint was written yet: start the run again")
-                raise WriteError(f"{e}; {later}") from None
-        barrier()
 
-    def evaluate(it: int):
-        results = evaluate_set(args.eval_mode, data_shape, syn_images, syn_labels, test_x, test_y,
-                               lr=syn_lr.item(), epochs=args.epoch_eval_train, num_eval=args.num_eval,
-                               seed=args.seed * 1000 + it, lr_decay=args.lr_decay, parallel=args.parallel_eval,
-                               accel=accel)
-        metrics = {}
-        for r in results:
-            metrics[f'eval/{r.model}_mean'], metrics[f'eval/{r.model}_std'] = r.mean, r.std
-            if r.max_acc_selected_on_test:  # --lr_decay ast: the authors' max over checks, chosen on the test set
-                maxes = r.max_acc_selected_on_test
-                metrics[f'eval/{r.model}_max_selected_on_test'] = sum(maxes) / len(maxes)
-            tqdm.write(f"it {it}: {r}")
-        if results[0].mean > state['best_acc']:  # best is selected on the test set: labelled as such
-            state['best_acc'], state['best_it'] = results[0].mean, it
-            atomic_torch_save(syn_images.detach().cpu(), os.path.join(run_dir, 'images_best.pt'))
-            atomic_torch_save(syn_labels.cpu(), os.path.join(run_dir, 'labels_best.pt'))
-            atomic_torch_save(syn_lr.detach().cpu(), os.path.join(run_dir, 'lr_best.pt'))
-        metrics['eval/best_mean_selected_on_test'] = state['best_acc']
-        log.log(it, **metrics)
-        nrow = args.ipc if args.ipc > 1 else data.num_classes
-        log.save_grid(data.to_pixels(syn_images.detach().cpu()), nrow, 'synthetic_images', it)
+def announce(run_dir: str, log: RunLog, d: Dist, resumed: bool, overrides: dict) -> None:
+    print(f"{'resuming' if resumed else 'run folder:'} {run_dir}  (wandb: {log.mode})"
+          + (f"  ({d.world_size} processes)" if d.world_size > 1 else '')
+          + ('' if not resumed else f"; its {ARGS_FILE} flags are used"
+             + (f", with {', '.join(f'--{k} {new}' for k, (_, new) in overrides.items())}" if overrides else '')))
 
-    bar = tqdm(range(state['it'], args.Iteration), initial=state['it'], total=args.Iteration, desc='distill',
+
+def distill_loop(r: Run, args: argparse.Namespace, state: LoopState, log: RunLog | None, run_dir: str) -> None:
+    """From state.it to --Iteration: evaluate every --eval_it, one iteration, log, checkpoint every --save_every."""
+    d, n_finals = r.d, []  # ATT's N_opt since the last evaluation, for the histogram
+    wandb_id = log.wandb_id if log else None
+    bar = tqdm(range(state.it, args.Iteration), initial=state.it, total=args.Iteration, desc='distill',
                disable=not d.is_main)
     for it in bar:
         if it % args.eval_it == 0:
             if d.is_main:  # the other ranks go on with their unroll and wait in the next collective
-                evaluate(it)
+                evaluate(it, r.syn, r.evaluation, state, log, run_dir)
                 log.histogram('att/n_opt', n_finals, it)
             n_finals.clear()
-        trajectory = cursor.next()
-        t = sample_start(args.max_start_epoch, args.mct, gen)
-        targets = expert_targets(trajectory, t, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
-                                 middle=args.agg_middle_loss or args.adaptive_middle_loss,
-                                 adaptive=args.adaptive_middle_loss)
-        w0, targets = student_start(targets, param_shapes, perturb=args.weight_perturb, variant=args.perturb_variant,
-                                    rho=args.perturb_rho, generator=gen)
-        nu = balance_weight(t, args.max_start_epoch, base=args.balance_base) if args.balance_loss else 1.0
-        opt_img.zero_grad(set_to_none=True)
-        opt_lr.zero_grad(set_to_none=True)
-        loss, info = match_and_backward(student, syn_images, syn_labels, syn_lr, w0, targets,
-                                        syn_steps=args.syn_steps, batch_syn=batch_syn, generator=gen,
-                                        syn_mom=args.syn_mom, use_dsa=args.dsa == 'True', loss_weight=nu,
-                                        unroll_mode=args.unroll, auto_steps=args.auto_steps,
-                                        att_metric=args.att_metric)
-        n_finals.append(info['n_final'])
-        loss_value = loss.item()  # one host sync for both checks
-        finite = math.isfinite(loss_value) and syn_images.grad is not None and bool(
-            torch.isfinite(syn_images.grad).all() and torch.isfinite(syn_lr.grad))
-        bounded = finite and loss_value <= args.max_loss
-        # agreed first: every rank then skips or steps together, and a skipped step needs no all-reduce.
-        # A non-finite or exploding loss or gradient (on any rank), or a step that would take syn_lr out
-        # of (0, inf) (the same on every rank: the averaged gradient), never reaches the images
-        agreed, stepped = all_ranks_true(bounded), False
-        if agreed:
-            all_reduce_mean_([syn_images.grad, syn_lr.grad])  # the mean over the ranks' trajectories
-            stepped = guarded_step(opt_img, opt_lr, syn_lr)
-        skip = None if stepped else ('nonfinite' if not finite else 'max_loss' if not bounded
-                                     else 'syn_lr' if agreed else 'other_rank')
-        if stepped:
-            state['skips_in_row'] = 0
-        else:
-            state['skipped'] += 1
-            state['skips_in_row'] += 1
-        state['it'] = it + 1
-        # the logged loss and its terms are means over ranks; start_epoch, nu and n_final are rank 0's own
-        loss = mean_over_ranks(loss)
-        info = {k: mean_over_ranks(v) if torch.is_tensor(v) else v for k, v in info.items()}
+        step = iteration(r.syn, r.student, r.cursor.next(), r.gen, r.matching)
+        n_finals.append(step.info['n_final'])
+        state.record(it, stepped=step.skip is None)
         if d.is_main:
-            log.log(it, loss=loss.item(), syn_lr=syn_lr.item(), start_epoch=t, nu=nu, skipped=state['skipped'],
-                    **({'skip_reason': skip} if skip else {}), **info)
-            bar.set_postfix(loss=f'{loss.item():.4f}', syn_lr=f'{syn_lr.item():.2e}', skipped=state['skipped'])
-        if state['skips_in_row'] >= args.max_skips:
-            checkpoint()
-            smaller = {'lr_img': args.lr_img / 10, **({'lr_lr': args.lr_lr / 10} if args.lr_lr > 0 else {})}
-            raise Diverged(f"{args.max_skips} steps in a row were skipped (it {it}; last: {SKIP_WORDS[skip]}); the "
-                           f"run is checkpointed: continue it with smaller steps, e.g. "
-                           f"{resume_command(run_dir, d.world_size, **smaller)}"
-                           + (" (or a larger --max_loss)" if skip == 'max_loss' else ''))
-        if state['it'] % args.save_every == 0:
-            checkpoint()
-    # the loop ends at --Iteration (a finished run returned before it); a crash after the last checkpoint
-    # but before final.json resumes here and finishes
-    if d.is_main:
-        evaluate(args.Iteration)
-    checkpoint()
-    if d.is_main:
-        summary = {'best_mean_selected_on_test': state['best_acc'], 'best_it': state['best_it'],
-                   'skipped_steps': state['skipped'], 'syn_lr': syn_lr.item()}
-        atomic_write_json(summary, os.path.join(run_dir, 'final.json'))
-        print(f"done: best {100 * state['best_acc']:.2f}% at it {state['best_it']} (selected on test); "
-              f"{run_dir}")
-    if d.is_main:
+            log.log(it, loss=step.loss.item(), syn_lr=r.syn.lr.item(), start_epoch=step.t, nu=step.nu,
+                    skipped=state.skipped, **({'skip_reason': step.skip} if step.skip else {}), **step.info)
+            bar.set_postfix(loss=f'{step.loss.item():.4f}', syn_lr=f'{r.syn.lr.item():.2e}', skipped=state.skipped)
+        if state.skips_in_row >= args.max_skips:
+            save_checkpoint(run_dir, d, r.syn, state, r.cursor, r.gen, wandb_id)
+            raise diverged(args.max_skips, it, step.skip, args, run_dir, d.world_size)
+        if state.it % args.save_every == 0:
+            save_checkpoint(run_dir, d, r.syn, state, r.cursor, r.gen, wandb_id)
+
+
+def finish(r: Run, state: LoopState, log: RunLog | None, run_dir: str, iterations: int) -> None:
+    """The last evaluation, checkpoint and final.json. A crash after the last checkpoint but before
+    final.json resumes here and finishes."""
+    if r.d.is_main:
+        evaluate(iterations, r.syn, r.evaluation, state, log, run_dir)
+    save_checkpoint(run_dir, r.d, r.syn, state, r.cursor, r.gen, log.wandb_id if log else None)
+    if r.d.is_main:
+        summary = {'best_mean_selected_on_test': state.best_acc, 'best_it': state.best_it,
+                   'skipped_steps': state.skipped, 'syn_lr': r.syn.lr.item()}
+        atomic_write_json(summary, run_file(run_dir, FINAL_FILE))
+        print(f"done: best {100 * state.best_acc:.2f}% at it {state.best_it} (selected on test); {run_dir}")
         log.finish()
+
+
+@cli_entry
+def main(argv=None):
+    args, run_dir, overrides = read_flags(argv)
+    if run_dir and os.path.exists(run_file(run_dir, FINAL_FILE)):  # nothing to do: the folder stays as it is
+        print(f"{run_dir} has finished ({FINAL_FILE}); nothing to resume"
+              + (f" (ignored: {', '.join('--' + k for k in overrides)})" if overrides else ''))
+        return run_dir
+    check_flags(args, FLAG_DOMAINS)  # every check runs before any work and before a run folder is made
+    device = pick_device(args.device)
+    if args.plan:  # needs no data, buffers or run folder: the dataset's shape is known
+        try:
+            print(describe_for_args(args, device))
+        except ValueError as e:
+            raise UsageError(f"--plan: {e}") from None
+        return None
+    r = setup(args, run_dir, device)
+    resumed = r.ckpt is not None
+    state, log, run_dir = start_or_resume(r, args, run_dir, overrides)
+    if r.d.is_main:
+        announce(run_dir, log, r.d, resumed, overrides)
+    distill_loop(r, args, state, log, run_dir)
+    finish(r, state, log, run_dir, args.Iteration)
     cleanup()
     return run_dir
 

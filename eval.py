@@ -12,10 +12,10 @@ import os
 import torch
 
 from accel import accel_from_args, add_accel_flags
-from data import DATASETS, DEFAULT_MODEL, SUBSETS, load_dataset
+from data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, data_from_flags
 from evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set, markdown_table, random_real
 from networks import MODELS, get_network
-from runlog import latest_run_dir, load_args
+from runlog import ARGS_FILE, BEST_FILES, EVAL_FILE, latest_run_dir, load_args, run_file
 from utils import (POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, atomic_write_json, check_flags,
                    check_saved_flags, check_writable, cli_entry, pick_device, remove_stray_temps, seed_everything)
 
@@ -28,12 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument('--images', help='a tensor file of synthetic images (with --labels and --lr)')
     src.add_argument('--baseline', choices=['random', 'full'], help='random real images per class, or the full train set')
     a('--labels', help='labels tensor file for --images')
-    a('--run_dir', default='runs', help="where --run latest looks")
-    a('--dataset', default='Digits', choices=DATASETS, help='ignored with --run (taken from its args.json)')
-    a('--subset', default='imagenette', choices=list(SUBSETS))
-    a('--res', type=int, default=128)
-    a('--zca', action='store_true')
-    a('--data_path', default='data')
+    a('--run_dir', default='runs', help="where --run latest looks, and baselines write by default")
+    add_data_flags(p)  # --dataset/--subset/--res/--zca are taken from the run's args.json with --run
     a('--ipc', type=int, default=1, help='images per class for --baseline random')
     a('--lr', type=float, default=None, help='training lr (default: the learned lr of --run, else 0.01)')
     a('--eval_mode', nargs='+', default=None, choices=list(MODELS), help="architectures (default: the dataset's ConvNet)")
@@ -48,15 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
            'while the stacked batch stays small (same networks either way)')
     a('--seed', type=int, default=0, help='network i uses seed + i; also picks the random baseline images')
     a('--device', default='auto')
-    a('--out', default=None, help='JSON output (default: <run>/eval.json or eval_<source>.json)')
+    a('--out', default=None, help='JSON output (default: <run>/eval.json, or <run_dir>/baselines/eval_<source>.json for a baseline)')
     add_accel_flags(p)
     return p
 
 
 # flag -> allowed values; checked before anything is read or trained
 FLAG_DOMAINS = {'ipc': POSITIVE_INT, 'lr': POSITIVE.or_none("the run's learned lr, else 0.01"),
-                'num_eval': POSITIVE_INT, 'epoch_eval_train': POSITIVE_INT, 'res': POSITIVE_INT, 'seed': SEED}
-RUN_FILES = ('images_best.pt', 'labels_best.pt', 'lr_best.pt')
+                'num_eval': POSITIVE_INT, 'epoch_eval_train': POSITIVE_INT, 'seed': SEED,
+                **DATA_FLAG_DOMAINS}
+RUN_FILES = BEST_FILES
 
 
 def load_tensor(path: str, what: str) -> torch.Tensor:
@@ -95,7 +92,7 @@ def read_run(args) -> tuple[torch.Tensor, torch.Tensor, float]:
     if not os.path.isdir(args.run):
         raise UsageError(f"--run {args.run}: no such folder; give a distill.py run folder or 'latest'")
     run_args = load_args(args.run)
-    source = os.path.join(args.run, 'args.json')
+    source = run_file(args.run, ARGS_FILE)
     missing = [k for k in ('dataset', 'model') if k not in run_args]
     if missing:
         raise UsageError(f"{source} lacks '{missing[0]}'; it was edited or is corrupt (restore it)")
@@ -161,11 +158,12 @@ def main(argv=None):
     check_flags(args, FLAG_DOMAINS)
     device = pick_device(args.device)
     loaded, name = read_set(args)
-    out = args.out or (os.path.join(args.run, 'eval.json') if args.run else f'eval_{name}.json')
+    out = args.out or (run_file(args.run, EVAL_FILE) if args.run else os.path.join(args.run_dir, 'baselines',
+                                                                                   f'eval_{name}.json'))
     out_folder = os.path.dirname(os.path.abspath(out))
     check_writable(out_folder, 'output folder')
     remove_stray_temps(out_folder)
-    data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res)
+    data = data_from_flags(args)
     images, labels, lr = source_on(data, args, loaded)
     args.eval_mode = args.eval_mode or [DEFAULT_MODEL[args.dataset]]
     for m in args.eval_mode:

@@ -10,9 +10,28 @@ import re
 import torch
 import torch.nn.functional as F
 
-from utils import UsageError, WriteError, atomic_write_bytes, atomic_write_json, finite_or_none
+from utils import UsageError, WriteError, atomic_torch_save, atomic_write_bytes, atomic_write_json, finite_or_none
 
 WANDB_MODES = ('auto', 'online', 'offline', 'disabled')
+
+# The files of a distill.py run folder, named here only.
+ARGS_FILE = 'args.json'             # the run's flags (resume reads them back)
+METRICS_FILE = 'metrics.jsonl'      # one JSON object per logged iteration
+CHECKPOINT_FILE = 'checkpoint.pt'   # everything --resume needs
+FINAL_FILE = 'final.json'           # written last: the run has finished
+GRID_NAME = 'synthetic_images'      # <name>.png, the latest evaluated images
+EVAL_FILE = 'eval.json'             # eval.py --run's scores
+BEST_FILES = ('images_best.pt', 'labels_best.pt', 'lr_best.pt')  # the set at the best evaluation so far
+
+
+def run_file(run_dir: str, name: str) -> str:
+    return os.path.join(run_dir, name)
+
+
+def save_best(run_dir: str, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor) -> None:
+    """The set at the best evaluation so far (what eval.py --run reads)."""
+    for tensor, name in zip((images, labels, lr), BEST_FILES):
+        atomic_torch_save(tensor.detach().cpu(), run_file(run_dir, name))
 
 
 # ---------------------------------------------------------------- run folders
@@ -84,7 +103,7 @@ class RunLog:
     def __init__(self, run_dir: str, config: dict, *, wandb_mode: str = 'auto', project: str = 'ast-distill',
                  wandb_id: str | None = None):
         self.run_dir = run_dir
-        self.metrics_path = os.path.join(run_dir, 'metrics.jsonl')
+        self.metrics_path = run_file(run_dir, METRICS_FILE)
         self.mode = resolve_wandb_mode(wandb_mode)
         self.wandb = None
         if self.mode != 'disabled':
@@ -144,12 +163,12 @@ def _row(line: str) -> dict | None:
 
 
 def save_args(run_dir: str, args: dict) -> None:
-    atomic_write_json(args, os.path.join(run_dir, 'args.json'))
+    atomic_write_json(args, run_file(run_dir, ARGS_FILE))
 
 
 def load_args(run_dir: str) -> dict:
     """The run's args.json as a dict; a missing, garbage or non-object file is a UsageError naming it."""
-    path = os.path.join(run_dir, 'args.json')
+    path = run_file(run_dir, ARGS_FILE)
     try:
         with open(path) as f:
             args = json.load(f)

@@ -216,13 +216,19 @@ def test_every_ast_att_component_runs_together_in_both_unroll_modes(buffers, tmp
     flags = ['--Iteration', '2', '--eval_it', '100', '--wandb', 'disabled', '--pix_init', 'kmeans',
              '--balance_loss', '--agg_middle_loss', '--adaptive_middle_loss', '--weight_perturb', '--syn_mom', '0.9',
              '--auto_steps', '--expert_epochs', '2', '--max_start_epoch', '1']
-    runs = {}
+    runs, starts = {}, {}
     for mode in ('bptt', 'recompute'):
         run_dir = run_distill(buffers, tmp_path / mode, *flags, '--unroll', mode)
         runs[mode] = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
+        starts[mode] = torch.load(os.path.join(run_dir, 'images_best.pt'), weights_only=True)  # best at it 0
         rows = [r for r in metrics(run_dir) if 'loss' in r]
         assert all('loss_mid1' in r and 'nu' in r and 1 <= r['n_final'] <= 3 for r in rows)
-    torch.testing.assert_close(runs['recompute']['images'], runs['bptt']['images'], rtol=1e-4, atol=1e-5)
+    assert torch.equal(starts['bptt'], starts['recompute'])
+    # the two steps the images took agree to float rounding, which lr_img = 100 magnifies elementwise
+    # (a 1-thread CPU differs from a 2-thread one by 1e-4 in single pixels): compare the whole update
+    moved = {mode: runs[mode]['images'] - starts[mode] for mode in runs}
+    assert moved['bptt'].norm() > 0
+    assert (moved['recompute'] - moved['bptt']).norm() / moved['bptt'].norm() < 1e-4
     assert runs['bptt']['state']['skipped'] == 0
 
 

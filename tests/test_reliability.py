@@ -476,8 +476,8 @@ def test_unwritable_outputs_stop_before_any_work(env, tmp_path, monkeypatch, cap
     def no_work(*a, **k):
         raise AssertionError('work started before the output folder was checked')
     monkeypatch.setattr(buffer, 'train_expert', no_work)
-    monkeypatch.setattr(buffer, 'load_dataset', no_work)
-    monkeypatch.setattr(eval_script, 'load_dataset', no_work)
+    monkeypatch.setattr(buffer, 'data_from_flags', no_work)
+    monkeypatch.setattr(eval_script, 'data_from_flags', no_work)
     monkeypatch.setattr(distill, 'prepare', no_work)
     (tmp_path / 'ro').mkdir()
     refuse_writes_under(monkeypatch, tmp_path / 'ro')
@@ -584,26 +584,35 @@ def test_an_interrupted_sidecar_write_is_redone(env, tmp_path, capsys):
 
 # ---------------------------------------------------------------- syn_lr stays a learning rate
 
-def sgd_pair(lr_value, lr_grad):
-    images = torch.ones(2, 1, 2, 2, requires_grad=True)
-    syn_lr = torch.tensor(lr_value, requires_grad=True)
-    opt_img = torch.optim.SGD([images], lr=1.0, momentum=0.5)
-    opt_lr = torch.optim.SGD([syn_lr], lr=1.0, momentum=0.5)
-    images.grad, syn_lr.grad = torch.full_like(images, 0.25), torch.tensor(lr_grad)
-    return images, syn_lr, opt_img, opt_lr
+def synthetic_set(lr_value, lr_grad):
+    syn = distill.SyntheticSet(torch.ones(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), lr_value, lr_img=1.0, lr_lr=1.0)
+    syn.images.grad, syn.lr.grad = torch.full_like(syn.images, 0.25), torch.tensor(lr_grad)
+    return syn
 
 
-def test_guarded_step_refuses_a_step_that_leaves_syn_lr_non_positive():
-    images, syn_lr, opt_img, opt_lr = sgd_pair(0.01, 0.004)
-    assert distill.guarded_step(opt_img, opt_lr, syn_lr)       # 0.01 - 0.004 > 0: both step
-    assert syn_lr.item() == pytest.approx(0.006) and torch.allclose(images, torch.full_like(images, 0.75))
-    buf = opt_lr.state[syn_lr]['momentum_buffer'].clone()
-    for grad in (0.05, float('inf')):                          # would give 0.006 - (0.5*0.004 + 0.05) < 0; inf
-        images_before = images.detach().clone()
-        syn_lr.grad = torch.tensor(grad)
-        assert not distill.guarded_step(opt_img, opt_lr, syn_lr)
-        assert syn_lr.item() == pytest.approx(0.006) and torch.equal(images.detach(), images_before)
-        assert torch.equal(opt_lr.state[syn_lr]['momentum_buffer'], buf)   # its momentum is put back too
+def test_the_set_refuses_a_step_that_leaves_syn_lr_non_positive():
+    syn = synthetic_set(0.01, 0.004)
+    assert syn.step()                                            # 0.01 - 0.004 > 0: both step
+    assert syn.lr.item() == pytest.approx(0.006) and torch.allclose(syn.images, torch.full_like(syn.images, 0.75))
+    buf = syn.opt_lr.state[syn.lr]['momentum_buffer'].clone()
+    for grad in (0.05, float('inf')):                            # would give 0.006 - (0.5*0.004 + 0.05) < 0; inf
+        images_before = syn.images.detach().clone()
+        syn.lr.grad = torch.tensor(grad)
+        assert not syn.step()
+        assert syn.lr.item() == pytest.approx(0.006) and torch.equal(syn.images.detach(), images_before)
+        assert torch.equal(syn.opt_lr.state[syn.lr]['momentum_buffer'], buf)   # its momentum is put back too
+
+
+def test_the_set_state_dict_round_trips_and_refuses_another_runs_shape():
+    syn = synthetic_set(0.01, 0.004)
+    syn.step()
+    other = distill.SyntheticSet(torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), 0.5, lr_img=1.0, lr_lr=1.0)
+    other.load_state_dict(syn.state_dict())
+    assert torch.equal(other.images.detach(), syn.images.detach()) and other.lr.item() == syn.lr.item()
+    assert torch.equal(other.opt_lr.state[other.lr]['momentum_buffer'], syn.opt_lr.state[syn.lr]['momentum_buffer'])
+    bigger = distill.SyntheticSet(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long), 0.5, lr_img=1.0, lr_lr=1.0)
+    with pytest.raises(ValueError, match='shape'):
+        bigger.load_state_dict(syn.state_dict())
 
 
 def test_a_step_pushing_syn_lr_negative_is_skipped_and_the_advice_works(env, tmp_path, monkeypatch, capsys):
