@@ -34,7 +34,7 @@ from ast_components import (balance_weight, intermediate_betas, intermediate_ste
                             perturb_start)
 from mct import CompressedTrajectory, compressed_dir, load_compressed
 from reparam_module import load_flat_
-from trajectory_io import ExpertCursor, buffer_dir, load_trajectory_tensors, validate_buffers
+from trajectory_io import ExpertCursor, buffer_dir, load_trajectory_tensors, read_meta, validate_buffers
 from utils import (MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, Diverged, UsageError, WriteError,
                    atomic_torch_save, atomic_write_json, check_flags, check_saved_flags, check_writable, cli_entry,
                    explicit_flags, integer, pick_device, real, remove_stray_temps, rng_state, seed_everything,
@@ -250,6 +250,15 @@ def init_synthetic(data, ipc: int, pix_init: str, generator: torch.Generator, *,
     return torch.randn(len(labels), data.channel, *data.im_size, generator=generator), labels
 
 
+def check_valid_split(folder: str, valid: int) -> None:
+    """The experts must have trained on this run's training images: with the same --valid split."""
+    meta = read_meta(folder, 0)
+    trained = meta.get('valid', 0) if meta else valid  # sidecars before --valid: no split; no sidecar: unknown
+    if trained != valid:
+        raise UsageError(f"the experts in {folder} were trained with --valid {trained}, this run has --valid {valid}; "
+                         f"give --valid {trained} or train experts with --valid {valid}")
+
+
 def prepare(args):
     """Every check that can fail fast: data, model/size, ipc, every expert file read. Returns (data, expert files)."""
     check_dataset(args.dataset, args.data_path, subset=args.subset)
@@ -257,6 +266,7 @@ def prepare(args):
     if not os.path.isdir(folder):
         raise UsageError(f"no expert buffers at {folder}; run buffer.py with the same --dataset/--model/--zca "
                          f"first (e.g. bash buffer.sh), or point --buffer_path at them")
+    check_valid_split(folder, args.valid)
     data = data_from_flags(args)
     try:
         nets = [get_network(m, data.channel, data.num_classes, data.im_size)  # ValueError if the size does not fit

@@ -251,13 +251,3 @@ def match_and_backward(student, syn_images, syn_labels, syn_lr, w0: torch.Tensor
                                    syn_mom=syn_mom, use_dsa=use_dsa, loss_weight=loss_weight)
         info['n_final'] = n_final
         return loss.detach(), info
-
-
-def matching_loss(student, syn_images, syn_labels, syn_lr, start: torch.Tensor, target: torch.Tensor, *,
-                  syn_steps: int, batch_syn: int, generator: torch.Generator, syn_mom: float = 0.0,
-                  use_dsa: bool = True, loss_weight: float = 1.0) -> torch.Tensor:
-    """MTT's loss with its graph: L = ||w_N - θ*_{t+M}||² / ||θ*_t - θ*_{t+M}||² (for tests and tools)."""
-    device = syn_images.device
-    ws = unroll(student, syn_images, syn_labels, syn_lr, start, syn_steps=syn_steps, batch_syn=batch_syn,
-                generator=generator, syn_mom=syn_mom, use_dsa=use_dsa, loss_weight=loss_weight)
-    return param_distance_ratio(ws[-1], start.to(device), target.to(device))

@@ -1,5 +1,6 @@
 """Tests for data.py and prep_tiny.py on tiny fixtures written in the real on-disk formats."""
 import gzip
+from collections import Counter
 import os
 import pickle
 import struct
@@ -63,9 +64,10 @@ def _idx_bytes(arr, magic):
     return struct.pack('>i', magic) + struct.pack(f'>{arr.ndim}i', *arr.shape) + arr.astype(np.uint8).tobytes()
 
 
-def write_idx(root, name, gz=False, n_train=5, n_test=3, images_magic=2051):
-    d = Path(root) / name / 'raw'
-    d.mkdir(parents=True)
+def write_idx(root, name, gz=False, n_train=5, n_test=3, images_magic=2051, flat=False):
+    """flat: the files directly in root (Debian's dataset-fashion-mnist), else torchvision's root/name/raw."""
+    d = Path(root) if flat else Path(root) / name / 'raw'
+    d.mkdir(parents=True, exist_ok=True)
     for prefix, n in (('train', n_train), ('t10k', n_test)):
         x = np.zeros((n, 28, 28), dtype=np.uint8)
         x[:, 4, 7] = 255
@@ -245,6 +247,37 @@ def test_fashion_mnist_gz_idx(tmp_path):
     d = load_dataset('FashionMNIST', str(tmp_path))
     assert d.class_names[9] == 'Ankle boot' and d.labels_test.tolist() == [0, 1, 2]
     assert torch.allclose(d.images_test[:, 0, 4, 7], torch.full((3,), norm(1.0, 0.2861, 0.3530)))
+
+
+def test_fashion_mnist_debian_layout_reads_the_files_in_data_path_itself(tmp_path):
+    with pytest.raises(DataError, match='apt-get install dataset-fashion-mnist'):
+        check_dataset('FashionMNIST', str(tmp_path))
+    write_idx(tmp_path, 'FashionMNIST', gz=True, flat=True)
+    check_dataset('FashionMNIST', str(tmp_path))
+    d = load_dataset('FashionMNIST', str(tmp_path))
+    assert d.images_train.shape == (5, 1, 28, 28) and d.labels_test.tolist() == [0, 1, 2]
+    torchvision_layout = write_idx(tmp_path / 'tv', 'FashionMNIST', gz=True)
+    same = load_dataset('FashionMNIST', str(tmp_path / 'tv'))
+    assert torchvision_layout.name == 'raw' and torch.equal(same.images_train, d.images_train)
+
+
+def test_valid_holds_out_the_same_training_images_in_every_run():
+    full = load_dataset('Digits')
+    torch.manual_seed(123)  # the split ignores the global seed
+    a = load_dataset('Digits', valid=100)
+    torch.manual_seed(7)
+    b = load_dataset('Digits', valid=100)
+    assert torch.equal(a.images_val, b.images_val) and torch.equal(a.labels_train, b.labels_train)
+    assert len(a.images_val) == 100 and len(a.images_train) + 100 == len(full.images_train)
+    assert torch.equal(a.images_test, full.images_test) and full.images_val is None
+    # a partition of the training set: every image is in exactly one part, with its own label
+    def pairs(x, y):
+        return Counter((tuple(i.flatten().tolist()), int(label)) for i, label in zip(x, y))
+    assert pairs(a.images_train, a.labels_train) + pairs(a.images_val, a.labels_val) == \
+        pairs(full.images_train, full.labels_train)
+    assert set(a.labels_val.tolist()) == set(range(10))  # random, not one class
+    with pytest.raises(DataError, match='--valid'):
+        load_dataset('Digits', valid=len(full.images_train))
 
 
 def test_idx_wrong_magic_and_truncation(tmp_path):

@@ -3,9 +3,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matching import matching_loss, syn_batches, unroll
+from matching import param_distance_ratio, syn_batches, unroll
 from networks import ConvNet
 from reparam_module import ReparamModule
+
+
+def matching_loss(student, syn_images, syn_labels, syn_lr, start, target, *, syn_steps, batch_syn, generator,
+                  syn_mom=0.0, use_dsa=True, loss_weight=1.0):
+    """The reference: MTT's loss with its whole graph, ||w_N - θ*_{t+M}||² / ||θ*_t - θ*_{t+M}||²."""
+    ws = unroll(student, syn_images, syn_labels, syn_lr, start, syn_steps=syn_steps, batch_syn=batch_syn,
+                generator=generator, syn_mom=syn_mom, use_dsa=use_dsa, loss_weight=loss_weight)
+    return param_distance_ratio(ws[-1], start, target)
 
 
 def tiny_problem(dtype=torch.float64, seed=0):
