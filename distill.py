@@ -31,9 +31,9 @@ from reparam_module import ReparamModule
 from runlog import WANDB_MODES, RunLog, latest_run_dir, load_args, new_run_dir, save_args
 from ast_components import (balance_weight, intermediate_betas, intermediate_steps, kmeans_init,
                             perturb_start)
-from mct import CompressedTrajectory, compressed_dir, load_compressed
+from mct import compressed_dir
 from reparam_module import load_flat_
-from trajectory_io import ExpertCursor, buffer_dir, load_trajectory_tensors, validate_buffers
+from trajectory_io import ExpertCursor, ExpertTrajectory, buffer_dir, trajectory_kind, validate_buffers
 from utils import (MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, Diverged, UsageError, WriteError,
                    atomic_torch_save, atomic_write_json, check_flags, check_saved_flags, check_writable, cli_entry,
                    explicit_flags, integer, pick_device, real, remove_stray_temps, rng_state, seed_everything,
@@ -236,7 +236,7 @@ def prepare(args):
 # ---------------------------------------------------------------- expert points and AST pieces
 
 def trajectory_loader(mct: bool):
-    return load_compressed if mct else load_trajectory_tensors
+    return trajectory_kind(mct).load_file
 
 
 def sample_start(max_start_epoch: int, continuous: bool, generator: torch.Generator) -> float | int:
@@ -246,12 +246,13 @@ def sample_start(max_start_epoch: int, continuous: bool, generator: torch.Genera
     return int(torch.randint(0, max_start_epoch, (1,), generator=generator))
 
 
-def point(trajectory, s) -> torch.Tensor:
+def point(trajectory: ExpertTrajectory, s) -> torch.Tensor:
     """θ*(s): a stored snapshot, or MCT's convexified θ(s) for real s."""
-    return trajectory.at(s) if isinstance(trajectory, CompressedTrajectory) else trajectory[s]
+    return trajectory.at(s)
 
 
-def expert_targets(trajectory, t, *, syn_steps: int, expert_epochs: int, middle: bool, adaptive: bool) -> Targets:
+def expert_targets(trajectory: ExpertTrajectory, t, *, syn_steps: int, expert_epochs: int, middle: bool,
+                   adaptive: bool) -> Targets:
     """θ*_t, θ*_{t+M} and, with AST's intermediate matching, (n_i, θ*_{t+i}, β_i) for i = 1..M-1."""
     mids = []
     if middle:
@@ -274,7 +275,7 @@ def student_start(targets: Targets, param_shapes, *, perturb: bool, variant: str
 def final_expert_net(files: list[str], mct: bool, net: torch.nn.Module) -> torch.nn.Module:
     """The first expert at its last epoch, for K-Means features."""
     traj = trajectory_loader(mct)(files[0])[0]
-    load_flat_(net, point(traj, traj.num_epochs if mct else -1))
+    load_flat_(net, point(traj, traj.num_epochs))
     return net
 
 
