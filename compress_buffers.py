@@ -5,12 +5,48 @@
 Writes {folder}/mct{k}/replay_buffer_{n}.pt; re-running skips files already compressed.
 """
 import argparse
+import os
 
 from data import DATASETS, DEFAULT_MODEL, SUBSETS
-from mct import compress_buffer_folder
+from mct import compress, compressed_dir
 from networks import MODELS
-from trajectory_io import buffer_dir
-from utils import CliParser, UsageError, check_flags, cli_entry, integer
+from trajectory_io import Trajectory, buffer_dir, expert_files, load_trajectories
+from utils import CliParser, UsageError, atomic_torch_save, atomic_write_bytes, check_flags, cli_entry, integer
+
+
+def compress_buffer_folder(folder: str, k: int = 4, out_folder: str | None = None) -> dict:
+    """Compress every replay_buffer_{n}.pt of an MTT folder into out_folder (default {folder}/mct{k}).
+
+    Files already in out_folder are skipped (re-runs are cheap; writes are atomic, so an existing file
+    is complete). JSON sidecars are copied so the dataset/model checks still work on the output.
+    Sizes are bytes on disk, over all files (skipped ones included).
+    """
+    files = expert_files(folder)
+    if not files:
+        raise UsageError(f"no expert buffers (replay_buffer_*.pt) in {folder}; run buffer.py first "
+                         f"or check --buffer_path/--dataset/--model/--zca")
+    out_folder = out_folder or compressed_dir(folder, k)
+    written = bytes_full = bytes_compressed = 0
+    for path in files:
+        name = os.path.basename(path)
+        out = os.path.join(out_folder, name)
+        if not os.path.exists(out):
+            compressed = []
+            for snapshots in load_trajectories(path):  # one [E+1, P] tensor at a time
+                traj = Trajectory.from_snapshots(snapshots)
+                compressed.append(compress(traj.snapshots, traj.param_numels, k).state_dict())
+            atomic_torch_save(compressed, out)
+            written += 1
+        sidecar = path[:-len('.pt')] + '.json'
+        out_sidecar = os.path.join(out_folder, os.path.basename(sidecar))
+        if os.path.exists(sidecar) and not os.path.exists(out_sidecar):
+            with open(sidecar, 'rb') as f:
+                atomic_write_bytes(f.read(), out_sidecar)
+        bytes_full += os.path.getsize(path)
+        bytes_compressed += os.path.getsize(out)
+    return {'files': len(files), 'written': written, 'skipped': len(files) - written, 'out_folder': out_folder,
+            'bytes_full': bytes_full, 'bytes_compressed': bytes_compressed,
+            'ratio': bytes_compressed / bytes_full}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,9 +32,9 @@ from runlog import (ARGS_FILE, CHECKPOINT_FILE, FINAL_FILE, GRID_NAME, WANDB_MOD
                     load_args, new_run_dir, run_file, save_args, save_best)
 from ast_components import (balance_weight, intermediate_betas, intermediate_steps, kmeans_init,
                             perturb_start)
-from mct import CompressedTrajectory, compressed_dir, load_compressed
+from mct import compressed_dir
 from reparam_module import load_flat_
-from trajectory_io import ExpertCursor, buffer_dir, load_trajectory_tensors, read_meta, validate_buffers
+from trajectory_io import ExpertCursor, ExpertTrajectory, buffer_dir, read_meta, trajectory_kind, validate_buffers
 from utils import (MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, Diverged, UsageError, WriteError,
                    atomic_torch_save, atomic_write_json, check_flags, check_saved_flags, check_writable, cli_entry,
                    explicit_flags, integer, pick_device, real, remove_stray_temps, rng_state, seed_everything,
@@ -291,10 +291,6 @@ def prepare(args):
 
 # ---------------------------------------------------------------- expert points and AST pieces
 
-def trajectory_loader(mct: bool):
-    return load_compressed if mct else load_trajectory_tensors
-
-
 def sample_start(max_start_epoch: int, continuous: bool, generator: torch.Generator) -> float | int:
     """t ~ U{0..T+-1} (MTT), or t ~ U[0, T+) real-valued on a compressed trajectory (MCT)."""
     if continuous:
@@ -302,18 +298,15 @@ def sample_start(max_start_epoch: int, continuous: bool, generator: torch.Genera
     return int(torch.randint(0, max_start_epoch, (1,), generator=generator))
 
 
-def point(trajectory, s) -> torch.Tensor:
-    """θ*(s): a stored snapshot, or MCT's convexified θ(s) for real s."""
-    return trajectory.at(s) if isinstance(trajectory, CompressedTrajectory) else trajectory[s]
-
-
-def expert_targets(trajectory, t, *, syn_steps: int, expert_epochs: int, middle: bool, adaptive: bool) -> Targets:
-    """θ*_t, θ*_{t+M} and, with AST's intermediate matching, (n_i, θ*_{t+i}, β_i) for i = 1..M-1."""
+def expert_targets(trajectory: ExpertTrajectory, t, *, syn_steps: int, expert_epochs: int, middle: bool,
+                   adaptive: bool) -> Targets:
+    """θ*_t, θ*_{t+M} and, with AST's intermediate matching, (n_i, θ*_{t+i}, β_i) for i = 1..M-1 (θ*(s): a
+    stored snapshot, or MCT's convexified θ(s) for real s)."""
     mids = []
     if middle:
         steps, betas = intermediate_steps(syn_steps, expert_epochs), intermediate_betas(expert_epochs, adaptive)
-        mids = [(n, point(trajectory, t + i), beta) for i, (n, beta) in enumerate(zip(steps, betas), start=1)]
-    return Targets(point(trajectory, t), point(trajectory, t + expert_epochs), mids)
+        mids = [(n, trajectory.at(t + i), beta) for i, (n, beta) in enumerate(zip(steps, betas), start=1)]
+    return Targets(trajectory.at(t), trajectory.at(t + expert_epochs), mids)
 
 
 def student_start(targets: Targets, param_shapes, *, perturb: bool, variant: str, rho: float,
@@ -329,8 +322,8 @@ def student_start(targets: Targets, param_shapes, *, perturb: bool, variant: str
 
 def final_expert_net(files: list[str], mct: bool, net: torch.nn.Module) -> torch.nn.Module:
     """The first expert at its last epoch, for K-Means features."""
-    traj = trajectory_loader(mct)(files[0])[0]
-    load_flat_(net, point(traj, traj.num_epochs if mct else -1))
+    traj = trajectory_kind(mct).load_file(files[0])[0]
+    load_flat_(net, traj.at(traj.num_epochs))
     return net
 
 
@@ -345,7 +338,7 @@ def rank_streams(seed: int, rank: int, init_gen: torch.Generator, files: list[st
     initialisation, so ranks match different trajectories from the same images.
     """
     gen = init_gen if rank == 0 else seed_everything(rank_seed(seed, rank))
-    return gen, ExpertCursor(files, rank_seed(seed, rank), loader=trajectory_loader(mct), cache_mib=cache_mib)
+    return gen, ExpertCursor(files, rank_seed(seed, rank), loader=trajectory_kind(mct).load_file, cache_mib=cache_mib)
 
 
 def rank_state(cursor: ExpertCursor, gen: torch.Generator) -> dict:
@@ -447,7 +440,6 @@ class Matching:
     syn_steps: int
     expert_epochs: int
     max_start_epoch: int
-    continuous: bool          # MCT: real-valued start epochs
     middle: bool              # AST intermediate matching
     adaptive: bool            # ... with β_i = i/M
     perturb: bool
@@ -466,7 +458,7 @@ class Matching:
     @classmethod
     def from_args(cls, args: argparse.Namespace, num_syn: int) -> 'Matching':
         return cls(syn_steps=args.syn_steps, expert_epochs=args.expert_epochs, max_start_epoch=args.max_start_epoch,
-                   continuous=args.mct, middle=args.agg_middle_loss or args.adaptive_middle_loss,
+                   middle=args.agg_middle_loss or args.adaptive_middle_loss,
                    adaptive=args.adaptive_middle_loss, perturb=args.weight_perturb,
                    perturb_variant=args.perturb_variant, perturb_rho=args.perturb_rho, balance=args.balance_loss,
                    balance_base=args.balance_base, batch_syn=args.batch_syn or num_syn, syn_mom=args.syn_mom,
@@ -484,9 +476,10 @@ class Step:
     skip: str | None   # why the step was refused (a SKIP_WORDS key), None if it was taken
 
 
-def iteration(syn: SyntheticSet, student: ReparamModule, trajectory, gen: torch.Generator, m: Matching) -> Step:
+def iteration(syn: SyntheticSet, student: ReparamModule, trajectory: ExpertTrajectory, gen: torch.Generator,
+              m: Matching) -> Step:
     """Sample a start, unroll the student on the set, match the expert, and step the set (all ranks together)."""
-    t = sample_start(m.max_start_epoch, m.continuous, gen)
+    t = sample_start(m.max_start_epoch, trajectory.continuous_time, gen)  # MCT: real-valued
     targets = expert_targets(trajectory, t, syn_steps=m.syn_steps, expert_epochs=m.expert_epochs,
                              middle=m.middle, adaptive=m.adaptive)
     w0, targets = student_start(targets, student.param_shapes, perturb=m.perturb, variant=m.perturb_variant,

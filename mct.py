@@ -7,18 +7,20 @@ waypoints around s, at the speed the expert moved that layer: far fewer bytes th
 and a continuous, convex-by-segment target to sample from.
 
 On disk: {folder}/mct{k}/replay_buffer_{n}.pt, a list of CompressedTrajectory.state_dict() (plain
-tensors, loadable with weights_only=True), next to a copy of the expert's JSON sidecar.
+tensors, loadable with weights_only=True), next to a copy of the expert's JSON sidecar
+(compress_buffers.py writes them). CompressedTrajectory answers trajectory_io.ExpertTrajectory, the
+interface distill.py reads either kind through; this module imports nothing of trajectory_io.
 """
 import math
 import os
 from bisect import bisect_right
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from trajectory_io import expert_files, load_trajectories, trajectory_tensor
-from utils import UsageError, atomic_torch_save, atomic_write_bytes
+from utils import UsageError
 
 KEYS = ('epochs', 'waypoints', 'fractions', 'layer_sizes')
 
@@ -48,6 +50,7 @@ class CompressedTrajectory:
     waypoints: Tensor    # [K, P] float32 parameters at those epochs
     fractions: Tensor    # [E+1, L] float32 cumulative path-length fraction per layer within its segment
     layer_sizes: Tensor  # [L] int64 numel of each parameter tensor, parameters() order
+    continuous_time: ClassVar[bool] = True  # θ(s) is defined for real s: start epochs are drawn real-valued
 
     def __post_init__(self):
         # Checked here so from_state_dict on a foreign dict fails with a clear message, not deep in at().
@@ -66,6 +69,14 @@ class CompressedTrajectory:
     @property
     def num_epochs(self) -> int:
         return int(self.epochs[-1])
+
+    @property
+    def param_numels(self) -> tuple[int, ...]:
+        return tuple(self.layer_sizes.tolist())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.state_dict().values())
 
     def segment(self, s: float) -> tuple[int, Tensor]:
         """(i, frac): s lies in segment [epochs[i], epochs[i+1]]; frac [L] is each layer's position along it.
@@ -101,6 +112,19 @@ class CompressedTrajectory:
             raise ValueError(f"not a CompressedTrajectory state dict (needs tensors {', '.join(KEYS)})")
         return cls(epochs=d['epochs'].long(), waypoints=d['waypoints'].float(),
                    fractions=d['fractions'].float(), layer_sizes=d['layer_sizes'].long())
+
+    @classmethod
+    def load_file(cls, path: str) -> list['CompressedTrajectory']:
+        return load_compressed(path)
+
+    @classmethod
+    def epochs_on_disk(cls, path: str, meta: dict | None, *, model: str, param_shapes: list) -> int:
+        """Always a full read (the files are small): the sidecar is the MTT file's copy, not this file's."""
+        trajs = load_compressed(path)
+        if {t.param_numels for t in trajs} != {tuple(math.prod(s) for s in param_shapes)}:
+            raise UsageError(f"{path} does not fit model {model} (layer sizes differ); "
+                             f"these buffers were made for another model or dataset")
+        return min(t.num_epochs for t in trajs)
 
 
 # ---------------------------------------------------------------- compression
@@ -159,41 +183,6 @@ def compress(trajectory: Tensor, layer_sizes: list[int], k: int = 4) -> Compress
 
 def compressed_dir(folder: str, k: int = 4) -> str:
     return os.path.join(folder, f'mct{k}')
-
-
-def compress_buffer_folder(folder: str, k: int = 4, out_folder: str | None = None) -> dict:
-    """Compress every replay_buffer_{n}.pt of an MTT folder into out_folder (default {folder}/mct{k}).
-
-    Files already in out_folder are skipped (re-runs are cheap; writes are atomic, so an existing file
-    is complete). JSON sidecars are copied so the dataset/model checks still work on the output.
-    Sizes are bytes on disk, over all files (skipped ones included).
-    """
-    files = expert_files(folder)
-    if not files:
-        raise UsageError(f"no expert buffers (replay_buffer_*.pt) in {folder}; run buffer.py first "
-                         f"or check --buffer_path/--dataset/--model/--zca")
-    out_folder = out_folder or compressed_dir(folder, k)
-    written = bytes_full = bytes_compressed = 0
-    for path in files:
-        name = os.path.basename(path)
-        out = os.path.join(out_folder, name)
-        if not os.path.exists(out):
-            compressed = []
-            for traj in load_trajectories(path):
-                sizes = [t.numel() for t in traj[0]]
-                compressed.append(compress(trajectory_tensor(traj), sizes, k).state_dict())
-            atomic_torch_save(compressed, out)
-            written += 1
-        sidecar = path[:-len('.pt')] + '.json'
-        out_sidecar = os.path.join(out_folder, os.path.basename(sidecar))
-        if os.path.exists(sidecar) and not os.path.exists(out_sidecar):
-            with open(sidecar, 'rb') as f:
-                atomic_write_bytes(f.read(), out_sidecar)
-        bytes_full += os.path.getsize(path)
-        bytes_compressed += os.path.getsize(out)
-    return {'files': len(files), 'written': written, 'skipped': len(files) - written, 'out_folder': out_folder,
-            'bytes_full': bytes_full, 'bytes_compressed': bytes_compressed,
-            'ratio': bytes_compressed / bytes_full}
 
 
 def load_compressed(path: str) -> list[CompressedTrajectory]:

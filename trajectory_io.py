@@ -5,16 +5,61 @@ Each .pt holds a list of trajectories; a trajectory is a list of E+1 snapshots (
 each epoch); a snapshot is a list of CPU float32 tensors in model.parameters() order. buffer.py
 writes one expert per file (file n = expert n, so names never race) plus replay_buffer_{n}.json
 metadata; MTT's files with several experts each read the same way.
+
+Readers of experts see one interface, ExpertTrajectory, whichever kind the folder holds: MTT's files
+(Trajectory, here) or MCT's compressed ones (mct.CompressedTrajectory); trajectory_kind(compressed)
+picks the kind, kind.load_file(path) reads a file. This module imports mct, never the reverse.
 """
 import glob
 import json
-import math
+import numbers
 import os
 import re
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from mct import CompressedTrajectory
 from utils import UsageError, atomic_torch_save, atomic_write_json
+
+
+# ---------------------------------------------------------------- the interface of both kinds
+
+@runtime_checkable
+class ExpertTrajectory(Protocol):
+    """One expert trajectory, whichever kind the files hold: MTT's snapshots (Trajectory, below) or MCT's
+    convexified path (mct.CompressedTrajectory). distill.py and ExpertCursor ask only this.
+
+    at(s): θ*(s) [P] float32; integer s is a stored snapshot, real s only where continuous_time.
+    continuous_time: start epochs are drawn real-valued (MCT) rather than as integers (MTT).
+    param_numels: numel of each parameter tensor in model.parameters() order (they sum to P).
+    nbytes: memory of the loaded tensors (ExpertCursor's cache budget).
+    The kind's files: load_file(path) -> every trajectory of one file; epochs_on_disk checks a file
+    against the model without keeping it and returns the epochs of its shortest trajectory.
+    """
+    continuous_time: ClassVar[bool]
+
+    @property
+    def num_epochs(self) -> int: ...
+
+    @property
+    def param_numels(self) -> tuple[int, ...]: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def at(self, s) -> torch.Tensor: ...
+
+    @classmethod
+    def load_file(cls, path: str) -> list['ExpertTrajectory']: ...
+
+    @classmethod
+    def epochs_on_disk(cls, path: str, meta: dict | None, *, model: str, param_shapes: list) -> int: ...
+
+
+def trajectory_kind(compressed: bool) -> type[ExpertTrajectory]:
+    """The one place a flag picks the kind: MCT's compressed files (compress_buffers.py) or MTT's."""
+    return CompressedTrajectory if compressed else Trajectory
 
 
 # ---------------------------------------------------------------- paths
@@ -108,9 +153,63 @@ def trajectory_tensor(trajectory: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.stack([torch.cat([t.reshape(-1).float() for t in snap]) for snap in trajectory])
 
 
-def load_trajectory_tensors(path: str) -> list[torch.Tensor]:
-    """Every trajectory of an MTT file as an [E+1, P] tensor."""
-    return [trajectory_tensor(t) for t in load_trajectories(path)]
+class Trajectory:
+    """An MTT expert trajectory (ExpertTrajectory): the [E+1, P] snapshots tensor, held as given (no copy)."""
+    continuous_time: ClassVar[bool] = False
+
+    def __init__(self, snapshots: torch.Tensor, param_numels):
+        self.snapshots, self.param_numels = snapshots, tuple(int(n) for n in param_numels)
+        if snapshots.dim() != 2 or sum(self.param_numels) != snapshots.shape[1]:
+            raise ValueError(f"snapshots must be [E+1, P] with P = sum of param_numels "
+                             f"({sum(self.param_numels)}), got shape {tuple(snapshots.shape)}")
+
+    @classmethod
+    def from_snapshots(cls, trajectory: list[list[torch.Tensor]]) -> 'Trajectory':
+        return cls(trajectory_tensor(trajectory), [t.numel() for t in trajectory[0]])
+
+    @property
+    def num_epochs(self) -> int:
+        return self.snapshots.shape[0] - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.snapshots.nbytes
+
+    def at(self, s: int) -> torch.Tensor:
+        """The snapshot after epoch s (0: the initialisation); MTT stores integer epochs only."""
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"an MTT trajectory holds snapshots at integer epochs only, got s={s!r}; "
+                            f"real-valued epochs need MCT's compressed trajectories (--mct)")
+        if not 0 <= s <= self.num_epochs:
+            raise ValueError(f"epoch {s} is outside the trajectory [0, {self.num_epochs}]")
+        return self.snapshots[s]
+
+    @classmethod
+    def load_file(cls, path: str) -> list['Trajectory']:
+        """Every trajectory of an MTT file."""
+        return [cls.from_snapshots(t) for t in load_trajectories(path)]
+
+    @classmethod
+    def epochs_on_disk(cls, path: str, meta: dict | None, *, model: str, param_shapes: list) -> int:
+        """Cheap where the sidecar agrees with the file on disk (same byte size as when it was written);
+        otherwise a full read (torch.load weights_only, mmap: the structure and every shape, not the numbers)."""
+        wanted = [tuple(s) for s in param_shapes]
+        if meta is not None:
+            shapes, n = meta.get('param_shapes'), meta.get('num_snapshots')
+            if (isinstance(n, int) and not isinstance(n, bool) and n >= 2
+                    and meta.get('pt_bytes') == os.path.getsize(path)
+                    and isinstance(shapes, list) and all(isinstance(x, list) for x in shapes)):
+                if [tuple(x) for x in shapes] != wanted:
+                    raise UsageError(f"{path} does not fit model {model} (parameter shapes differ); "
+                                     f"these buffers were made for another model or dataset")
+                return n - 1
+        trajs = load_trajectories(path, mmap=True)
+        if any([tuple(x.shape) for x in snap] != wanted for traj in trajs for snap in traj):
+            raise UsageError(f"{path} does not fit model {model} (parameter shapes differ); "
+                             f"these buffers were made for another model or dataset")
+        if min(len(t) for t in trajs) < 2:
+            raise UsageError(f"{path} holds a trajectory of a single snapshot; delete it and re-run buffer.py")
+        return min(len(t) for t in trajs) - 1
 
 
 def read_meta(folder: str, index: int) -> dict | None:
@@ -135,16 +234,15 @@ def sidecar_of(folder: str, index: int) -> dict | None:
 
 
 def expert_epochs_on_disk(path: str, meta: dict | None, *, dataset: str, model: str,
-                          param_shapes: list, zca: bool | None = None, compressed: bool = False) -> int:
+                          param_shapes: list, zca: bool | None = None,
+                          kind: type[ExpertTrajectory] = Trajectory) -> int:
     """Epochs of the shortest trajectory in the expert file `path`, after checking that it is readable and was
     made for this dataset/model (UsageError naming the file otherwise).
 
-    Cheap where the sidecar agrees with the file on disk (same byte size as when it was written: MTT
-    files only); a sidecar that is missing, garbage, older or describes another file means a full read
-    (torch.load weights_only, mmap: the structure and every shape, not the numbers). MCT files are small
-    and always read.
+    The sidecar's dataset/model/zca are checked here (MCT folders hold a copy of the MTT sidecar); the file
+    itself by its kind (kind.epochs_on_disk: MTT trusts a sidecar that describes the file on disk, MCT files
+    are small and always read).
     """
-    wanted = [tuple(s) for s in param_shapes]
     if meta is not None:
         if meta['dataset'] != dataset or meta['model'] != model:
             raise UsageError(f"{path} holds experts of {meta['dataset']}/{meta['model']}, not "
@@ -152,30 +250,7 @@ def expert_epochs_on_disk(path: str, meta: dict | None, *, dataset: str, model: 
         if zca is not None and isinstance(meta.get('zca'), bool) and meta['zca'] != zca:
             raise UsageError(f"{path} holds experts trained {'with' if meta['zca'] else 'without'} --zca; "
                              f"move it to the matching buffer folder")
-        shapes, n = meta.get('param_shapes'), meta.get('num_snapshots')
-        agrees = (isinstance(n, int) and not isinstance(n, bool) and n >= 2
-                  and meta.get('pt_bytes') == os.path.getsize(path)
-                  and isinstance(shapes, list) and all(isinstance(x, list) for x in shapes))
-        if agrees and not compressed:
-            if [tuple(x) for x in shapes] != wanted:
-                raise UsageError(f"{path} does not fit model {model} (parameter shapes differ); "
-                                 f"these buffers were made for another model or dataset")
-            return n - 1
-    if compressed:
-        from mct import load_compressed  # mct builds on this module
-        trajs = load_compressed(path)
-        found = {tuple(t.layer_sizes.tolist()) for t in trajs}
-        if found != {tuple(math.prod(s) for s in wanted)}:
-            raise UsageError(f"{path} does not fit model {model} (layer sizes differ); "
-                             f"these buffers were made for another model or dataset")
-        return min(t.num_epochs for t in trajs)
-    trajs = load_trajectories(path, mmap=True)
-    if any([tuple(x.shape) for x in snap] != wanted for traj in trajs for snap in traj):
-        raise UsageError(f"{path} does not fit model {model} (parameter shapes differ); "
-                         f"these buffers were made for another model or dataset")
-    if min(len(t) for t in trajs) < 2:
-        raise UsageError(f"{path} holds a trajectory of a single snapshot; delete it and re-run buffer.py")
-    return min(len(t) for t in trajs) - 1
+    return kind.epochs_on_disk(path, meta, model=model, param_shapes=param_shapes)
 
 
 def validate_buffers(folder: str, *, dataset: str, model: str, param_shapes: list[torch.Size],
@@ -185,7 +260,7 @@ def validate_buffers(folder: str, *, dataset: str, model: str, param_shapes: lis
     max_experts) is readable, belongs to this dataset/model and is long enough.
 
     needed_epochs = max_start_epoch + expert_epochs: the last snapshot index we will read.
-    Returns the expert files the run reads. compressed: MCT files (mct.py).
+    Returns the expert files the run reads. compressed: MCT files (trajectory_kind).
     """
     files = expert_files(folder)[:max_experts]
     if not files:
@@ -194,7 +269,8 @@ def validate_buffers(folder: str, *, dataset: str, model: str, param_shapes: lis
     for path in files:
         index = int(re.search(r'(\d+)\.pt$', path).group(1))
         last = expert_epochs_on_disk(path, sidecar_of(folder, index), dataset=dataset,
-                                     model=model, param_shapes=param_shapes, zca=zca, compressed=compressed)
+                                     model=model, param_shapes=param_shapes, zca=zca,
+                                     kind=trajectory_kind(compressed))
         if needed_epochs > last:
             raise UsageError(f"max_start_epoch + expert_epochs = {needed_epochs} is past the end of the expert "
                              f"trajectories in {path} ({last} epochs); lower --max_start_epoch or train experts "
@@ -205,7 +281,7 @@ def validate_buffers(folder: str, *, dataset: str, model: str, param_shapes: lis
 class ExpertCursor:
     """Walks all experts in a shuffled order; resumable.
 
-    loader(path) -> list of trajectories: [E+1, P] tensors (MTT) or mct.CompressedTrajectory.
+    loader(path) -> list of trajectories (ExpertTrajectory; default: MTT files).
     The order of files in each pass, and of trajectories within a file, is a pure function of
     (seed, pass, position), so the state is three integers.
     Loaded files stay in memory up to cache_mib (the profiler put re-reading one file per iteration
@@ -214,7 +290,7 @@ class ExpertCursor:
 
     def __init__(self, files: list[str], seed: int, loader=None, cache_mib: float = 2048):
         self.files, self.seed = files, seed
-        self.loader = loader or load_trajectory_tensors
+        self.loader = loader or Trajectory.load_file
         self.epoch = self.file_pos = self.traj_pos = 0
         self.cache_bytes, self._kept, self._kept_bytes = cache_mib * 2**20, {}, 0
         self._last = (None, None)
@@ -230,7 +306,7 @@ class ExpertCursor:
             return self._last[1]
         trajs = self.loader(self.files[file_index])
         self._last = (file_index, trajs)
-        size = sum(_nbytes(t) for t in trajs)
+        size = sum(t.nbytes for t in trajs)
         if self._kept_bytes + size <= self.cache_bytes:
             self._kept[file_index], self._kept_bytes = trajs, self._kept_bytes + size
         return trajs
@@ -240,7 +316,7 @@ class ExpertCursor:
         trajs = self._load(file_index)
         return trajs, self._perm(len(trajs), self.epoch, self.file_pos)
 
-    def next(self) -> torch.Tensor:
+    def next(self) -> ExpertTrajectory:
         trajs, order = self._current()
         traj = trajs[order[self.traj_pos]]
         self.traj_pos += 1
@@ -262,10 +338,3 @@ class ExpertCursor:
 def avg_var(trajectory: torch.Tensor) -> float:
     """AST's smoothness metric Avg_Var = mean_t ||θ_t - θ_{t+1}||² over a [E+1, P] trajectory."""
     return (trajectory[1:] - trajectory[:-1]).pow(2).sum(1).mean().item()
-
-
-def _nbytes(trajectory) -> int:
-    """Memory of one loaded trajectory: a tensor, or an object holding tensors (MCT)."""
-    if isinstance(trajectory, torch.Tensor):
-        return trajectory.numel() * trajectory.element_size()
-    return sum(_nbytes(v) for v in vars(trajectory).values() if isinstance(v, torch.Tensor))

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import compress_buffers
-from mct import (CompressedTrajectory, compress, compress_buffer_folder, is_compressed_file, load_compressed,
-                 waypoint_epochs)
+from compress_buffers import compress_buffer_folder
+from mct import CompressedTrajectory, compress, is_compressed_file, load_compressed, waypoint_epochs
 from trajectory_io import trajectory_tensor
 from utils import UsageError
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import buffer
+from compress_buffers import compress_buffer_folder
+from distill import final_expert_net
 from networks import get_network
-from trajectory_io import (ExpertCursor, avg_var, buffer_dir, expert_files, load_trajectories, load_trajectory_tensors,
-                           save_expert, trajectory_tensor, validate_buffers)
+from trajectory_io import (ExpertCursor, ExpertTrajectory, Trajectory, avg_var, buffer_dir, expert_files,
+                           load_trajectories, save_expert, trajectory_kind, trajectory_tensor, validate_buffers)
 from utils import UsageError
 
 MODEL = 'ConvNetW32'  # small, and 8x8 Digits fit its depth 3
@@ -45,14 +47,14 @@ def test_cursor_visits_every_expert_once_per_pass_and_resumes(tmp_path):
         handmade_mtt_buffer(tmp_path / f'replay_buffer_{i}.pt', seed=i)  # 3 files x 2 experts
     files = expert_files(str(tmp_path))
     cursor = ExpertCursor(files, seed=5)
-    first_pass = [cursor.next()[0, 0].item() for _ in range(6)]
+    first_pass = [cursor.next().at(0)[0].item() for _ in range(6)]
     everyone = [trajectory_tensor(t)[0, 0].item() for f in files for t in load_trajectories(f)]
     assert sorted(first_pass) == sorted(everyone)
     state = cursor.state_dict()
-    expected = [cursor.next()[1, 3].item() for _ in range(4)]
+    expected = [cursor.next().at(1)[3].item() for _ in range(4)]
     resumed = ExpertCursor(files, seed=5)
     resumed.load_state_dict(state)
-    assert [resumed.next()[1, 3].item() for _ in range(4)] == expected
+    assert [resumed.next().at(1)[3].item() for _ in range(4)] == expected
 
 
 def test_cursor_cache_reads_each_file_once_and_changes_nothing_else(tmp_path):
@@ -63,17 +65,70 @@ def test_cursor_cache_reads_each_file_once_and_changes_nothing_else(tmp_path):
 
     def counting_loader(path):
         reads.append(path)
-        return load_trajectory_tensors(path)
+        return Trajectory.load_file(path)
 
     cached = ExpertCursor(files, seed=5, loader=counting_loader)
-    seq_cached = [cached.next()[2, 1].item() for _ in range(18)]  # 3 passes
+    seq_cached = [cached.next().at(2)[1].item() for _ in range(18)]  # 3 passes
     assert sorted(reads) == sorted(files)  # every file read exactly once
     reads.clear()
     uncached = ExpertCursor(files, seed=5, loader=counting_loader, cache_mib=0)
-    assert [uncached.next()[2, 1].item() for _ in range(18)] == seq_cached
+    assert [uncached.next().at(2)[1].item() for _ in range(18)] == seq_cached
     # without the cache a file is read on each visit (3 files x 3 passes; a file that ends one pass
     # and starts the next is visited once)
     assert 6 <= len(reads) <= 9
+
+
+def test_mtt_and_mct_trajectories_answer_one_interface_alike(tmp_path):
+    """An MTT file and its MCT compression, each read through trajectory_kind, agree wherever MCT stores a point."""
+    trajs = handmade_mtt_buffer(tmp_path / 'replay_buffer_0.pt', n_traj=2, epochs=6)
+    mct_folder = compress_buffer_folder(str(tmp_path), k=3)['out_folder']
+    numels = tuple(s.numel() for s in shapes())
+    P, L = sum(numels), len(numels)
+    full = trajectory_kind(False).load_file(expert_files(str(tmp_path))[0])
+    comp = trajectory_kind(True).load_file(expert_files(mct_folder)[0])
+    assert len(full) == len(comp) == 2
+    for snaps, f, c in zip(trajs, full, comp):
+        for traj in (f, c):
+            assert isinstance(traj, ExpertTrajectory)
+            assert traj.num_epochs == 6 and traj.param_numels == numels
+        assert c.continuous_time and not f.continuous_time
+        assert f.nbytes == 7 * P * 4  # the float32 [E+1, P] tensor
+        assert c.nbytes == 3 * 8 + 3 * P * 4 + 7 * L * 4 + L * 8  # epochs, waypoints, fractions, layer_sizes
+        for e in range(7):
+            assert torch.equal(f.at(e), torch.cat([t.reshape(-1) for t in snaps[e]]))
+        assert c.epochs.tolist() == [0, 3, 6]
+        for e in (0, 3, 6):
+            assert torch.equal(c.at(e), f.at(e))
+        assert c.at(1.5).shape == (P,)  # between waypoints only MCT's path is defined
+        with pytest.raises(TypeError, match='integer epochs'):
+            f.at(1.5)
+        for outside in (-1, 7):
+            with pytest.raises(ValueError, match='outside'):
+                f.at(outside)
+    # both kinds through the same checks, and the same final expert for K-Means features
+    other = [p.shape for p in get_network('ConvNetW64', 1, 10, (8, 8)).parameters()]
+    nets = []
+    for compressed, folder in ((False, str(tmp_path)), (True, mct_folder)):
+        files = validate_buffers(folder, dataset='Digits', model=MODEL, param_shapes=shapes(), needed_epochs=6,
+                                 compressed=compressed)
+        assert files == expert_files(folder)
+        with pytest.raises(UsageError, match='past the end'):
+            validate_buffers(folder, dataset='Digits', model=MODEL, param_shapes=shapes(), needed_epochs=7,
+                             compressed=compressed)
+        with pytest.raises(UsageError, match='another model'):
+            validate_buffers(folder, dataset='Digits', model='ConvNetW64', param_shapes=other, needed_epochs=2,
+                             compressed=compressed)
+        nets.append(final_expert_net(files, compressed, get_network(MODEL, 1, 10, (8, 8))))
+    for a, b, last in zip(nets[0].parameters(), nets[1].parameters(), trajs[0][6]):
+        assert torch.equal(a, b) and torch.equal(a.detach(), last)
+
+
+def test_mtt_trajectory_holds_its_tensor_without_a_copy():
+    snapshots = torch.randn(4, 9)
+    traj = Trajectory(snapshots, [6, 3])
+    assert traj.snapshots is snapshots and traj.at(2).data_ptr() == snapshots[2].data_ptr()
+    with pytest.raises(ValueError, match='sum of param_numels'):
+        Trajectory(snapshots, [6, 4])
 
 
 def test_buffer_py_saves_distinct_snapshots_metadata_and_skips_on_rerun(tmp_path, capsys):
