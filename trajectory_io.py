@@ -332,7 +332,6 @@ class ExpertCursor:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.file_pos, self.traj_pos = state['epoch'], state['file_pos'], state['traj_pos']
-        self._cache = None
 
 
 def avg_var(trajectory: torch.Tensor) -> float:
