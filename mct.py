@@ -197,17 +197,3 @@ def load_compressed(path: str) -> list[CompressedTrajectory]:
         return [CompressedTrajectory.from_state_dict(d) for d in data]
     except ValueError as e:
         raise UsageError(f"{path} is not a valid MCT buffer ({e}); re-run compress_buffers.py") from None
-
-
-def is_compressed_file(path: str) -> bool:
-    """True for an MCT buffer file, False for an MTT one (or anything unreadable).
-
-    mmap=True reads only the pickled structure; tensor data stays on disk, so this is cheap even
-    for large MTT files.
-    """
-    try:
-        data = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception:
-        return False
-    return (isinstance(data, list) and bool(data) and isinstance(data[0], dict)
-            and all(isinstance(data[0].get(key), Tensor) for key in KEYS))
