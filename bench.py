@@ -101,7 +101,7 @@ def bench_distill(device: str) -> list[dict]:
 
 
 # memplan cells: (model, channels, image size, classes); random images (memory does not depend on the values)
-MEMPLAN_CASES = {'Digits': ('ConvNetD2', 1, (8, 8), 10), '32x32x3': ('ConvNet', 3, (32, 32), 10)}
+MEMPLAN_CASES = {'Digits': ('ConvNetD2', 1, 10, (8, 8)), '32x32x3': ('ConvNet', 3, 10, (32, 32))}
 MEMPLAN_RAM_SHARE = 0.4  # run a cell only if its predicted growth is below this share of the free RAM
 
 
@@ -119,7 +119,7 @@ def memplan_child(case: str, unroll: str, syn_steps: int, ipc: int, device: str)
     from matching import Targets, match_and_backward
     from networks import get_network
     from reparam_module import ReparamModule
-    model, channel, im_size, classes = MEMPLAN_CASES[case]
+    model, channel, classes, im_size = MEMPLAN_CASES[case]
     dev = torch.device(device)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -168,11 +168,11 @@ def bench_memplan(device: str) -> list[dict]:
     # cell 15x slower (same peak), and only memory is measured here
     env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536', 'OMP_NUM_THREADS': '1'}
     rows = []
-    for case, (model, channel, im_size, classes) in MEMPLAN_CASES.items():
+    for case, (model, channel, classes, im_size) in MEMPLAN_CASES.items():
         for ipc in IPCS:
             for unroll in UNROLL_MODES:
                 for steps in SYN_STEPS:
-                    shape = RunShape(model, channel, im_size, classes, ipc, classes * ipc, steps)
+                    shape = RunShape(model, channel, classes, im_size, ipc, classes * ipc, steps)
                     row = {'case': case, 'ipc': ipc, 'unroll': unroll, 'syn_steps': steps,
                            'predicted_mib': make_plan(shape).growth(unroll) / MiB}
                     free = free_bytes(torch.device('cpu')) if device == 'cpu' else None
@@ -204,15 +204,15 @@ def memplan_line(r: dict) -> str:
 def bench_expert(device: str) -> dict:
     from data import load_dataset
     from networks import get_network
-    from training import train_epoch
+    from training import OneNet, SGDSettings, train_epoch
     dev = torch.device(device)
     data = load_dataset('Digits')
     x, y = data.images_train.to(dev), data.labels_train.to(dev)
     torch.manual_seed(0)
-    net = get_network('ConvNetD2', data.channel, data.num_classes, data.im_size).to(dev)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    net = OneNet(get_network('ConvNetD2', data.channel, data.num_classes, data.im_size).to(dev))
+    opt = net.sgd(SGDSettings(lr=0.01, momentum=0.0, weight_decay=0.0))
     gen = torch.Generator().manual_seed(0)
-    sec = _median_time(lambda: train_epoch(net, x, y, opt, batch_size=256, generator=gen), 5)
+    sec = _median_time(lambda: train_epoch(net, x, y, opt, batch_size=256, generators=[gen]), 5)
     r = {'sec_per_expert_epoch': sec, 'images_per_epoch': len(y)}
     print(f"expert epoch (Digits, {len(y)} images, ConvNetD2): {r['sec_per_expert_epoch']:.3f} s", flush=True)
     return r
@@ -222,24 +222,25 @@ def bench_expert_stacked(device: str, k: int = EVAL_NETS) -> dict:
     """Would --parallel_experts pay? K experts' epochs trained together (stacked.py) vs one at a time."""
     from data import load_dataset
     from evaluation import fresh_network
-    from stacked import NetStack, StackedSGD, train_epoch_stacked
-    from training import train_epoch
+    from training import SGDSettings, net_group, train_epoch
     dev = torch.device(device)
     data = load_dataset('Digits')
     x, y = data.images_train.to(dev), data.labels_train.to(dev)
-    shape = (data.channel, data.im_size, data.num_classes)
+    shape = (data.channel, data.num_classes, data.im_size)
     nets = [fresh_network('ConvNetD2', shape, s, dev) for s in range(k)]
-    opts = [torch.optim.SGD(n.parameters(), lr=0.01) for n in nets]
+    sgd = SGDSettings(lr=0.01, momentum=0.0, weight_decay=0.0)
+    ones = [net_group([n]) for n in nets]
+    opts = [g.sgd(sgd) for g in ones]
     gens = [torch.Generator().manual_seed(s) for s in range(k)]
-    stack = NetStack(nets)
-    sopt = StackedSGD(stack.params, lr=0.01)
+    stack = net_group(nets)
+    sopt = stack.sgd(sgd)
 
     def loop():
-        for n, o, g in zip(nets, opts, gens):
-            train_epoch(n, x, y, o, batch_size=256, generator=g)
+        for g, o, gen in zip(ones, opts, gens):
+            train_epoch(g, x, y, o, batch_size=256, generators=[gen])
 
     def stacked():
-        train_epoch_stacked(stack, x, y, sopt, batch_size=256, generators=gens)
+        train_epoch(stack, x, y, sopt, batch_size=256, generators=gens)
 
     r = {'experts': k, 'sec_loop': _median_time(loop, 3), 'sec_stacked': _median_time(stacked, 3)}
     r['speedup'] = r['sec_loop'] / r['sec_stacked']
@@ -251,10 +252,10 @@ def bench_expert_stacked(device: str, k: int = EVAL_NETS) -> dict:
 def bench_eval(device: str, epochs: int = 1000) -> list[dict]:
     """Seconds per evaluation network: EVAL_NETS networks one at a time vs stacked (evaluation.py)."""
     from data import load_dataset
-    from evaluation import random_real, stack_groups, train_and_test, train_and_test_stacked
+    from evaluation import random_real, stack_groups, train_and_score
     dev = torch.device(device)
     data = load_dataset('Digits')
-    shape = (data.channel, data.im_size, data.num_classes)
+    shape = (data.channel, data.num_classes, data.im_size)
     test = (data.images_test.to(dev), data.labels_test.to(dev))
     seeds = list(range(EVAL_NETS))
     rows = []
@@ -263,10 +264,10 @@ def bench_eval(device: str, epochs: int = 1000) -> list[dict]:
         images, labels = images.to(dev), labels.to(dev)
         start = time.perf_counter()
         for s in seeds:
-            train_and_test('ConvNetD2', shape, images, labels, *test, lr=0.01, epochs=epochs, seed=s)
+            train_and_score('ConvNetD2', shape, images, labels, *test, lr=0.01, epochs=epochs, seeds=[s])
         loop = (time.perf_counter() - start) / len(seeds)
         start = time.perf_counter()
-        train_and_test_stacked('ConvNetD2', shape, images, labels, *test, lr=0.01, epochs=epochs, seeds=seeds)
+        train_and_score('ConvNetD2', shape, images, labels, *test, lr=0.01, epochs=epochs, seeds=seeds)
         stacked = (time.perf_counter() - start) / len(seeds)
         auto = 'stack' if len(stack_groups(seeds, 'ConvNetD2', shape, len(labels), 256, dev, 'auto')) == 1 else 'loop'
         rows.append({'ipc': ipc, 'epochs': epochs, 'networks': len(seeds), 'sec_per_eval_network_loop': loop,

@@ -6,7 +6,8 @@ batch of experts is the same as an uninterrupted one.
 
     torchrun --nproc_per_node=K buffer.py ...   # the experts still to train are split across K processes
 Expert i is written to its own replay_buffer_{i}.pt whichever process trains it, so the files are
-the same as one process would write.
+the same as one process would write. Training is training.py's: the --optim recipe is a
+training.step_schedule, and --parallel_experts K trains K experts as one stacked group (the same experts).
 """
 import argparse
 import os
@@ -20,10 +21,10 @@ from data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, check_dataset
 from accel import FP32, Accel, accel_from_args, add_accel_flags
 from distributed import barrier, broadcast_object, cleanup, init_distributed, shard
 from networks import MODELS, get_network
-from stacked import NetStack, StackedSGD, accuracies_stacked, stackable, train_epoch_stacked
+from stacked import stackable
 from trajectory_io import (avg_var, buffer_dir, expert_done, expert_epochs_on_disk, expert_path, load_trajectories,
                            meta_path, read_meta, save_expert, sidecar_of, snapshot, trajectory_tensor, write_meta)
-from training import accuracy, train_epoch
+from training import SGDSettings, accuracy, net_group, step_schedule, train_scheduled
 from utils import (MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, check_flags,
                    check_writable, cli_entry, pick_device, remove_stray_temps, seed_everything)
 
@@ -81,22 +82,18 @@ def expert_lr(optim: str, lr: float | None) -> float:
     return OPTIMS[optim][2] if lr is None else lr
 
 
-def expert_recipe(optim: str, lr: float | None, mom: float, l2: float, decay: bool, epochs: int) -> dict:
-    """SGD settings and the one lr change: {'lr', 'momentum', 'weight_decay'}, 'decay_at' (epoch index
-    after which the lr is multiplied and the optimiser rebuilt; None = never) and 'factor'.
-    lr None = the recipe's default."""
+def expert_schedule(optim: str, lr: float | None, mom: float, l2: float, decay: bool,
+                    epochs: int) -> list[SGDSettings | None]:
+    """The --optim recipe as training.step_schedule: per epoch, the SGD built before it (or None). lr None =
+    the recipe's default."""
     momentum, wd, _, factor, when = OPTIMS[optim]
     if optim == 'sgd':
         momentum, wd = mom, l2
-    decay_at = epochs // 2 if when == 'half' else epochs // 2 + 1
+    change_after = epochs // 2 if when == 'half' else epochs // 2 + 1
     if optim == 'sgd' and not decay:
-        decay_at = None
-    return {'lr': expert_lr(optim, lr), 'momentum': momentum, 'weight_decay': wd,
-            'decay_at': decay_at, 'factor': factor}
-
-
-def sgd(params, recipe: dict, lr: float) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=recipe['momentum'], weight_decay=recipe['weight_decay'])
+        change_after = None
+    return step_schedule(epochs, SGDSettings(expert_lr(optim, lr), momentum, wd), change_after=change_after,
+                         lr_factor=factor, momentum_after=momentum)
 
 
 RECIPE = ('valid', 'optim', 'loss_decay', 'gp', 'gp_mu', 'gp_k', 'train_epochs', 'lr_teacher', 'mom', 'l2', 'decay',
@@ -121,63 +118,39 @@ def expert_seed(seed: int, index: int) -> int:
 
 
 def expert_network(model: str, data, seed: int, device: torch.device) -> torch.nn.Module:
-    """Expert `seed`'s initial network (train_expert and train_experts_stacked start from the same one).
-    It reseeds the global RNG, as buffer.py always has, so existing expert buffers stay reproducible."""
+    """Expert `seed`'s initial network. It reseeds the global RNG, as buffer.py always has, so existing
+    expert buffers stay reproducible."""
     torch.manual_seed(seed)
     return get_network(model, data.channel, data.num_classes, data.im_size).to(device)
 
 
-def train_expert(args, data, device, index: int, progress: bool = True,
-                 accel: Accel = FP32) -> tuple[list, dict]:
-    """One expert: snapshots at init and after every epoch, plus its metadata."""
-    seed = expert_seed(args.seed, index)
-    gen = torch.Generator().manual_seed(seed)
-    net = accel.net(expert_network(args.model, data, seed, device))
-    r = expert_recipe(args.optim, args.lr_teacher, args.mom, args.l2, args.decay, args.train_epochs)
-    opt = sgd(net.parameters(), r, r['lr'])
+def train_experts(args, data, device, indices: list[int], progress: bool = True,
+                  accel: Accel = FP32) -> list[tuple[list, dict]]:
+    """Experts `indices`, trained together (one: a plain network; several: stacked.NetStack,
+    --parallel_experts): snapshots at init and after every epoch, plus metadata. Each expert keeps its
+    own seed, data order, augmentations and momentum, so the files are the same either way."""
+    seeds = [expert_seed(args.seed, i) for i in indices]
+    group = net_group([expert_network(args.model, data, s, device) for s in seeds], accel)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    schedule = expert_schedule(args.optim, args.lr_teacher, args.mom, args.l2, args.decay, args.train_epochs)
     gp = None
-    if args.gp:
+    if args.gp:  # K = 1 only (check_parallel_experts)
         mu = args.gp_mu if args.gp_mu is not None else GP_DEFAULT_MU[args.gp]
         gp = lambda model, x: gradient_penalty(model, x, mu=mu, K=args.gp_k, variant=args.gp)
+    scale = (lambda epoch: loss_decay_factor(epoch, args.loss_decay)) if args.loss_decay else None
     x_train, y_train = data.images_train.to(device), data.labels_train.to(device)
     x_test, y_test = data.images_test.to(device), data.labels_test.to(device)
-    trajectory, test_accs = [snapshot(net)], []
-    bar = tqdm(range(args.train_epochs), desc=f'expert {index}', leave=False, disable=not progress)
-    for epoch in bar:
-        scale = loss_decay_factor(epoch, args.loss_decay) if args.loss_decay else 1.0
-        loss, train_acc = train_epoch(net, x_train, y_train, opt, batch_size=args.batch_train, generator=gen,
-                                      use_dsa=args.dsa == 'True', loss_scale=scale, extra_loss=gp, accel=accel)
-        test_accs.append(accuracy(net, x_test, y_test, accel=accel))
-        trajectory.append(snapshot(net))
-        bar.set_postfix(loss=f'{loss:.3f}', train=f'{train_acc:.3f}', test=f'{test_accs[-1]:.3f}')
-        if epoch == r['decay_at']:  # rebuilt, as MTT's and AST's buffer.py: the momentum buffer starts again
-            opt = sgd(net.parameters(), r, r['lr'] * r['factor'])
-    return trajectory, expert_meta(args, index, trajectory, test_accs)
-
-
-def train_experts_stacked(args, data, device, indices: list[int], progress: bool = True,
-                          accel: Accel = FP32) -> list[tuple[list, dict]]:
-    """train_expert for several indices at once (stacked.NetStack, --parallel_experts): each expert
-    keeps its own seed, data order, augmentations and momentum, so the files are the same experts."""
-    nets = [expert_network(args.model, data, expert_seed(args.seed, i), device) for i in indices]
-    gens = [torch.Generator().manual_seed(expert_seed(args.seed, i)) for i in indices]
-    r = expert_recipe(args.optim, args.lr_teacher, args.mom, args.l2, args.decay, args.train_epochs)
-    stack = NetStack(nets)
-    opt = StackedSGD(stack.params, lr=r['lr'], momentum=r['momentum'], weight_decay=r['weight_decay'])
-    x_train, y_train = data.images_train.to(device), data.labels_train.to(device)
-    x_test, y_test = data.images_test.to(device), data.labels_test.to(device)
-    trajectories, test_accs = [[snapshot(n)] for n in nets], [[] for _ in indices]
-    for epoch in tqdm(range(args.train_epochs), desc=f'experts {indices[0]}-{indices[-1]}', leave=False,
-                      disable=not progress):
-        scale = loss_decay_factor(epoch, args.loss_decay) if args.loss_decay else 1.0
-        train_epoch_stacked(stack, x_train, y_train, opt, batch_size=args.batch_train, generators=gens,
-                            use_dsa=args.dsa == 'True', loss_scale=scale, accel=accel)
-        for k, acc in enumerate(accuracies_stacked(stack, x_test, y_test, accel=accel)):
+    trajectories, test_accs = [[snapshot(group.network(k))] for k in range(group.k)], [[] for _ in indices]
+    epochs = train_scheduled(group, x_train, y_train, schedule, loss_scale=scale, batch_size=args.batch_train,
+                             generators=gens, use_dsa=args.dsa == 'True', extra_loss=gp, accel=accel)
+    name = f'expert {indices[0]}' if len(indices) == 1 else f'experts {indices[0]}-{indices[-1]}'
+    bar = tqdm(epochs, total=len(schedule), desc=name, leave=False, disable=not progress)
+    for _, (losses, train_accs) in bar:
+        for k, acc in enumerate(group.accuracies(x_test, y_test, accel=accel)):
             test_accs[k].append(acc)
-            trajectories[k].append(snapshot(stack.load_into(k, nets[k])))
-        if epoch == r['decay_at']:  # rebuilt, as in train_expert
-            opt = StackedSGD(stack.params, lr=r['lr'] * r['factor'], momentum=r['momentum'],
-                             weight_decay=r['weight_decay'])
+            trajectories[k].append(snapshot(group.network(k)))
+        bar.set_postfix(loss=f'{losses.mean():.3f}', train=f'{train_accs.mean():.3f}',
+                        test=f'{sum(a[-1] for a in test_accs) / len(indices):.3f}')
     return [(traj, expert_meta(args, i, traj, accs)) for i, traj, accs in zip(indices, trajectories, test_accs)]
 
 
@@ -293,10 +266,7 @@ def main(argv=None):
     groups = [mine[j:j + args.parallel_experts] for j in range(0, len(mine), args.parallel_experts)]
     for group in tqdm(groups, desc='experts', disable=not d.is_main):
         start = time.time()
-        if len(group) == 1:
-            done = [train_expert(args, data, device, group[0], progress=d.is_main, accel=accel)]
-        else:
-            done = train_experts_stacked(args, data, device, group, progress=d.is_main, accel=accel)
+        done = train_experts(args, data, device, group, progress=d.is_main, accel=accel)
         for i, (trajectory, meta) in zip(group, done):
             meta['seconds'] = (time.time() - start) / len(group)
             save_expert(folder, i, trajectory, meta)

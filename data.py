@@ -685,8 +685,8 @@ _TEST_IMAGES = {'Digits': 360, 'MNIST': 10000, 'FashionMNIST': 10000, 'SVHN': 26
 _IMAGENET_VAL_PER_CLASS = 50
 
 
-def dataset_meta(name: str, subset: str = 'imagenette', res: int = 128) -> tuple[int, tuple[int, int], int, int]:
-    """(channels, (height, width), classes, test images) of a dataset, without reading any file."""
+def dataset_meta(name: str, subset: str = 'imagenette', res: int = 128) -> tuple[int, int, tuple[int, int], int]:
+    """(channels, classes, (height, width), test images) of a dataset, without reading any file."""
     if name not in DATASETS:
         raise DataError(f'unknown dataset {name!r}; choose --dataset from {", ".join(DATASETS)}')
     if name == 'ImageNet' and subset not in SUBSETS:
@@ -694,7 +694,7 @@ def dataset_meta(name: str, subset: str = 'imagenette', res: int = 128) -> tuple
     c, h, w = _shape(name, res)
     classes = len(SUBSETS[subset]) if name == 'ImageNet' else _CLASSES[name]
     tests = classes * _IMAGENET_VAL_PER_CLASS if name == 'ImageNet' else _TEST_IMAGES[name]
-    return c, (h, w), classes, tests
+    return c, classes, (h, w), tests
 
 
 # The validation split is the same for every run (experts, distillation, evaluation), whatever --seed is.

@@ -520,7 +520,7 @@ def diverged(max_skips: int, it: int, skip: str, args: argparse.Namespace, run_d
 class Evaluation:
     """How the set is scored during the run (the flags and the test set, fixed for the run)."""
     models: list[str]
-    data_shape: tuple
+    data_shape: tuple         # (channel, num_classes, im_size), the order of get_network
     test_x: torch.Tensor
     test_y: torch.Tensor
     epochs: int
@@ -534,7 +534,7 @@ class Evaluation:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, data, device: torch.device) -> 'Evaluation':
-        return cls(models=args.eval_mode, data_shape=(data.channel, data.im_size, data.num_classes),
+        return cls(models=args.eval_mode, data_shape=(data.channel, data.num_classes, data.im_size),
                    test_x=data.images_test.to(device), test_y=data.labels_test.to(device),
                    epochs=args.epoch_eval_train, num_eval=args.num_eval, seed=args.seed, lr_decay=args.lr_decay,
                    parallel=args.parallel_eval, accel=accel_from_args(args, device), to_pixels=data.to_pixels,

@@ -172,7 +172,7 @@ def main(argv=None):
         except ValueError as e:
             raise UsageError(f"--eval_mode {m}: {e}") from None
     seed_everything(args.seed)
-    results = evaluate_set(args.eval_mode, (data.channel, data.im_size, data.num_classes), images.to(device),
+    results = evaluate_set(args.eval_mode, (data.channel, data.num_classes, data.im_size), images.to(device),
                            labels.to(device), data.images_test.to(device), data.labels_test.to(device), lr=lr,
                            epochs=args.epoch_eval_train, num_eval=args.num_eval, seed=args.seed, lr_decay=args.lr_decay,
                            parallel=args.parallel_eval, accel=accel_from_args(args, device))

@@ -9,18 +9,20 @@ Two schedules, each as its authors' evaluate_synset (utils.py) runs it, with E =
       every epoch with ep % 20 == 0 and report the maximum of those checks.
 The result here is always the accuracy after the last epoch. AST's maximum is kept beside it as
 max_acc_selected_on_test: it is chosen on the test set, so it is not a held-out estimate.
+
+The networks are trained by training.py under training.step_schedule, one at a time or several
+stacked (stack_groups picks; the same networks either way, up to float rounding).
 """
 import math
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
 
 import torch
 from tqdm import tqdm
 
 from accel import FP32, Accel
 from networks import get_network
-from stacked import NetStack, StackedSGD, accuracies_stacked, stackable, train_epoch_stacked
-from training import accuracy, train_epoch
+from stacked import stackable
+from training import SGDSettings, net_group, step_schedule, train_scheduled
 
 
 @dataclass(frozen=True)
@@ -40,65 +42,28 @@ LR_DECAYS = {  # --lr_decay values
 PARALLEL_EVAL = ('auto', 'loop', 'stack')  # how num_eval networks are trained; see stack_groups
 
 
-@dataclass(frozen=True)
-class SGDSettings:
-    lr: float
-    momentum: float
-    weight_decay: float
-
-
-@dataclass(frozen=True)
-class EpochStep:
-    """One training epoch of an evaluation schedule."""
-    epoch: int
-    # build a fresh SGD with these before this epoch (momentum buffers start from zero); None: keep it
-    new_sgd: SGDSettings | None
-    check: bool  # a periodic check whose maximum is max_acc_selected_on_test
-    test: bool   # measure test accuracy after this epoch (the checks and the last epoch)
-
-
-def eval_schedule(lr_decay: str, lr: float, epochs: int) -> list[EpochStep]:
-    """The epochs 0..epochs that evaluate_synset trains, and where it builds its optimiser."""
+def eval_schedule(lr_decay: str, lr: float, epochs: int) -> list[SGDSettings | None]:
+    """The epochs 0..epochs that evaluate_synset trains (training.step_schedule: the optimiser built
+    before each one, or None); the authors decay after training epoch epochs//2 + 1."""
     if lr_decay not in LR_DECAYS:
         raise ValueError(f"unknown lr_decay {lr_decay!r}; expected one of {sorted(LR_DECAYS)}")
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     p = LR_DECAYS[lr_decay]
-    decay_after = epochs // 2 + 1  # the authors decay after training this epoch
-    builds = {0: SGDSettings(lr, p.momentum, p.weight_decay),
-              decay_after + 1: SGDSettings(lr * p.lr_factor, p.momentum_after, p.weight_decay)}
-    steps = []
-    for ep in range(epochs + 1):
-        check = p.check_every is not None and ep % p.check_every == 0
-        steps.append(EpochStep(epoch=ep, new_sgd=builds.get(ep), check=check, test=check or ep == epochs))
-    return steps
+    return step_schedule(epochs + 1, SGDSettings(lr, p.momentum, p.weight_decay), change_after=epochs // 2 + 1,
+                         lr_factor=p.lr_factor, momentum_after=p.momentum_after)
 
 
-Score = TypeVar('Score')
-
-
-def run_schedule(steps: list[EpochStep], new_optimizer: Callable[[SGDSettings], object],
-                 train: Callable[[object], None], test: Callable[[], Score]) -> dict[int, Score]:
-    """Drive one schedule for either training path; returns the test result per tested epoch."""
-    opt, tested = None, {}
-    for step in steps:
-        if step.new_sgd is not None:
-            opt = new_optimizer(step.new_sgd)
-        train(opt)
-        if step.test:
-            tested[step.epoch] = test()
-    return tested
+def check_epochs(lr_decay: str, epochs: int) -> list[int]:
+    """The epochs after which a periodic check tests the networks (their maximum: max_selected_on_test)."""
+    every = LR_DECAYS[lr_decay].check_every
+    return [] if every is None else [ep for ep in range(epochs + 1) if ep % every == 0]
 
 
 @dataclass(frozen=True)
 class Scores:
     final: float                       # test accuracy after the last epoch: the result
     max_selected_on_test: float | None  # max over the periodic checks (ast); None without checks
-
-
-def scores(steps: list[EpochStep], tested: dict[int, float]) -> Scores:
-    checks = [tested[s.epoch] for s in steps if s.check]
-    return Scores(tested[steps[-1].epoch], max(checks) if checks else None)
 
 
 @dataclass
@@ -122,62 +87,35 @@ class EvalResult:
         return f"{self.model}: {100 * self.mean:.2f} ± {100 * self.std:.2f} % (n={len(self.accs)})"
 
 
-def fresh_network(model: str, data_shape: tuple[int, tuple[int, int], int], seed: int,
-                  device: torch.device) -> torch.nn.Module:
+DataShape = tuple[int, int, tuple[int, int]]  # (channel, num_classes, im_size), as networks.get_network
+
+
+def fresh_network(model: str, data_shape: DataShape, seed: int, device: torch.device) -> torch.nn.Module:
     """Network `model` initialised from `seed`, without disturbing the caller's random stream."""
-    channel, im_size, num_classes = data_shape
+    channel, num_classes, im_size = data_shape
+    if not isinstance(num_classes, int):
+        raise TypeError(f"data_shape is (channel, num_classes, im_size), got {data_shape!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_network(model, channel, num_classes, im_size).to(device)
 
 
-def train_and_score(model: str, data_shape: tuple[int, tuple[int, int], int], images: torch.Tensor,
-                    labels: torch.Tensor, test_images: torch.Tensor, test_labels: torch.Tensor, *,
-                    lr: float, epochs: int, seed: int, batch_size: int = 256, lr_decay: str = 'mtt',
-                    use_dsa: bool = True, accel: Accel = FP32) -> Scores:
-    """Train one fresh `model` from seed `seed` on (images, labels) by eval_schedule; test it."""
-    steps = eval_schedule(lr_decay, lr, epochs)
-    net = accel.net(fresh_network(model, data_shape, seed, images.device))
-    gen = torch.Generator().manual_seed(seed)
-    tested = run_schedule(
-        steps,
-        lambda s: torch.optim.SGD(net.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay),
-        lambda opt: train_epoch(net, images, labels, opt, batch_size=batch_size, generator=gen, use_dsa=use_dsa,
-                                accel=accel),
-        lambda: accuracy(net, test_images, test_labels, accel=accel))
-    return scores(steps, tested)
-
-
-def train_and_test(model: str, data_shape: tuple[int, tuple[int, int], int], images: torch.Tensor,
-                   labels: torch.Tensor, test_images: torch.Tensor, test_labels: torch.Tensor, **kw) -> float:
-    """train_and_score's final test accuracy."""
-    return train_and_score(model, data_shape, images, labels, test_images, test_labels, **kw).final
-
-
-def train_and_score_stacked(model: str, data_shape: tuple[int, tuple[int, int], int], images: torch.Tensor,
-                            labels: torch.Tensor, test_images: torch.Tensor, test_labels: torch.Tensor, *,
-                            lr: float, epochs: int, seeds: list[int], batch_size: int = 256,
-                            lr_decay: str = 'mtt', use_dsa: bool = True, accel: Accel = FP32) -> list[Scores]:
-    """train_and_score for every seed at once (stacked.NetStack): the same networks, trained together
-    (bf16 autocast applies; channels_last does not: stacked weights are 5-D)."""
-    steps = eval_schedule(lr_decay, lr, epochs)
-    stack = NetStack([fresh_network(model, data_shape, s, images.device) for s in seeds])
+def train_and_score(model: str, data_shape: DataShape, images: torch.Tensor, labels: torch.Tensor,
+                    test_images: torch.Tensor, test_labels: torch.Tensor, *, lr: float, epochs: int,
+                    seeds: list[int], batch_size: int = 256, lr_decay: str = 'mtt', use_dsa: bool = True,
+                    accel: Accel = FP32) -> list[Scores]:
+    """Train one fresh `model` per seed on (images, labels) by eval_schedule, all together
+    (training.net_group: one plain network, or several stacked); test each."""
+    schedule, checks = eval_schedule(lr_decay, lr, epochs), check_epochs(lr_decay, epochs)
+    group = net_group([fresh_network(model, data_shape, s, images.device) for s in seeds], accel)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    tested = run_schedule(
-        steps,
-        lambda s: StackedSGD(stack.params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay),
-        lambda opt: train_epoch_stacked(stack, images, labels, opt, batch_size=batch_size, generators=gens,
-                                        use_dsa=use_dsa, accel=accel),
-        lambda: accuracies_stacked(stack, test_images, test_labels, accel=accel))
-    return [scores(steps, {ep: accs[k] for ep, accs in tested.items()}) for k in range(len(seeds))]
-
-
-def train_and_test_stacked(model: str, data_shape: tuple[int, tuple[int, int], int], images: torch.Tensor,
-                           labels: torch.Tensor, test_images: torch.Tensor, test_labels: torch.Tensor,
-                           **kw) -> list[float]:
-    """train_and_score_stacked's final test accuracies."""
-    return [s.final for s in train_and_score_stacked(model, data_shape, images, labels, test_images, test_labels,
-                                                     **kw)]
+    tested = {}
+    for ep, _ in train_scheduled(group, images, labels, schedule, batch_size=batch_size, generators=gens,
+                                 use_dsa=use_dsa, accel=accel):
+        if ep in checks or ep == epochs:
+            tested[ep] = group.accuracies(test_images, test_labels, accel=accel)
+    return [Scores(tested[epochs][k], max(tested[ep][k] for ep in checks) if checks else None)
+            for k in range(len(seeds))]
 
 
 # Past about this many input pixels per step (K networks x batch x H x W) the stacked activations
@@ -186,12 +124,12 @@ def train_and_test_stacked(model: str, data_shape: tuple[int, tuple[int, int], i
 CPU_STACK_PIXELS = 128 * 8 * 8
 
 
-def stack_groups(seeds: list[int], model: str, data_shape, num_images: int, batch_size: int,
+def stack_groups(seeds: list[int], model: str, data_shape: DataShape, num_images: int, batch_size: int,
                  device: torch.device, parallel: str) -> list[list[int]]:
     """Split the seeds into groups trained together. parallel: 'loop' = one at a time, 'stack' = all
     at once, 'auto' = all at once on CUDA, on CPU as many as fit CPU_STACK_PIXELS per step. Models
     with BatchNorm running statistics always go one at a time (stacked.stackable)."""
-    im_size = data_shape[1]
+    im_size = data_shape[2]
     if parallel == 'loop' or not stackable(fresh_network(model, data_shape, 0, torch.device('cpu'))):
         size = 1
     elif parallel == 'stack' or device.type == 'cuda':
@@ -201,12 +139,13 @@ def stack_groups(seeds: list[int], model: str, data_shape, num_images: int, batc
     return [seeds[i:i + size] for i in range(0, len(seeds), size)]
 
 
-def evaluate_set(models: list[str], data_shape, images: torch.Tensor, labels: torch.Tensor,
+def evaluate_set(models: list[str], data_shape: DataShape, images: torch.Tensor, labels: torch.Tensor,
                  test_images: torch.Tensor, test_labels: torch.Tensor, *, lr: float, epochs: int,
                  num_eval: int, seed: int, lr_decay: str = 'mtt', progress: bool = True,
                  parallel: str = 'auto', batch_size: int = 256, accel: Accel = FP32) -> list[EvalResult]:
     """num_eval networks per architecture; network i is seeded with seed + i (same seeds across models).
-    `parallel` (see stack_groups) changes only the speed, not the networks."""
+    data_shape: (channel, num_classes, im_size). `parallel` (see stack_groups) changes only the speed,
+    not the networks."""
     images, labels = images.detach(), labels.detach()
     kw = dict(lr=lr, epochs=epochs, batch_size=batch_size, lr_decay=lr_decay, accel=accel)
     results = []
@@ -215,12 +154,7 @@ def evaluate_set(models: list[str], data_shape, images: torch.Tensor, labels: to
         groups = stack_groups([seed + i for i in range(num_eval)], model, data_shape, images.shape[0], batch_size,
                               images.device, parallel)
         for group in tqdm(groups, desc=f'eval {model}', leave=False, disable=not progress):
-            if len(group) == 1:
-                got = [train_and_score(model, data_shape, images, labels, test_images, test_labels,
-                                       seed=group[0], **kw)]
-            else:
-                got = train_and_score_stacked(model, data_shape, images, labels, test_images, test_labels,
-                                              seeds=group, **kw)
+            got = train_and_score(model, data_shape, images, labels, test_images, test_labels, seeds=group, **kw)
             res.accs += [s.final for s in got]
             res.max_acc_selected_on_test += [s.max_selected_on_test for s in got
                                              if s.max_selected_on_test is not None]

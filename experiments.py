@@ -112,7 +112,7 @@ class Study:
         seconds = time.time() - start
         ckpt = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
         data = self.data()
-        results = evaluate_set(['ConvNetD2'], (data.channel, data.im_size, data.num_classes), ckpt['images'],
+        results = evaluate_set(['ConvNetD2'], (data.channel, data.num_classes, data.im_size), ckpt['images'],
                                ckpt['labels'], data.images_test, data.labels_test, lr=float(ckpt['syn_lr']),
                                epochs=1000, num_eval=self.num_eval, seed=10_000 + seed)
         return {'accs': results[0].accs, 'run_dir': run_dir, 'distill_seconds': seconds}

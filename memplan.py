@@ -44,8 +44,8 @@ class RunShape:
     """Everything the memory of one iteration depends on."""
     model: str
     channel: int
-    im_size: tuple[int, int]
     num_classes: int
+    im_size: tuple[int, int]
     ipc: int
     batch_syn: int                     # student batch; clipped to the synthetic set's size
     syn_steps: int
@@ -74,9 +74,9 @@ def run_shape(args: argparse.Namespace, data=None) -> RunShape:
     from ast_components import intermediate_steps
     from data import DEFAULT_MODEL, dataset_meta
     if data is not None:
-        channel, im_size, classes, tests = data.channel, tuple(data.im_size), data.num_classes, len(data.labels_test)
+        channel, classes, im_size, tests = data.channel, data.num_classes, tuple(data.im_size), len(data.labels_test)
     else:
-        channel, im_size, classes, tests = dataset_meta(args.dataset, args.subset, args.res)
+        channel, classes, im_size, tests = dataset_meta(args.dataset, args.subset, args.res)
     uses_middle = args.agg_middle_loss or args.adaptive_middle_loss  # either flag switches the terms on
     middle = tuple(intermediate_steps(args.syn_steps, args.expert_epochs)) if uses_middle else ()
     return RunShape(model=args.model or DEFAULT_MODEL[args.dataset], channel=channel, im_size=im_size,
@@ -124,7 +124,7 @@ def dsa_generator(group: str | None) -> torch.Generator:
     raise ValueError(f"no seed draws DSA group {group!r}")
 
 
-def probe_step(student, channel: int, im_size: tuple[int, int], num_classes: int, batch: int, *,
+def probe_step(student, channel: int, num_classes: int, im_size: tuple[int, int], batch: int, *,
                group: str | None, syn_mom: float) -> tuple[int, int, int]:
     """Bytes autograd saves in one bptt inner step (matching.unroll's body), in three phases:
     (forward of the inner loss, its create-graph backward, the update w - α b)."""
@@ -159,7 +159,7 @@ class StepProbe:
 
 
 @functools.lru_cache(maxsize=None)
-def _probe_batches(model: str, channel: int, im_size: tuple[int, int], num_classes: int, dsa: bool,
+def _probe_batches(model: str, channel: int, num_classes: int, im_size: tuple[int, int], dsa: bool,
                    syn_mom: bool) -> tuple[int, dict]:
     """{group: [(forward, backward, update) at each PROBE_BATCHES]}, and the parameter count."""
     from networks import get_network
@@ -168,7 +168,7 @@ def _probe_batches(model: str, channel: int, im_size: tuple[int, int], num_class
         torch.manual_seed(0)
         student = ReparamModule(get_network(model, channel, num_classes, im_size))
     groups = parse_strategy(DSA_STRATEGY) if dsa else [None]
-    out = {g: [probe_step(student, channel, im_size, num_classes, b, group=g, syn_mom=0.9 if syn_mom else 0.0)
+    out = {g: [probe_step(student, channel, num_classes, im_size, b, group=g, syn_mom=0.9 if syn_mom else 0.0)
                for b in PROBE_BATCHES] for g in groups}
     return student.num_params, out
 
@@ -180,7 +180,7 @@ def _at_batch(values: list[tuple[int, ...]], batch: int) -> tuple[float, ...]:
 
 
 def probe(shape: RunShape) -> StepProbe:
-    num_params, per_group = _probe_batches(shape.model, shape.channel, tuple(shape.im_size), shape.num_classes,
+    num_params, per_group = _probe_batches(shape.model, shape.channel, shape.num_classes, tuple(shape.im_size),
                                            shape.dsa, bool(shape.syn_mom))
     steps = [_at_batch(v, shape.batch) for v in per_group.values()]
     return StepProbe(num_params=num_params, saved_bptt=sum(f + b + u for f, b, u in steps) / len(steps),

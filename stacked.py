@@ -1,15 +1,17 @@
 """K independent networks of one architecture trained as one vectorised function (torch.func).
 
-The parameters of K copies are stacked along a new leading dim and the forward is
-vmap(functional_call): convolutions become one grouped convolution, so K small networks cost about
-as many kernel launches as one. Each network keeps its own data order and augmentation generator
-and its own SGD state, so network k follows the same steps it would take trained alone (equal up
-to float rounding; tests/test_stacked.py checks it).
+NetStack is training.py's group of K > 1 networks (training.OneNet is K = 1). The parameters of the
+K copies are stacked along a new leading dim and the forward is vmap(functional_call): convolutions
+become one grouped convolution, so K small networks cost about as many kernel launches as one. Each
+network keeps its own data order and augmentation generator and its own SGD state, so network k
+follows the same steps it would take trained alone (equal up to float rounding; tests/test_stacked.py
+checks it).
 
 Networks with running statistics (BatchNorm) are not stackable here: vmap cannot update buffers in
 place per network. `stackable(net)` says so, and callers fall back to one network at a time.
 """
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -17,7 +19,9 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from accel import FP32, Accel
-from augment import dsa
+
+if TYPE_CHECKING:
+    from training import SGDSettings
 
 
 def stackable(net: nn.Module) -> bool:
@@ -25,7 +29,7 @@ def stackable(net: nn.Module) -> bool:
 
 
 class NetStack:
-    """K copies of one architecture: stacked parameters [K, ...] and a vmapped forward."""
+    """K copies of one architecture: stacked parameters [K, ...] and a vmapped forward (a training.NetGroup)."""
 
     def __init__(self, nets: list[nn.Module]):
         if not all(stackable(n) for n in nets):
@@ -33,6 +37,7 @@ class NetStack:
         params, _ = stack_module_state(nets)  # detached copies, requires_grad=True
         self.params = params
         self.k = len(nets)
+        self.nets = nets  # network(k) copies the trained weights back into these
         self.skeleton = copy.deepcopy(nets[0]).to('meta')  # structure only; weights come from params
 
     def _one(self, params: dict, x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +57,38 @@ class NetStack:
             for name, p in net.named_parameters():
                 p.copy_(self.params[name][k])
         return net
+
+    def network(self, k: int) -> nn.Module:
+        return self.load_into(k, self.nets[k])
+
+    def train(self) -> None:
+        pass  # a functional call has no module mode; stackable networks hold no running statistics
+
+    def sgd(self, s: 'SGDSettings') -> 'StackedSGD':
+        return StackedSGD(self.params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+    def batch_loss(self, clean: list[torch.Tensor], augmented: list[torch.Tensor], targets: list[torch.Tensor], *,
+                   loss_scale: float, extra_loss, accel: Accel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """training.NetGroup.batch_loss: network k on batch k."""
+        if extra_loss is not None:
+            raise ValueError("extra_loss (the gradient penalty) is not vectorised: train one network at a time")
+        y = torch.stack(targets)
+        with accel.autocast(y.device):
+            out = self(torch.stack(augmented))
+            # sum over networks of each one's mean CE: network k's gradient is its own loss's gradient
+            losses = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction='none').view(y.shape).mean(1)
+            loss = losses.sum()
+        return loss * loss_scale, losses.detach() * loss_scale, (out.argmax(-1) == y).sum(1)
+
+    @torch.no_grad()
+    def accuracies(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024,
+                   accel: Accel = FP32) -> list[float]:
+        correct = torch.zeros(self.k, dtype=torch.long, device=images.device)
+        for start in range(0, images.shape[0], batch_size):
+            with accel.autocast(images.device):
+                out = self.shared_input(images[start:start + batch_size])
+            correct += (out.argmax(-1) == labels[start:start + batch_size]).sum(1)
+        return (correct.double() / images.shape[0]).tolist()
 
 
 class StackedSGD:
@@ -77,38 +114,3 @@ class StackedSGD:
     def zero_grad(self) -> None:
         for p in self.params.values():
             p.grad = None
-
-
-def train_epoch_stacked(stack: NetStack, images: torch.Tensor, labels: torch.Tensor, opt: StackedSGD, *,
-                        batch_size: int, generators: list[torch.Generator], use_dsa: bool = True,
-                        loss_scale: float = 1.0, accel: Accel = FP32) -> None:
-    """One pass for each of the K networks over (images, labels), network k drawing its order and
-    augmentations from generators[k] exactly as training.train_epoch does for one network."""
-    n = images.shape[0]
-    orders = [torch.randperm(n, generator=g).to(images.device) for g in generators]
-    for start in range(0, n, batch_size):
-        xs, ys = [], []
-        for order, g in zip(orders, generators):
-            idx = order[start:start + batch_size]
-            x = images[idx]
-            xs.append(dsa(x, generator=g) if use_dsa else x)
-            ys.append(labels[idx])
-        y = torch.stack(ys)
-        with accel.autocast(images.device):
-            out = stack(torch.stack(xs))
-            # sum over networks of each one's mean CE: network k's gradient is its own loss's gradient
-            loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction='none').view(y.shape).mean(1).sum()
-        opt.zero_grad()
-        (loss * loss_scale).backward()
-        opt.step()
-
-
-@torch.no_grad()
-def accuracies_stacked(stack: NetStack, images: torch.Tensor, labels: torch.Tensor,
-                       batch_size: int = 1024, accel: Accel = FP32) -> list[float]:
-    correct = torch.zeros(stack.k, dtype=torch.long, device=images.device)
-    for start in range(0, images.shape[0], batch_size):
-        with accel.autocast(images.device):
-            out = stack.shared_input(images[start:start + batch_size])
-        correct += (out.argmax(-1) == labels[start:start + batch_size]).sum(1)
-    return (correct.double() / images.shape[0]).tolist()

@@ -6,14 +6,14 @@ import torch
 
 from accel import FP32, Accel, accel_from_args, add_accel_flags, set_tf32, switch_on
 from data import load_dataset
-from evaluation import fresh_network, random_real, train_and_test
+from evaluation import fresh_network, random_real, train_and_score
 from matching import Targets, match_and_backward
 from networks import get_network
 from reparam_module import ReparamModule
-from training import accuracy, train_epoch
+from training import OneNet, accuracy, train_epoch
 
 CPU = torch.device('cpu')
-SHAPE = (1, (8, 8), 10)
+SHAPE = (1, 10, (8, 8))
 
 
 @pytest.fixture(scope='module')
@@ -54,7 +54,7 @@ def _train(images, labels, accel, epochs=3):
     net = accel.net(fresh_network('ConvNetD2', SHAPE, 0, CPU))
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
-    losses = [train_epoch(net, images, labels, opt, batch_size=32, generator=gen, accel=accel)[0]
+    losses = [train_epoch(OneNet(net), images, labels, opt, batch_size=32, generators=[gen], accel=accel)[0].item()
               for _ in range(epochs)]
     return net, losses
 
@@ -83,9 +83,9 @@ def test_bf16_autocast_on_cpu_runs_and_stays_close(digits):
 def test_eval_protocol_with_both_paths_on_cpu_is_close(digits):
     images, labels = random_real(digits, 2, torch.Generator().manual_seed(3))
     test = (digits.images_test, digits.labels_test)
-    kw = dict(lr=0.01, epochs=20, seed=4)
-    plain = train_and_test('ConvNetD2', SHAPE, images, labels, *test, **kw)
-    both = train_and_test('ConvNetD2', SHAPE, images, labels, *test, accel=Accel(True, True), **kw)
+    kw = dict(lr=0.01, epochs=20, seeds=[4])
+    plain = train_and_score('ConvNetD2', SHAPE, images, labels, *test, **kw)[0].final
+    both = train_and_score('ConvNetD2', SHAPE, images, labels, *test, accel=Accel(True, True), **kw)[0].final
     assert both == pytest.approx(plain, abs=0.05)
 
 

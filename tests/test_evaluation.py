@@ -6,13 +6,13 @@ build a new SGD. The expected schedules below are written out from that loop by 
 import pytest
 import torch
 
-import evaluation
+import stacked
+import training
 from data import load_dataset
-from evaluation import eval_schedule, evaluate_set, fresh_network, random_real, train_and_score, \
-    train_and_score_stacked
-from training import train_epoch
+from evaluation import eval_schedule, evaluate_set, fresh_network, random_real, train_and_score
+from training import OneNet, train_epoch
 
-SHAPE = (1, (8, 8), 10)  # Digits: channel, im_size, classes
+SHAPE = (1, 10, (8, 8))  # Digits: channel, classes, im_size
 LR = 0.01
 
 
@@ -52,33 +52,31 @@ class Recorder:
     def __init__(self, monkeypatch, fake_acc=None):
         self.epochs, self.tested, self.nets = [], [], []
         self.fake_acc = fake_acc  # epoch -> accuracy (or list per network) instead of measuring
-        real_one, real_stacked = evaluation.train_epoch, evaluation.train_epoch_stacked
-        real_acc, real_accs = evaluation.accuracy, evaluation.accuracies_stacked
+        real_epoch = training.train_epoch
+        real_acc, real_accs = training.OneNet.accuracies, stacked.NetStack.accuracies
 
-        def one(net, images, labels, opt, **kw):
-            assert len(opt.param_groups) == 1
-            g = opt.param_groups[0]
-            fresh = all('momentum_buffer' not in opt.state[p] for p in g['params'])
-            self.epochs.append((g['lr'], g['momentum'], g['weight_decay'], fresh))
-            return real_one(net, images, labels, opt, **kw)
+        def epoch(group, images, labels, opt, **kw):
+            if isinstance(opt, torch.optim.SGD):  # one network
+                assert len(opt.param_groups) == 1
+                g = opt.param_groups[0]
+                fresh = all('momentum_buffer' not in opt.state[p] for p in g['params'])
+                self.epochs.append((g['lr'], g['momentum'], g['weight_decay'], fresh))
+            else:  # stacked.StackedSGD
+                self.epochs.append((opt.lr, opt.momentum, opt.weight_decay, not opt.bufs))
+            return real_epoch(group, images, labels, opt, **kw)
 
-        def stacked(stack, images, labels, opt, **kw):
-            self.epochs.append((opt.lr, opt.momentum, opt.weight_decay, not opt.bufs))
-            return real_stacked(stack, images, labels, opt, **kw)
-
-        def acc(net, *a, **kw):
+        def acc(group, *a, **kw):
             self.tested.append(len(self.epochs) - 1)
-            self.nets.append({k: v.detach().clone() for k, v in net.state_dict().items()})
-            return self.fake_acc[self.tested[-1]] if self.fake_acc else real_acc(net, *a, **kw)
+            self.nets.append({k: v.detach().clone() for k, v in group.net.state_dict().items()})
+            return [self.fake_acc[self.tested[-1]]] if self.fake_acc else real_acc(group, *a, **kw)
 
-        def accs(stack, *a, **kw):
+        def accs(group, *a, **kw):
             self.tested.append(len(self.epochs) - 1)
-            return self.fake_acc[self.tested[-1]] if self.fake_acc else real_accs(stack, *a, **kw)
+            return self.fake_acc[self.tested[-1]] if self.fake_acc else real_accs(group, *a, **kw)
 
-        monkeypatch.setattr(evaluation, 'train_epoch', one)
-        monkeypatch.setattr(evaluation, 'train_epoch_stacked', stacked)
-        monkeypatch.setattr(evaluation, 'accuracy', acc)
-        monkeypatch.setattr(evaluation, 'accuracies_stacked', accs)
+        monkeypatch.setattr(training, 'train_epoch', epoch)
+        monkeypatch.setattr(training.OneNet, 'accuracies', acc)
+        monkeypatch.setattr(stacked.NetStack, 'accuracies', accs)
 
 
 def _assert_rows(got, want):
@@ -95,10 +93,7 @@ def test_each_trained_epoch_uses_the_authors_optimiser(monkeypatch, digits, ipc1
     rec = Recorder(monkeypatch)
     test = (digits.images_test[:100], digits.labels_test[:100])
     kw = dict(lr=LR, epochs=epochs, lr_decay=lr_decay)
-    if path == 'one':
-        train_and_score('ConvNetD2', SHAPE, *ipc1, *test, seed=0, **kw)
-    else:
-        train_and_score_stacked('ConvNetD2', SHAPE, *ipc1, *test, seeds=[0, 1], **kw)
+    train_and_score('ConvNetD2', SHAPE, *ipc1, *test, seeds=[0] if path == 'one' else [0, 1], **kw)
     _assert_rows(rec.epochs, (MTT if lr_decay == 'mtt' else AST)[epochs])
     assert rec.tested == TESTED[lr_decay, epochs]
 
@@ -112,13 +107,13 @@ def test_the_tested_network_is_the_authors_loop_after_its_last_epoch(monkeypatch
     lr = LR
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
     for ep in range(epochs + 1):
-        train_epoch(net, *ipc1, opt, batch_size=256, generator=gen)
+        train_epoch(OneNet(net), *ipc1, opt, batch_size=256, generators=[gen])
         if ep == epochs // 2 + 1:
             lr *= factor
             opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=mom_after, weight_decay=wd)
     rec = Recorder(monkeypatch)
     train_and_score('ConvNetD2', SHAPE, *ipc1, digits.images_test[:50], digits.labels_test[:50], lr=LR,
-                    epochs=epochs, seed=seed, lr_decay=lr_decay)
+                    epochs=epochs, seeds=[seed], lr_decay=lr_decay)
     final = rec.nets[-1]
     start = fresh_network('ConvNetD2', SHAPE, seed, torch.device('cpu')).state_dict()
     assert any(not torch.equal(final[k], start[k]) for k in start)  # it trained
@@ -131,14 +126,14 @@ def test_ast_checks_every_20_epochs_and_reports_the_last_epoch(monkeypatch, digi
     one = {0: 0.30, 20: 0.90, 40: 0.50, 41: 0.40}
     rec = Recorder(monkeypatch, fake_acc=one)
     test = (digits.images_test[:50], digits.labels_test[:50])
-    s = train_and_score('ConvNetD2', SHAPE, *ipc1, *test, lr=LR, epochs=41, seed=0, lr_decay='ast')
+    [s] = train_and_score('ConvNetD2', SHAPE, *ipc1, *test, lr=LR, epochs=41, seeds=[0], lr_decay='ast')
     assert rec.tested == [0, 20, 40, 41]
     assert len(rec.epochs) == 42
     assert s.final == 0.40 and s.max_selected_on_test == 0.90
 
     rec.fake_acc = {0: [0.3, 0.6], 20: [0.9, 0.2], 40: [0.5, 0.1], 41: [0.4, 0.7]}
     rec.epochs, rec.tested = [], []
-    got = train_and_score_stacked('ConvNetD2', SHAPE, *ipc1, *test, lr=LR, epochs=41, seeds=[0, 1], lr_decay='ast')
+    got = train_and_score('ConvNetD2', SHAPE, *ipc1, *test, lr=LR, epochs=41, seeds=[0, 1], lr_decay='ast')
     assert rec.tested == [0, 20, 40, 41]
     assert [(g.final, g.max_selected_on_test) for g in got] == [(0.4, 0.9), (0.7, 0.6)]  # the last epoch is no check
 
@@ -157,7 +152,7 @@ def test_evaluate_set_ast_stack_equals_loop(digits, ipc1):
     test = (digits.images_test, digits.labels_test)
     loop = evaluate_set(['ConvNetD2'], SHAPE, *ipc1, *test, parallel='loop', **kw)[0]
     stacked = evaluate_set(['ConvNetD2'], SHAPE, *ipc1, *test, parallel='stack', **kw)[0]
-    alone = [train_and_score('ConvNetD2', SHAPE, *ipc1, *test, lr=LR, epochs=41, seed=11 + i, lr_decay='ast')
+    alone = [train_and_score('ConvNetD2', SHAPE, *ipc1, *test, lr=LR, epochs=41, seeds=[11 + i], lr_decay='ast')[0]
              for i in range(3)]
     assert loop.accs == [s.final for s in alone]
     assert loop.max_acc_selected_on_test == [s.max_selected_on_test for s in alone]
@@ -172,4 +167,4 @@ def test_schedule_refuses_what_it_does_not_know():
         eval_schedule('cosine', LR, 10)
     with pytest.raises(ValueError, match='epochs'):
         eval_schedule('mtt', LR, -1)
-    assert [s.epoch for s in eval_schedule('mtt', LR, 0)] == [0]  # E = 0 still trains epoch 0, as the authors' loop
+    assert len(eval_schedule('mtt', LR, 0)) == 1  # E = 0 still trains epoch 0, as the authors' loop

@@ -1,9 +1,8 @@
 """Expert recipes (buffer.py): the optimiser, its one lr change and the momentum reset, per epoch."""
-import argparse
-
 import pytest
 
 import buffer
+import training
 from data import load_dataset
 
 
@@ -16,19 +15,19 @@ def record_epochs(monkeypatch, digits, flags, epochs):
     """Train one expert and record, at the start of every epoch, the optimiser's lr, momentum, weight decay
     and whether its momentum buffers are empty (a fresh optimiser)."""
     seen = []
-    real = buffer.train_epoch
+    real = training.train_epoch
 
-    def spy(net, images, labels, opt, **kw):
+    def spy(nets, images, labels, opt, **kw):
         group = opt.param_groups[0]
         seen.append((group['lr'], group['momentum'], group['weight_decay'], len(opt.state) == 0))
-        return real(net, images[:64], labels[:64], opt, **kw)  # a few real steps fill the momentum buffers
+        return real(nets, images[:64], labels[:64], opt, **kw)  # a few real steps fill the momentum buffers
 
-    monkeypatch.setattr(buffer, 'train_epoch', spy)
+    monkeypatch.setattr(training, 'train_epoch', spy)
     args = buffer.build_parser().parse_args(flags + ['--train_epochs', str(epochs), '--model', 'ConvNetW32',
                                                      '--batch_train', '512'])
     args.model = 'ConvNetW32'
     args.lr_teacher = buffer.expert_lr(args.optim, args.lr_teacher)
-    trajectory, meta = buffer.train_expert(args, digits, 'cpu', 0, progress=False)
+    [(trajectory, meta)] = buffer.train_experts(args, digits, 'cpu', [0], progress=False)
     assert len(trajectory) == epochs + 1 and len(seen) == epochs
     return seen
 

@@ -28,7 +28,7 @@ GROUPS = parse_strategy(DSA_STRATEGY)
 
 
 def tiny(ipc=2, syn_steps=6, **kw) -> RunShape:
-    return RunShape(MODEL, CHANNEL, IM, CLASSES, ipc, kw.pop('batch_syn', CLASSES * ipc), syn_steps, **kw)
+    return RunShape(MODEL, CHANNEL, CLASSES, IM, ipc, kw.pop('batch_syn', CLASSES * ipc), syn_steps, **kw)
 
 
 def student():
@@ -49,7 +49,7 @@ def unroll_seed(group: str, num_syn: int) -> int:
 @pytest.mark.parametrize('group', GROUPS)
 def test_probe_counts_what_one_bptt_step_of_the_unroll_saves(group):
     net, n = student(), 5
-    forward, backward, update = probe_step(net, CHANNEL, IM, CLASSES, n, group=group, syn_mom=0.0)
+    forward, backward, update = probe_step(net, CHANNEL, CLASSES, IM, n, group=group, syn_mom=0.0)
     w0 = net.flat_param()
     images = torch.randn(n, CHANNEL, *IM).requires_grad_(True)
     lr = torch.tensor(0.01, requires_grad=True)
@@ -71,8 +71,8 @@ def test_saved_bytes_count_a_shared_storage_once():
 @pytest.mark.parametrize('group', GROUPS)
 def test_probe_extrapolates_exactly_from_batches_1_and_2(group):
     net = student()
-    per = [probe_step(net, CHANNEL, IM, CLASSES, b, group=group, syn_mom=0.9) for b in memplan.PROBE_BATCHES]
-    direct = probe_step(net, CHANNEL, IM, CLASSES, 7, group=group, syn_mom=0.9)
+    per = [probe_step(net, CHANNEL, CLASSES, IM, b, group=group, syn_mom=0.9) for b in memplan.PROBE_BATCHES]
+    direct = probe_step(net, CHANNEL, CLASSES, IM, 7, group=group, syn_mom=0.9)
     assert memplan._at_batch(per, 7) == pytest.approx(direct, rel=0, abs=0)
 
 

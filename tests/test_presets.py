@@ -7,6 +7,7 @@ import pytest
 import buffer
 import distill
 import presets
+from training import SGDSettings
 
 ROOT = __import__('os').path.dirname(__import__('os').path.dirname(__import__('os').path.abspath(__file__)))
 
@@ -31,8 +32,9 @@ def test_ast_presets_are_the_authors_runs():
     for name in ('cifar100_ipc1_ast', 'cifar100_ipc10_ast', 'cifar10_ipc10_ast', 'digits_ipc1_ast'):
         b = buffer.build_parser().parse_args(presets.buffer_flags(name))
         assert (b.optim, b.loss_decay, b.gp, b.lr_teacher) == ('sgdmom_code', 'code', 'code', None)
-        assert buffer.expert_recipe(b.optim, b.lr_teacher, b.mom, b.l2, b.decay, 50) == {
-            'lr': 0.003, 'momentum': 0.9, 'weight_decay': 1e-3, 'decay_at': 26, 'factor': 0.6}
+        schedule = buffer.expert_schedule(b.optim, b.lr_teacher, b.mom, b.l2, b.decay, 50)
+        assert schedule[0] == SGDSettings(0.003, 0.9, 1e-3)  # x0.6 and a fresh optimiser after epoch 26
+        assert schedule[27] == SGDSettings(0.003 * 0.6, 0.9, 1e-3) and schedule.count(None) == 48
         d = distill.build_parser().parse_args(presets.distill_flags(name))
         assert (d.syn_mom, d.perturb_variant, d.lr_decay, d.weight_perturb, d.agg_middle_loss) == \
             (0.9, 'code', 'ast', True, True)

@@ -478,7 +478,7 @@ def refuse_writes_under(monkeypatch, folder):
 def test_unwritable_outputs_stop_before_any_work(env, tmp_path, monkeypatch, capsys):
     def no_work(*a, **k):
         raise AssertionError('work started before the output folder was checked')
-    monkeypatch.setattr(buffer, 'train_expert', no_work)
+    monkeypatch.setattr(buffer, 'train_experts', no_work)
     monkeypatch.setattr(buffer, 'data_from_flags', no_work)
     monkeypatch.setattr(eval_script, 'data_from_flags', no_work)
     monkeypatch.setattr(distill, 'prepare', no_work)

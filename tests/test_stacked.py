@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from data import load_dataset
-from evaluation import evaluate_set, fresh_network, random_real, stack_groups, train_and_test
+from evaluation import evaluate_set, fresh_network, random_real, stack_groups, train_and_score
 from networks import get_network
-from stacked import NetStack, StackedSGD, accuracies_stacked, stackable, train_epoch_stacked
-from training import accuracy, train_epoch
+from stacked import NetStack, StackedSGD, stackable
+from training import OneNet, accuracy, train_epoch
 
-SHAPE = (1, (8, 8), 10)  # Digits: channel, im_size, classes
+SHAPE = (1, 10, (8, 8))  # Digits: channel, classes, im_size
 
 
 @pytest.fixture(scope='module')
@@ -49,7 +49,7 @@ def test_stacked_sgd_is_torch_sgd():
     assert torch.equal(stacked['w'].detach(), torch.stack([r.detach() for r in ref]))
 
 
-def test_train_epoch_stacked_follows_each_network_alone(digits):
+def test_stacked_train_epoch_follows_each_network_alone(digits):
     images, labels = random_real(digits, 3, torch.Generator().manual_seed(0))
     seeds = [5, 6, 7]
     alone = nets('ConvNetD2', seeds)
@@ -57,12 +57,12 @@ def test_train_epoch_stacked_follows_each_network_alone(digits):
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         gen = torch.Generator().manual_seed(s)
         for _ in range(4):
-            train_epoch(net, images, labels, opt, batch_size=16, generator=gen, loss_scale=0.7)
+            train_epoch(OneNet(net), images, labels, opt, batch_size=16, generators=[gen], loss_scale=0.7)
     stack = NetStack(nets('ConvNetD2', seeds))
     opt = StackedSGD(stack.params, lr=0.01, momentum=0.9, weight_decay=5e-4)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     for _ in range(4):  # 30 images, batch 16: a full and a partial batch per epoch
-        train_epoch_stacked(stack, images, labels, opt, batch_size=16, generators=gens, loss_scale=0.7)
+        train_epoch(stack, images, labels, opt, batch_size=16, generators=gens, loss_scale=0.7)
     for k, net in enumerate(alone):
         start = fresh_network('ConvNetD2', SHAPE, seeds[k], torch.device('cpu'))
         moved = sum((p - q).abs().sum() for p, q in zip(net.parameters(), start.parameters()))
@@ -72,7 +72,7 @@ def test_train_epoch_stacked_follows_each_network_alone(digits):
         copy = stack.load_into(k, get_network('ConvNetD2', 1, 10, (8, 8)))
         assert accuracy(copy, digits.images_test, digits.labels_test) == pytest.approx(
             accuracy(net, digits.images_test, digits.labels_test), abs=2 / len(digits.labels_test))
-    accs = accuracies_stacked(stack, digits.images_test, digits.labels_test)
+    accs = stack.accuracies(digits.images_test, digits.labels_test)
     assert accs == pytest.approx([accuracy(n, digits.images_test, digits.labels_test) for n in alone],
                                  abs=2 / len(digits.labels_test))
 
@@ -83,7 +83,7 @@ def test_evaluate_set_stack_equals_loop(digits):
     test = (digits.images_test, digits.labels_test)
     loop = evaluate_set(['ConvNetD2'], SHAPE, images, labels, *test, parallel='loop', **kw)[0].accs
     stacked = evaluate_set(['ConvNetD2'], SHAPE, images, labels, *test, parallel='stack', **kw)[0].accs
-    alone = [train_and_test('ConvNetD2', SHAPE, images, labels, *test, lr=0.01, epochs=30, seed=11 + i)
+    alone = [train_and_score('ConvNetD2', SHAPE, images, labels, *test, lr=0.01, epochs=30, seeds=[11 + i])[0].final
              for i in range(3)]
     assert loop == alone
     assert stacked == pytest.approx(alone, abs=2 / len(digits.labels_test))
