@@ -25,8 +25,8 @@ from stacked import stackable
 from trajectory_io import (avg_var, buffer_dir, expert_done, expert_epochs_on_disk, expert_path, load_trajectories,
                            meta_path, read_meta, save_expert, sidecar_of, snapshot, trajectory_tensor, write_meta)
 from training import SGDSettings, accuracy, net_group, step_schedule, train_scheduled
-from utils import (MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, check_flags,
-                   check_writable, cli_entry, pick_device, remove_stray_temps, seed_everything)
+from cli import MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, check_flags, cli_entry
+from utils import check_writable, pick_device, remove_stray_temps, seed_everything
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,8 @@ from data import DATASETS, DEFAULT_MODEL, SUBSETS
 from mct import compress, compressed_dir
 from networks import MODELS
 from trajectory_io import Trajectory, buffer_dir, expert_files, load_trajectories
-from utils import CliParser, UsageError, atomic_torch_save, atomic_write_bytes, check_flags, cli_entry, integer
+from cli import CliParser, UsageError, check_flags, cli_entry, integer
+from utils import atomic_torch_save, atomic_write_bytes
 
 
 def compress_buffer_folder(folder: str, k: int = 4, out_folder: str | None = None) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils import POSITIVE_INT, UsageError, integer
+from cli import POSITIVE_INT, UsageError, integer
 
 # ============================================================================
 # Constants

@@ -35,10 +35,10 @@ from ast_components import (balance_weight, intermediate_betas, intermediate_ste
 from mct import compressed_dir
 from reparam_module import load_flat_
 from trajectory_io import ExpertCursor, ExpertTrajectory, buffer_dir, read_meta, trajectory_kind, validate_buffers
-from utils import (MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, Diverged, UsageError, WriteError,
-                   atomic_torch_save, atomic_write_json, check_flags, check_saved_flags, check_writable, cli_entry,
-                   explicit_flags, integer, pick_device, real, remove_stray_temps, rng_state, seed_everything,
-                   set_rng_state)
+from cli import (MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, Diverged, UsageError, WriteError,
+                 check_flags, check_saved_flags, cli_entry, explicit_flags, integer, real)
+from utils import (atomic_torch_save, atomic_write_json, check_writable, pick_device, remove_stray_temps, rng_state,
+                   seed_everything, set_rng_state)
 
 
 # ---------------------------------------------------------------- flags (defaults: Digits quickstart)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from utils import UsageError
+from cli import UsageError
 
 # Rank 0 evaluates (minutes to hours on big sets) while the others wait in their next collective.
 TIMEOUT = timedelta(hours=4)

@@ -16,8 +16,8 @@ from data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, data_from_fla
 from evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set, markdown_table, random_real
 from networks import MODELS, get_network
 from runlog import ARGS_FILE, BEST_FILES, EVAL_FILE, latest_run_dir, load_args, run_file
-from utils import (POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, atomic_write_json, check_flags,
-                   check_saved_flags, check_writable, cli_entry, pick_device, remove_stray_temps, seed_everything)
+from cli import POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, check_flags, check_saved_flags, cli_entry
+from utils import atomic_write_json, check_writable, pick_device, remove_stray_temps, seed_everything
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,8 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 
 from mct import CompressedTrajectory
-from utils import UsageError, atomic_torch_save, atomic_write_json
+from cli import UsageError
+from utils import atomic_torch_save, atomic_write_json
 
 
 # ---------------------------------------------------------------- the interface of both kinds

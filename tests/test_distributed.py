@@ -17,7 +17,8 @@ from data import load_dataset
 from networks import get_network
 from reparam_module import ReparamModule
 from trajectory_io import buffer_dir, expert_files, load_trajectories
-from utils import UsageError, seed_everything
+from cli import UsageError
+from utils import seed_everything
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = 'ConvNetW32'

@@ -8,7 +8,7 @@ import compress_buffers
 from compress_buffers import compress_buffer_folder
 from mct import CompressedTrajectory, compress, load_compressed, waypoint_epochs
 from trajectory_io import trajectory_tensor
-from utils import UsageError
+from cli import UsageError
 
 SIZES = [6, 3, 5]  # three "layers", P = 14
 

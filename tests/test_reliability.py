@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import buffer
+import cli
 import distill
 import eval as eval_script
 import matching
@@ -371,8 +372,8 @@ def test_every_numeric_flag_has_a_domain(module):
 def test_every_preset_lies_in_the_domains():
     import presets
     for name in presets.DISTILL:
-        utils.check_flags(distill.build_parser().parse_args(presets.distill_flags(name)), distill.FLAG_DOMAINS)
-        utils.check_flags(buffer.build_parser().parse_args(presets.buffer_flags(name)), buffer.FLAG_DOMAINS)
+        cli.check_flags(distill.build_parser().parse_args(presets.distill_flags(name)), distill.FLAG_DOMAINS)
+        cli.check_flags(buffer.build_parser().parse_args(presets.buffer_flags(name)), buffer.FLAG_DOMAINS)
 
 
 def test_the_table_is_wide_enough():

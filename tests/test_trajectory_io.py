@@ -11,7 +11,7 @@ from distill import final_expert_net
 from networks import get_network
 from trajectory_io import (ExpertCursor, ExpertTrajectory, Trajectory, avg_var, buffer_dir, expert_files,
                            load_trajectories, save_expert, trajectory_kind, trajectory_tensor, validate_buffers)
-from utils import UsageError
+from cli import UsageError
 
 MODEL = 'ConvNetW32'  # small, and 8x8 Digits fit its depth 3
 
