@@ -10,35 +10,32 @@ and augmentations, and the image and syn_lr gradients are averaged before the st
 writes the run folder and evaluates. One process is the plain run, bit for bit.
 """
 import argparse
-import copy
 import dataclasses
 import math
 import os
-import shlex
 
 import torch
 from tqdm import tqdm
 
-from data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, check_dataset, data_from_flags
-from distributed import (Dist, all_gather_objects, all_ranks_true, all_reduce_mean_, barrier, broadcast_,
-                         broadcast_object, cleanup, from_env, init_distributed, mean_over_ranks, rank_seed)
 from accel import accel_from_args, add_accel_flags
-from evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set, random_real
+from ast_components import balance_weight, intermediate_betas, intermediate_steps, perturb_start
+from checkpoint import LoopState, load_checkpoint, rank_streams, restore, resume_command, save_checkpoint
+from cli import (MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, Diverged, UsageError, check_flags,
+                 check_saved_flags, cli_entry, explicit_flags, integer, real)
+from data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, check_dataset, data_from_flags
+from distributed import (Dist, all_ranks_true, all_reduce_mean_, broadcast_, broadcast_object, cleanup, from_env,
+                         init_distributed, mean_over_ranks)
+from evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set
 from matching import ATT_METRICS, UNROLLS, Targets, match_and_backward
+from mct import compressed_dir
 from memplan import auto_unroll, describe_choice, describe_for_args
 from networks import MODELS, get_network
 from reparam_module import ReparamModule
 from runlog import (ARGS_FILE, CHECKPOINT_FILE, FINAL_FILE, GRID_NAME, WANDB_MODES, RunLog, latest_run_dir,
                     load_args, new_run_dir, run_file, save_args, save_best)
-from ast_components import (balance_weight, intermediate_betas, intermediate_steps, kmeans_init,
-                            perturb_start)
-from mct import compressed_dir
-from reparam_module import load_flat_
-from trajectory_io import ExpertCursor, ExpertTrajectory, buffer_dir, read_meta, trajectory_kind, validate_buffers
-from cli import (MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, Diverged, UsageError, WriteError,
-                 check_flags, check_saved_flags, cli_entry, explicit_flags, integer, real)
-from utils import (atomic_torch_save, atomic_write_json, check_writable, pick_device, remove_stray_temps, rng_state,
-                   seed_everything, set_rng_state)
+from synthetic import SyntheticSet, final_expert_net, init_synthetic
+from trajectory_io import ExpertCursor, ExpertTrajectory, buffer_dir, read_meta, validate_buffers
+from utils import atomic_write_json, check_writable, pick_device, remove_stray_temps, seed_everything
 
 
 # ---------------------------------------------------------------- flags (defaults: Digits quickstart)
@@ -170,85 +167,7 @@ SKIP_WORDS = {'nonfinite': 'non-finite loss or gradient', 'max_loss': 'loss abov
               'syn_lr': 'the step would have made syn_lr <= 0 or non-finite', 'other_rank': 'skipped on another process'}
 
 
-def resume_command(run_dir: str, world_size: int, **flags) -> str:
-    how = f"torchrun --nproc_per_node={world_size} distill.py" if world_size > 1 else "python distill.py"
-    return ' '.join([how, '--resume', shlex.quote(run_dir)] + [f"--{k} {v:g}" for k, v in flags.items()])
-
-
-# ---------------------------------------------------------------- the synthetic set
-
-class SyntheticSet:
-    """What distillation learns: the images, their labels (fixed), the student lr syn_lr, and the two
-    SGD optimisers (momentum 0.5, as MTT). state_dict / load_state_dict are the checkpoint's part."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, lr_teacher: float, *, lr_img: float,
-                 lr_lr: float):
-        self.images = images.requires_grad_(True)
-        self.labels = labels
-        self.lr = torch.tensor(lr_teacher, device=images.device, requires_grad=True)
-        self.opt_img = torch.optim.SGD([self.images], lr=lr_img, momentum=0.5)
-        self.opt_lr = torch.optim.SGD([self.lr], lr=lr_lr, momentum=0.5)
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def set_step_sizes(self, lr_img: float, lr_lr: float) -> None:
-        """The flags are the truth: a --resume override of --lr_img / --lr_lr takes effect here."""
-        self.opt_img.param_groups[0]['lr'], self.opt_lr.param_groups[0]['lr'] = lr_img, lr_lr
-
-    def zero_grad(self) -> None:
-        self.opt_img.zero_grad(set_to_none=True)
-        self.opt_lr.zero_grad(set_to_none=True)
-
-    def grads(self) -> list[torch.Tensor]:
-        return [self.images.grad, self.lr.grad]
-
-    def grads_finite(self) -> bool:
-        return self.images.grad is not None and bool(torch.isfinite(self.images.grad).all()
-                                                     and torch.isfinite(self.lr.grad))
-
-    def step(self) -> bool:
-        """syn_lr's SGD step, then the images', unless syn_lr would leave (0, inf): then syn_lr and its
-        momentum are put back and the images never take the step. Returns whether the step was taken."""
-        before, state = self.lr.detach().clone(), copy.deepcopy(self.opt_lr.state_dict())
-        self.opt_lr.step()
-        if not bool(torch.isfinite(self.lr) & (self.lr > 0)):
-            with torch.no_grad():
-                self.lr.copy_(before)
-            self.opt_lr.load_state_dict(state)
-            return False
-        self.opt_img.step()
-        return True
-
-    def state_dict(self) -> dict:
-        return {'images': self.images.detach().cpu(), 'syn_lr': self.lr.detach().cpu(), 'labels': self.labels.cpu(),
-                'opt_img': self.opt_img.state_dict(), 'opt_lr': self.opt_lr.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """copy_ and load_state_dict: onto this set's device. ValueError when the state is another run's."""
-        images, lr = state['images'], state['syn_lr']
-        if not (torch.is_tensor(images) and images.shape == self.images.shape and torch.is_tensor(lr)
-                and lr.numel() == 1):
-            raise ValueError(f"images of shape {tuple(getattr(images, 'shape', ()))}, this run's are "
-                             f"{tuple(self.images.shape)}")
-        with torch.no_grad():
-            self.images.copy_(images)
-            self.lr.copy_(lr.reshape(()))
-        self.opt_img.load_state_dict(state['opt_img'])
-        self.opt_lr.load_state_dict(state['opt_lr'])
-
-
 # ---------------------------------------------------------------- setup (all checks before long work)
-
-def init_synthetic(data, ipc: int, pix_init: str, generator: torch.Generator, *, expert_net=None,
-                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    if pix_init == 'real':
-        return random_real(data, ipc, generator)
-    if pix_init in ('kmeans', 'avg'):
-        return kmeans_init(expert_net.eval(), data.images_train, data.labels_train, data.num_classes, ipc, seed)
-    labels = torch.arange(data.num_classes).repeat_interleave(ipc)
-    return torch.randn(len(labels), data.channel, *data.im_size, generator=generator), labels
-
 
 def check_valid_split(folder: str, valid: int) -> None:
     """The experts must have trained on this run's training images: with the same --valid split."""
@@ -318,118 +237,6 @@ def student_start(targets: Targets, param_shapes, *, perturb: bool, variant: str
         return targets.start, targets
     w0 = perturb_start(targets.start, param_shapes, rho=rho, generator=generator, variant=variant)
     return w0, (dataclasses.replace(targets, start=w0) if variant == 'code' else targets)
-
-
-def final_expert_net(files: list[str], mct: bool, net: torch.nn.Module) -> torch.nn.Module:
-    """The first expert at its last epoch, for K-Means features."""
-    traj = trajectory_kind(mct).load_file(files[0])[0]
-    load_flat_(net, traj.at(traj.num_epochs))
-    return net
-
-
-# ---------------------------------------------------------------- per-rank random streams
-
-def rank_streams(seed: int, rank: int, init_gen: torch.Generator, files: list[str],
-                 mct: bool, cache_mib: float = 2048) -> tuple[torch.Generator, ExpertCursor]:
-    """The generator (start epochs, batches, DSA, perturbation) and expert cursor of one rank.
-
-    Rank 0 continues the generator that drew the initial images and walks the experts from --seed,
-    exactly as a plain run; rank r > 0 reseeds everything from rank_seed(seed, r) after the shared
-    initialisation, so ranks match different trajectories from the same images.
-    """
-    gen = init_gen if rank == 0 else seed_everything(rank_seed(seed, rank))
-    return gen, ExpertCursor(files, rank_seed(seed, rank), loader=trajectory_kind(mct).load_file, cache_mib=cache_mib)
-
-
-def rank_state(cursor: ExpertCursor, gen: torch.Generator) -> dict:
-    """What one rank needs to continue its own random streams after --resume."""
-    return {'cursor': cursor.state_dict(), 'generator': gen.get_state(), 'rng': rng_state()}
-
-
-def restore_rank_state(ckpt: dict, d: Dist, cursor: ExpertCursor, gen: torch.Generator) -> None:
-    """Rank 0's streams are the checkpoint's top-level keys (as in a one-process checkpoint);
-    rank r > 0's are ckpt['other_ranks'][r - 1]."""
-    mine = ckpt if d.rank == 0 else ckpt['other_ranks'][d.rank - 1]
-    cursor.load_state_dict(mine['cursor'])
-    gen.set_state(mine['generator'])
-    set_rng_state(mine['rng'])
-
-
-# ---------------------------------------------------------------- checkpoint
-
-@dataclasses.dataclass
-class LoopState:
-    """The loop's counters; saved in the checkpoint as a plain dict."""
-    it: int = 0               # iterations done
-    best_acc: float = -1.0    # best mean accuracy of the first --eval_mode so far (selected on the test set)
-    best_it: int = -1
-    skipped: int = 0          # steps refused so far (see SKIP_WORDS)
-    skips_in_row: int = 0
-
-    def record(self, it: int, stepped: bool) -> None:
-        self.it = it + 1
-        self.skipped += not stepped
-        self.skips_in_row = 0 if stepped else self.skips_in_row + 1
-
-
-CHECKPOINT_KEYS = ('images', 'syn_lr', 'labels', 'opt_img', 'opt_lr', 'cursor', 'generator', 'rng', 'state')
-STATE_KEYS = tuple(f.name for f in dataclasses.fields(LoopState))
-
-
-def load_checkpoint(run_dir: str, d: Dist) -> dict:
-    """The run's checkpoint (on the CPU); it holds each rank's streams, so it continues only with as
-    many processes."""
-    path = run_file(run_dir, CHECKPOINT_FILE)
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated, foreign, or a pickle weights_only refuses (never loaded unsafely)
-        raise UsageError(f"cannot read {path} ({type(e).__name__}): truncated, corrupt or not a distill.py "
-                         f"checkpoint; restore it or start a new run") from None
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ['(not a dict)']
-    state = ckpt.get('state') if not missing else None
-    missing += [f'state.{k}' for k in STATE_KEYS if not (isinstance(state, dict) and isinstance(state.get(k), (int, float))
-                                                         and not isinstance(state.get(k), bool))]
-    if missing:
-        raise UsageError(f"{path} is not a distill.py checkpoint (missing {missing[0]}); restore it or start a new run")
-    saved = ckpt.get('world_size', 1)  # checkpoints from before torchrun support: one process
-    if saved != d.world_size:
-        raise UsageError(f"{run_dir} was checkpointed by {saved} process(es), this is {d.world_size}; "
-                         f"resume it with {resume_command(run_dir, saved)}")
-    return ckpt
-
-
-def restore(ckpt: dict, run_dir: str, d: Dist, syn: SyntheticSet, cursor: ExpertCursor, gen: torch.Generator,
-            iterations: int) -> LoopState:
-    """Put the checkpoint's set, optimisers and random states in place and return its loop state; one that
-    does not fit this run is a UsageError before any iteration."""
-    path = run_file(run_dir, CHECKPOINT_FILE)
-    try:
-        syn.load_state_dict(ckpt)
-        restore_rank_state(ckpt, d, cursor, gen)
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-        raise UsageError(f"{path} does not fit this run ({type(e).__name__}: {e}); it belongs to another run: "
-                         f"restore it or start a new run") from None
-    state = LoopState(**{k: ckpt['state'][k] for k in STATE_KEYS})
-    if not (isinstance(state.it, int) and 0 <= state.it <= iterations):
-        raise UsageError(f"{path} is at iteration {state.it!r}, outside 0..{iterations} of its {ARGS_FILE}; "
-                         f"restore the run's files or start a new run")
-    return state
-
-
-def save_checkpoint(run_dir: str, d: Dist, syn: SyntheticSet, state: LoopState, cursor: ExpertCursor,
-                    gen: torch.Generator, wandb_id: str | None) -> None:
-    """Collective: every rank hands its streams to rank 0, which writes; all leave once it is on disk."""
-    ranks = all_gather_objects(rank_state(cursor, gen))
-    if d.is_main:
-        path = run_file(run_dir, CHECKPOINT_FILE)
-        try:
-            atomic_torch_save({**syn.state_dict(), **ranks[0], 'other_ranks': ranks[1:], 'world_size': d.world_size,
-                               'state': dataclasses.asdict(state), 'wandb_id': wandb_id}, path)
-        except WriteError as e:
-            later = (f"then continue with {resume_command(run_dir, d.world_size)}" if os.path.exists(path)
-                     else "no checkpoint was written yet: start the run again")
-            raise WriteError(f"{e}; {later}") from None
-    barrier()
 
 
 # ---------------------------------------------------------------- one iteration

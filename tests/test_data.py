@@ -1,7 +1,6 @@
 """Tests for data.py and prep_tiny.py on tiny fixtures written in the real on-disk formats."""
 import gzip
 from collections import Counter
-import os
 import pickle
 import struct
 import subprocess
@@ -18,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
-from data import DataError, RealData, ZCA, check_dataset, load_dataset  # noqa: E402
+from data import DataError, ZCA, check_dataset, load_dataset  # noqa: E402
 from prep_tiny import PrepError, regroup_tiny_val  # noqa: E402
 
 

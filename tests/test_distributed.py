@@ -13,11 +13,13 @@ import buffer
 import distill
 import distributed
 import matching
+import synthetic
 from data import load_dataset
 from networks import get_network
 from reparam_module import ReparamModule
-from trajectory_io import buffer_dir, expert_files, load_trajectories
+from checkpoint import rank_streams
 from cli import UsageError
+from trajectory_io import buffer_dir, expert_files, load_trajectories
 from utils import seed_everything
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,9 +153,9 @@ def replay_two_ranks(buffer_path: str, iterations: int) -> tuple[torch.Tensor, t
     data = load_dataset('Digits', 'data')
     files = expert_files(expert_folder(buffer_path))
     gen0 = seed_everything(0)
-    images, labels = distill.init_synthetic(data, 2, 'real', gen0)
+    images, labels = synthetic.init_synthetic(data, 2, 'real', gen0)
     initial = images.clone()
-    streams = [distill.rank_streams(0, rank, gen0, files, mct=False) for rank in range(2)]
+    streams = [rank_streams(0, rank, gen0, files, mct=False) for rank in range(2)]
     student = ReparamModule(get_network(MODEL, data.channel, data.num_classes, data.im_size))
     syn_lr, v_img, v_lr, pairs = torch.tensor(0.01), None, None, []
     for _ in range(iterations):

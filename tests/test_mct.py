@@ -7,8 +7,8 @@ import torch
 import compress_buffers
 from compress_buffers import compress_buffer_folder
 from mct import CompressedTrajectory, compress, load_compressed, waypoint_epochs
-from trajectory_io import trajectory_tensor
 from cli import UsageError
+from trajectory_io import trajectory_tensor
 
 SIZES = [6, 3, 5]  # three "layers", P = 14
 

@@ -1,6 +1,5 @@
 """Every preset parses into valid flags of buffer.py and distill.py, and the shell scripts pass them on."""
 import subprocess
-import sys
 
 import pytest
 

@@ -27,6 +27,7 @@ import matching
 import utils
 from data import DataError, load_dataset
 from networks import get_network
+from synthetic import SyntheticSet
 from trajectory_io import buffer_dir, expert_path, load_trajectories, meta_path, save_expert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -589,7 +590,7 @@ def test_an_interrupted_sidecar_write_is_redone(env, tmp_path, capsys):
 # ---------------------------------------------------------------- syn_lr stays a learning rate
 
 def synthetic_set(lr_value, lr_grad):
-    syn = distill.SyntheticSet(torch.ones(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), lr_value, lr_img=1.0, lr_lr=1.0)
+    syn = SyntheticSet(torch.ones(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), lr_value, lr_img=1.0, lr_lr=1.0)
     syn.images.grad, syn.lr.grad = torch.full_like(syn.images, 0.25), torch.tensor(lr_grad)
     return syn
 
@@ -610,11 +611,11 @@ def test_the_set_refuses_a_step_that_leaves_syn_lr_non_positive():
 def test_the_set_state_dict_round_trips_and_refuses_another_runs_shape():
     syn = synthetic_set(0.01, 0.004)
     syn.step()
-    other = distill.SyntheticSet(torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), 0.5, lr_img=1.0, lr_lr=1.0)
+    other = SyntheticSet(torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), 0.5, lr_img=1.0, lr_lr=1.0)
     other.load_state_dict(syn.state_dict())
     assert torch.equal(other.images.detach(), syn.images.detach()) and other.lr.item() == syn.lr.item()
     assert torch.equal(other.opt_lr.state[other.lr]['momentum_buffer'], syn.opt_lr.state[syn.lr]['momentum_buffer'])
-    bigger = distill.SyntheticSet(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long), 0.5, lr_img=1.0, lr_lr=1.0)
+    bigger = SyntheticSet(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long), 0.5, lr_img=1.0, lr_lr=1.0)
     with pytest.raises(ValueError, match='shape'):
         bigger.load_state_dict(syn.state_dict())
 

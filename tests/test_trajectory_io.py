@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import buffer
+from cli import UsageError
 from compress_buffers import compress_buffer_folder
-from distill import final_expert_net
 from networks import get_network
+from synthetic import final_expert_net
 from trajectory_io import (ExpertCursor, ExpertTrajectory, Trajectory, avg_var, buffer_dir, expert_files,
                            load_trajectories, save_expert, trajectory_kind, trajectory_tensor, validate_buffers)
-from cli import UsageError
 
 MODEL = 'ConvNetW32'  # small, and 8x8 Digits fit its depth 3
 

@@ -1,0 +1,125 @@
+"""How a distill.py run continues: the loop's counters, each rank's random streams, and the checkpoint
+that holds them with the synthetic set (--resume; one file, written atomically by rank 0).
+"""
+import dataclasses
+import os
+import shlex
+
+import torch
+
+from cli import UsageError, WriteError
+from distributed import Dist, all_gather_objects, barrier, rank_seed
+from runlog import ARGS_FILE, CHECKPOINT_FILE, run_file
+from synthetic import SyntheticSet
+from trajectory_io import ExpertCursor, trajectory_kind
+from utils import atomic_torch_save, rng_state, seed_everything, set_rng_state
+
+
+def resume_command(run_dir: str, world_size: int, **flags) -> str:
+    how = f"torchrun --nproc_per_node={world_size} distill.py" if world_size > 1 else "python distill.py"
+    return ' '.join([how, '--resume', shlex.quote(run_dir)] + [f"--{k} {v:g}" for k, v in flags.items()])
+
+
+# ---------------------------------------------------------------- per-rank random streams
+
+def rank_streams(seed: int, rank: int, init_gen: torch.Generator, files: list[str],
+                 mct: bool, cache_mib: float = 2048) -> tuple[torch.Generator, ExpertCursor]:
+    """The generator (start epochs, batches, DSA, perturbation) and expert cursor of one rank.
+
+    Rank 0 continues the generator that drew the initial images and walks the experts from --seed,
+    exactly as a plain run; rank r > 0 reseeds everything from rank_seed(seed, r) after the shared
+    initialisation, so ranks match different trajectories from the same images.
+    """
+    gen = init_gen if rank == 0 else seed_everything(rank_seed(seed, rank))
+    return gen, ExpertCursor(files, rank_seed(seed, rank), loader=trajectory_kind(mct).load_file, cache_mib=cache_mib)
+
+
+def rank_state(cursor: ExpertCursor, gen: torch.Generator) -> dict:
+    """What one rank needs to continue its own random streams after --resume."""
+    return {'cursor': cursor.state_dict(), 'generator': gen.get_state(), 'rng': rng_state()}
+
+
+def restore_rank_state(ckpt: dict, d: Dist, cursor: ExpertCursor, gen: torch.Generator) -> None:
+    """Rank 0's streams are the checkpoint's top-level keys (as in a one-process checkpoint);
+    rank r > 0's are ckpt['other_ranks'][r - 1]."""
+    mine = ckpt if d.rank == 0 else ckpt['other_ranks'][d.rank - 1]
+    cursor.load_state_dict(mine['cursor'])
+    gen.set_state(mine['generator'])
+    set_rng_state(mine['rng'])
+
+
+# ---------------------------------------------------------------- checkpoint
+
+@dataclasses.dataclass
+class LoopState:
+    """The loop's counters; saved in the checkpoint as a plain dict."""
+    it: int = 0               # iterations done
+    best_acc: float = -1.0    # best mean accuracy of the first --eval_mode so far (selected on the test set)
+    best_it: int = -1
+    skipped: int = 0          # steps refused so far (see SKIP_WORDS)
+    skips_in_row: int = 0
+
+    def record(self, it: int, stepped: bool) -> None:
+        self.it = it + 1
+        self.skipped += not stepped
+        self.skips_in_row = 0 if stepped else self.skips_in_row + 1
+
+
+CHECKPOINT_KEYS = ('images', 'syn_lr', 'labels', 'opt_img', 'opt_lr', 'cursor', 'generator', 'rng', 'state')
+STATE_KEYS = tuple(f.name for f in dataclasses.fields(LoopState))
+
+
+def load_checkpoint(run_dir: str, d: Dist) -> dict:
+    """The run's checkpoint (on the CPU); it holds each rank's streams, so it continues only with as
+    many processes."""
+    path = run_file(run_dir, CHECKPOINT_FILE)
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, foreign, or a pickle weights_only refuses (never loaded unsafely)
+        raise UsageError(f"cannot read {path} ({type(e).__name__}): truncated, corrupt or not a distill.py "
+                         f"checkpoint; restore it or start a new run") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ['(not a dict)']
+    state = ckpt.get('state') if not missing else None
+    missing += [f'state.{k}' for k in STATE_KEYS if not (isinstance(state, dict) and isinstance(state.get(k), (int, float))
+                                                         and not isinstance(state.get(k), bool))]
+    if missing:
+        raise UsageError(f"{path} is not a distill.py checkpoint (missing {missing[0]}); restore it or start a new run")
+    saved = ckpt.get('world_size', 1)  # checkpoints from before torchrun support: one process
+    if saved != d.world_size:
+        raise UsageError(f"{run_dir} was checkpointed by {saved} process(es), this is {d.world_size}; "
+                         f"resume it with {resume_command(run_dir, saved)}")
+    return ckpt
+
+
+def restore(ckpt: dict, run_dir: str, d: Dist, syn: SyntheticSet, cursor: ExpertCursor, gen: torch.Generator,
+            iterations: int) -> LoopState:
+    """Put the checkpoint's set, optimisers and random states in place and return its loop state; one that
+    does not fit this run is a UsageError before any iteration."""
+    path = run_file(run_dir, CHECKPOINT_FILE)
+    try:
+        syn.load_state_dict(ckpt)
+        restore_rank_state(ckpt, d, cursor, gen)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{path} does not fit this run ({type(e).__name__}: {e}); it belongs to another run: "
+                         f"restore it or start a new run") from None
+    state = LoopState(**{k: ckpt['state'][k] for k in STATE_KEYS})
+    if not (isinstance(state.it, int) and 0 <= state.it <= iterations):
+        raise UsageError(f"{path} is at iteration {state.it!r}, outside 0..{iterations} of its {ARGS_FILE}; "
+                         f"restore the run's files or start a new run")
+    return state
+
+
+def save_checkpoint(run_dir: str, d: Dist, syn: SyntheticSet, state: LoopState, cursor: ExpertCursor,
+                    gen: torch.Generator, wandb_id: str | None) -> None:
+    """Collective: every rank hands its streams to rank 0, which writes; all leave once it is on disk."""
+    ranks = all_gather_objects(rank_state(cursor, gen))
+    if d.is_main:
+        path = run_file(run_dir, CHECKPOINT_FILE)
+        try:
+            atomic_torch_save({**syn.state_dict(), **ranks[0], 'other_ranks': ranks[1:], 'world_size': d.world_size,
+                               'state': dataclasses.asdict(state), 'wandb_id': wandb_id}, path)
+        except WriteError as e:
+            later = (f"then continue with {resume_command(run_dir, d.world_size)}" if os.path.exists(path)
+                     else "no checkpoint was written yet: start the run again")
+            raise WriteError(f"{e}; {later}") from None
+    barrier()
