@@ -330,6 +330,7 @@ class Evaluation:
     data_shape: tuple         # (channel, num_classes, im_size), the order of get_network
     test_x: torch.Tensor
     test_y: torch.Tensor
+    val: tuple[torch.Tensor, torch.Tensor] | None   # the --valid images, also scored (None: no split)
     epochs: int
     num_eval: int
     seed: int
@@ -343,6 +344,7 @@ class Evaluation:
     def from_args(cls, args: argparse.Namespace, data, device: torch.device) -> 'Evaluation':
         return cls(models=args.eval_mode, data_shape=(data.channel, data.num_classes, data.im_size),
                    test_x=data.images_test.to(device), test_y=data.labels_test.to(device),
+                   val=None if data.images_val is None else (data.images_val.to(device), data.labels_val.to(device)),
                    epochs=args.epoch_eval_train, num_eval=args.num_eval, seed=args.seed, lr_decay=args.lr_decay,
                    parallel=args.parallel_eval, accel=accel_from_args(args, device), to_pixels=data.to_pixels,
                    nrow=args.ipc if args.ipc > 1 else data.num_classes)
@@ -353,10 +355,12 @@ def evaluate(it: int, syn: SyntheticSet, ev: Evaluation, state: LoopState, log: 
     keep the set if the first model's mean is the best so far (selected on the test set: labelled so)."""
     results = evaluate_set(ev.models, ev.data_shape, syn.images, syn.labels, ev.test_x, ev.test_y,
                            lr=syn.lr.item(), epochs=ev.epochs, num_eval=ev.num_eval, seed=ev.seed * 1000 + it,
-                           lr_decay=ev.lr_decay, parallel=ev.parallel, accel=ev.accel)
+                           lr_decay=ev.lr_decay, parallel=ev.parallel, accel=ev.accel, val=ev.val)
     metrics = {}
     for r in results:
         metrics[f'eval/{r.model}_mean'], metrics[f'eval/{r.model}_std'] = r.mean, r.std
+        if r.val_accs:  # --valid: the accuracy to choose hyper-parameters on
+            metrics[f'eval/{r.model}_val_mean'] = r.val_mean
         if r.max_acc_selected_on_test:  # --lr_decay ast: the authors' max over checks, chosen on the test set
             maxes = r.max_acc_selected_on_test
             metrics[f'eval/{r.model}_max_selected_on_test'] = sum(maxes) / len(maxes)

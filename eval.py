@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument('--baseline', choices=['random', 'full'], help='random real images per class, or the full train set')
     a('--labels', help='labels tensor file for --images')
     a('--run_dir', default='runs', help="where --run latest looks, and baselines write by default")
-    add_data_flags(p)  # --dataset/--subset/--res/--zca are taken from the run's args.json with --run
+    add_data_flags(p)  # --dataset/--subset/--res/--zca/--valid are taken from the run's args.json with --run
     a('--ipc', type=int, default=1, help='images per class for --baseline random')
     a('--lr', type=float, default=None, help='training lr (default: the learned lr of --run, else 0.01)')
     a('--eval_mode', nargs='+', default=None, choices=list(MODELS), help="architectures (default: the dataset's ConvNet)")
@@ -96,10 +96,10 @@ def read_run(args) -> tuple[torch.Tensor, torch.Tensor, float]:
     missing = [k for k in ('dataset', 'model') if k not in run_args]
     if missing:
         raise UsageError(f"{source} lacks '{missing[0]}'; it was edited or is corrupt (restore it)")
-    check_saved_flags(build_parser(), run_args, source, keys=('dataset', 'subset', 'res', 'zca'))
+    check_saved_flags(build_parser(), run_args, source, keys=('dataset', 'subset', 'res', 'zca', 'valid'))
     if run_args['model'] not in MODELS:
         raise UsageError(f"{source}: model = {run_args['model']!r} is not a known architecture")
-    for key in ('dataset', 'subset', 'res', 'zca'):
+    for key in ('dataset', 'subset', 'res', 'zca', 'valid'):
         if key in run_args:
             setattr(args, key, run_args[key])
     args.eval_mode = args.eval_mode or [run_args['model']]
@@ -175,14 +175,17 @@ def main(argv=None):
     results = evaluate_set(args.eval_mode, (data.channel, data.num_classes, data.im_size), images.to(device),
                            labels.to(device), data.images_test.to(device), data.labels_test.to(device), lr=lr,
                            epochs=args.epoch_eval_train, num_eval=args.num_eval, seed=args.seed, lr_decay=args.lr_decay,
-                           parallel=args.parallel_eval, accel=accel_from_args(args, device))
+                           parallel=args.parallel_eval, accel=accel_from_args(args, device),
+                           val=None if data.images_val is None else (data.images_val.to(device),
+                                                                     data.labels_val.to(device)))
     print(markdown_table(results, f'{name} ({args.dataset}, lr {lr:.4g})'))
     atomic_write_json({'source': name, 'dataset': args.dataset, 'lr': lr, 'epochs': args.epoch_eval_train,
                        'num_images': int(images.shape[0]),
                        'results': {r.model: {'accs': r.accs, 'mean': r.mean, 'std': r.std,
                                              # --lr_decay ast only: the authors' max over checks, chosen on test
                                              **({'max_acc_selected_on_test': r.max_acc_selected_on_test}
-                                                if r.max_acc_selected_on_test else {})}
+                                                if r.max_acc_selected_on_test else {}),
+                                             **({'val_accs': r.val_accs, 'val_mean': r.val_mean} if r.val_accs else {})}
                                    for r in results}}, out)
     print(f"wrote {out}")
     return results

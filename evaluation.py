@@ -64,6 +64,7 @@ def check_epochs(lr_decay: str, epochs: int) -> list[int]:
 class Scores:
     final: float                       # test accuracy after the last epoch: the result
     max_selected_on_test: float | None  # max over the periodic checks (ast); None without checks
+    val: float | None = None           # validation accuracy after the last epoch (--valid); None without
 
 
 @dataclass
@@ -73,10 +74,15 @@ class EvalResult:
     # --lr_decay ast only: per network, the maximum of the every-20-epochs test checks as AST's
     # code reports it. Selected on the test set: never the headline number.
     max_acc_selected_on_test: list[float] = field(default_factory=list)
+    val_accs: list[float] = field(default_factory=list)  # final-epoch validation accuracy (--valid only)
 
     @property
     def mean(self) -> float:
         return sum(self.accs) / len(self.accs)
+
+    @property
+    def val_mean(self) -> float | None:
+        return sum(self.val_accs) / len(self.val_accs) if self.val_accs else None
 
     @property
     def std(self) -> float:  # population std, as the MTT/AST tables report
@@ -84,7 +90,8 @@ class EvalResult:
         return math.sqrt(sum((a - m) ** 2 for a in self.accs) / len(self.accs))
 
     def __str__(self) -> str:
-        return f"{self.model}: {100 * self.mean:.2f} ± {100 * self.std:.2f} % (n={len(self.accs)})"
+        val = f"; validation {100 * self.val_mean:.2f} %" if self.val_accs else ''
+        return f"{self.model}: {100 * self.mean:.2f} ± {100 * self.std:.2f} % (n={len(self.accs)}){val}"
 
 
 DataShape = tuple[int, int, tuple[int, int]]  # (channel, num_classes, im_size), as networks.get_network
@@ -103,9 +110,10 @@ def fresh_network(model: str, data_shape: DataShape, seed: int, device: torch.de
 def train_and_score(model: str, data_shape: DataShape, images: torch.Tensor, labels: torch.Tensor,
                     test_images: torch.Tensor, test_labels: torch.Tensor, *, lr: float, epochs: int,
                     seeds: list[int], batch_size: int = 256, lr_decay: str = 'mtt', use_dsa: bool = True,
-                    accel: Accel = FP32) -> list[Scores]:
+                    accel: Accel = FP32, val: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Scores]:
     """Train one fresh `model` per seed on (images, labels) by eval_schedule, all together
-    (training.net_group: one plain network, or several stacked); test each."""
+    (training.net_group: one plain network, or several stacked); test each, and score it on the
+    validation images `val` too when given."""
     schedule, checks = eval_schedule(lr_decay, lr, epochs), check_epochs(lr_decay, epochs)
     group = net_group([fresh_network(model, data_shape, s, images.device) for s in seeds], accel)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -114,7 +122,8 @@ def train_and_score(model: str, data_shape: DataShape, images: torch.Tensor, lab
                                  use_dsa=use_dsa, accel=accel):
         if ep in checks or ep == epochs:
             tested[ep] = group.accuracies(test_images, test_labels, accel=accel)
-    return [Scores(tested[epochs][k], max(tested[ep][k] for ep in checks) if checks else None)
+    val_accs = group.accuracies(*val, accel=accel) if val is not None else [None] * len(seeds)
+    return [Scores(tested[epochs][k], max(tested[ep][k] for ep in checks) if checks else None, val_accs[k])
             for k in range(len(seeds))]
 
 
@@ -142,12 +151,13 @@ def stack_groups(seeds: list[int], model: str, data_shape: DataShape, num_images
 def evaluate_set(models: list[str], data_shape: DataShape, images: torch.Tensor, labels: torch.Tensor,
                  test_images: torch.Tensor, test_labels: torch.Tensor, *, lr: float, epochs: int,
                  num_eval: int, seed: int, lr_decay: str = 'mtt', progress: bool = True,
-                 parallel: str = 'auto', batch_size: int = 256, accel: Accel = FP32) -> list[EvalResult]:
+                 parallel: str = 'auto', batch_size: int = 256, accel: Accel = FP32,
+                 val: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[EvalResult]:
     """num_eval networks per architecture; network i is seeded with seed + i (same seeds across models).
     data_shape: (channel, num_classes, im_size). `parallel` (see stack_groups) changes only the speed,
-    not the networks."""
+    not the networks. With `val` (images, labels) each network is also scored on the validation set."""
     images, labels = images.detach(), labels.detach()
-    kw = dict(lr=lr, epochs=epochs, batch_size=batch_size, lr_decay=lr_decay, accel=accel)
+    kw = dict(lr=lr, epochs=epochs, batch_size=batch_size, lr_decay=lr_decay, accel=accel, val=val)
     results = []
     for model in models:
         res = EvalResult(model)
@@ -158,6 +168,7 @@ def evaluate_set(models: list[str], data_shape: DataShape, images: torch.Tensor,
             res.accs += [s.final for s in got]
             res.max_acc_selected_on_test += [s.max_selected_on_test for s in got
                                              if s.max_selected_on_test is not None]
+            res.val_accs += [s.val for s in got if s.val is not None]
         results.append(res)
     return results
 

@@ -162,6 +162,21 @@ def test_evaluate_set_ast_stack_equals_loop(digits, ipc1):
     assert len(set(loop.accs)) > 1  # three different networks, not one copied
 
 
+@pytest.mark.parametrize('parallel', ['loop', 'stack'])
+def test_validation_scores_the_same_trained_networks(digits, ipc1, parallel):
+    """val= only adds a score: the networks train exactly as without it, and scored on the test set
+    itself as 'validation' they give their test accuracy."""
+    kw = dict(lr=LR, epochs=20, num_eval=2, seed=3, progress=False, parallel=parallel)
+    test = (digits.images_test, digits.labels_test)
+    plain = evaluate_set(['ConvNetD2'], SHAPE, *ipc1, *test, **kw)[0]
+    scored = evaluate_set(['ConvNetD2'], SHAPE, *ipc1, *test, val=test, **kw)[0]
+    half = (digits.images_test[:100], digits.labels_test[:100])
+    other = evaluate_set(['ConvNetD2'], SHAPE, *ipc1, *test, val=half, **kw)[0]
+    assert scored.accs == plain.accs and scored.val_accs == plain.accs and plain.val_accs == []
+    assert other.accs == plain.accs and len(other.val_accs) == 2 and all(0 <= a <= 1 for a in other.val_accs)
+    assert other.val_mean == sum(other.val_accs) / 2 and plain.val_mean is None
+
+
 def test_schedule_refuses_what_it_does_not_know():
     with pytest.raises(ValueError, match='lr_decay'):
         eval_schedule('cosine', LR, 10)

@@ -232,6 +232,22 @@ def test_every_ast_att_component_runs_together_in_both_unroll_modes(buffers, tmp
     assert runs['bptt']['state']['skipped'] == 0
 
 
+def test_valid_split_runs_end_to_end_and_reports_validation_accuracy(tmp_path_factory, tmp_path):
+    """Experts, distillation and eval.py on the same --valid split: every evaluation also scores the held-out
+    images, which the experts never saw."""
+    buffers_valid = tiny_buffers(tmp_path_factory, 1, MODEL, '--valid', '200')
+    meta = json.load(open(os.path.join(buffers_valid, 'Digits_NO_ZCA', MODEL, 'replay_buffer_0.json')))
+    assert meta['valid'] == 200
+    run_dir = run_distill(buffers_valid, tmp_path, '--valid', '200', '--wandb', 'disabled', '--max_experts', '1')
+    evals = [r for r in metrics(run_dir) if f'eval/{MODEL}_mean' in r]
+    assert len(evals) >= 2 and all(0 <= r[f'eval/{MODEL}_val_mean'] <= 1 for r in evals)
+    import eval as eval_script
+    out = tmp_path / 'eval.json'
+    eval_script.main(['--run', run_dir, '--num_eval', '1', '--epoch_eval_train', '5', '--out', str(out)])
+    scored = json.load(open(out))['results'][MODEL]
+    assert len(scored['val_accs']) == 1 and 0 <= scored['val_mean'] <= 1
+
+
 def test_mct_run_samples_real_valued_start_epochs(buffers, tmp_path):
     import compress_buffers
     stats = compress_buffers.main(['--buffer_path', buffers, '--dataset', 'Digits', '--model', MODEL, '--k', '3'])
