@@ -1,10 +1,12 @@
-"""Digits studies, written as Markdown tables into results/ (and shown in the README).
+"""Studies, written as Markdown tables into results/ (and shown in the README): Digits, and Fashion-MNIST
+(`fmnist`, fmnist_study.py).
 
     python experiments.py smoothness   # AST Table VII analogue: expert recipes -> Avg_Var, expert acc, ipc-1 distilled acc
     python experiments.py ablation     # AST Table VIII analogue at ipc 1: smooth experts -> +kmeans -> ... -> +perturb
     python experiments.py methods      # MTT vs AST vs ATT vs MCT at ipc 1 and 10, plus MCT storage
     python experiments.py all
     python experiments.py perturb      # ||δ|| / ||θ|| of both weight-perturbation variants on fresh ConvNets
+    python experiments.py fmnist       # Fashion-MNIST: baselines, smoothness, methods, AST ablation, cross-arch
 Every distilled set is scored on its FINAL images (not the best-on-test) by --num_eval fresh networks;
 cells are mean ± std over all (distillation seed x network) accuracies. Finished runs are cached in
 results/cache.json, so an interrupted study resumes where it stopped.
@@ -14,6 +16,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +25,7 @@ import compress_buffers
 import distill
 from data import load_dataset
 from evaluation import evaluate_set
+from runlog import CHECKPOINT_FILE, METRICS_FILE, run_file
 from trajectory_io import buffer_dir, expert_files, read_meta
 from utils import atomic_write_json
 
@@ -58,9 +62,32 @@ METHODS = {  # name -> (expert recipe, distill flags)
 
 # ---------------------------------------------------------------- runs
 
+@dataclass(frozen=True)
+class Setting:
+    """What every expert and distillation of one study shares."""
+    dataset: str
+    model: str
+    data: tuple[str, ...] = ()           # more data flags of buffer.py and distill.py (--data_path, --valid)
+    experts: tuple[str, ...] = tuple(EXPERTS)
+    recipes: dict = field(default_factory=lambda: RECIPES)
+    eval_epochs: int = 1000              # E of the evaluation networks (MTT's schedule: E+1 epochs)
+    valid: int = 0                       # held-out validation images (must match --valid in `data`)
+    data_path: str = 'data'
+    curve_points: int = 0                # in-loop evaluations (1 network) per run besides it 0: the curves
+
+    def recipe_path(self, root: str, recipe: str) -> str:
+        return os.path.join(root, 'buffers', recipe.split(' (')[0].replace(' + ', '+').replace(' ', '_'))
+
+
+DIGITS = Setting('Digits', 'ConvNetD2')
+
+
 class Study:
-    def __init__(self, root: str, seeds: int, num_eval: int, iterations: dict[int, int]):
+    def __init__(self, root: str, seeds: int, num_eval: int, iterations: dict[int, int],
+                 setting: Setting = DIGITS, base: dict[int, list[str]] | None = None):
         self.root, self.seeds, self.num_eval, self.iterations = root, seeds, num_eval, iterations
+        self.setting = setting
+        self.base = base or {ipc: BASE for ipc in iterations}  # distill flags every run of that ipc starts from
         self.cache_path = os.path.join(root, 'cache.json')
         self.cache = json.load(open(self.cache_path)) if os.path.exists(self.cache_path) else {}
         self._trained: set[str] = set()
@@ -68,54 +95,96 @@ class Study:
 
     def buffers(self, recipe: str) -> str:
         """The recipe's buffer path; buffer.py runs once per recipe (it skips experts on disk anyway)."""
-        path = os.path.join(self.root, 'buffers', recipe.split(' (')[0].replace(' + ', '+').replace(' ', '_'))
+        s = self.setting
+        path = s.recipe_path(self.root, recipe)
         if recipe not in self._trained:
-            buffer.main(RECIPES[recipe] + EXPERTS + ['--buffer_path', path])
+            buffer.main(['--dataset', s.dataset, '--model', s.model, *s.data, *s.recipes[recipe], *s.experts,
+                         '--buffer_path', path])
             self._trained.add(recipe)
         return path
 
+    def expert_folder(self, recipe: str) -> str:
+        return buffer_dir(self.buffers(recipe), self.setting.dataset, self.setting.model, zca=False)
+
     def data(self):
         if self._data is None:
-            self._data = load_dataset('Digits')
+            self._data = load_dataset(self.setting.dataset, self.setting.data_path, valid=self.setting.valid)
         return self._data
 
     def expert_stats(self, recipe: str) -> dict:
-        folder = buffer_dir(self.buffers(recipe), 'Digits', 'ConvNetD2', zca=False)
+        folder = self.expert_folder(recipe)
         metas = [read_meta(folder, i) for i in range(len(expert_files(folder)))]
         return {'avg_var': [m['avg_var'] for m in metas], 'test_acc': [m['test_acc'] for m in metas]}
 
-    def score(self, recipe: str, flags: list[str], ipc: int) -> tuple[list[float], int]:
-        """Distill with each seed, score the final images with num_eval networks; cached.
-        Returns (accuracies of the runs that finished, number of runs that diverged)."""
-        accs, diverged = [], 0
-        for seed in range(self.seeds):
-            key = json.dumps([recipe, flags, ipc, seed, self.iterations[ipc], self.num_eval, EVAL_PROTOCOL])
-            if key not in self.cache:
-                self.cache[key] = self._one(recipe, flags, ipc, seed)
-                atomic_write_json(self.cache, self.cache_path)
-            accs += self.cache[key]['accs']
-            diverged += self.cache[key].get('diverged', False)
-        return accs, diverged
+    def cached(self, key: list, compute) -> dict:
+        """compute() once per key, kept in cache.json (an interrupted study resumes where it stopped)."""
+        k = json.dumps(key)
+        if k not in self.cache:
+            self.cache[k] = compute()
+            atomic_write_json(self.cache, self.cache_path)
+        return self.cache[k]
+
+    def key(self, *parts) -> list:
+        s = self.setting
+        extra = [] if s == DIGITS else [s.dataset, s.model, list(s.data), list(s.experts), s.eval_epochs]
+        return [*parts, self.num_eval, EVAL_PROTOCOL, *extra]
+
+    def run(self, recipe: str, flags: list[str], ipc: int, seed: int) -> dict:
+        """One distillation (cached): the final images' scores, and the in-loop curve."""
+        flags = self.base[ipc] + flags
+        return self.cached(self.key(recipe, flags if self.setting != DIGITS else flags[len(BASE):], ipc, seed,
+                                    self.iterations[ipc]),
+                           lambda: self._one(recipe, flags, ipc, seed))
+
+    def runs(self, recipe: str, flags: list[str], ipc: int, seeds: int | None = None) -> list[dict]:
+        return [self.run(recipe, flags, ipc, seed) for seed in range(seeds or self.seeds)]
+
+    def score(self, recipe: str, flags: list[str], ipc: int, on: str = 'accs',
+              seeds: int | None = None) -> tuple[list[float], int]:
+        """(accuracies of every seed's networks, number of runs that diverged); on='val_accs': validation."""
+        runs = self.runs(recipe, flags, ipc, seeds)
+        return [a for r in runs for a in r.get(on, [])], sum(bool(r.get('diverged')) for r in runs)
 
     def _one(self, recipe: str, flags: list[str], ipc: int, seed: int) -> dict:
+        s = self.setting
         buffers = self.buffers(recipe)
         if '--mct' in flags:
-            compress_buffers.main(['--buffer_path', buffers, '--dataset', 'Digits'])
+            compress_buffers.main(['--buffer_path', buffers, '--dataset', s.dataset, '--model', s.model])
         iters = self.iterations[ipc]
+        every = max(1, iters // s.curve_points) if s.curve_points else iters
         start = time.time()
         try:
-            run_dir = distill.main(BASE + flags + ['--ipc', str(ipc), '--seed', str(seed), '--Iteration', str(iters),
-                                                   '--eval_it', str(iters), '--num_eval', '1', '--buffer_path', buffers,
-                                                   '--run_dir', os.path.join(self.root, 'runs'), '--wandb', 'disabled'])
+            run_dir = distill.main(['--dataset', s.dataset, '--model', s.model, *s.data, *flags, '--ipc', str(ipc),
+                                    '--seed', str(seed), '--Iteration', str(iters), '--eval_it', str(every),
+                                    '--num_eval', '1', '--epoch_eval_train', str(s.eval_epochs),
+                                    '--buffer_path', buffers, '--run_dir', os.path.join(self.root, 'runs'),
+                                    '--wandb', 'disabled'])
         except SystemExit:  # distill stops after --max_skips non-finite losses in a row: report it, go on
             return {'accs': [], 'diverged': True, 'distill_seconds': time.time() - start}
         seconds = time.time() - start
-        ckpt = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
+        ckpt = torch.load(run_file(run_dir, CHECKPOINT_FILE), weights_only=True)
+        out = self.evaluate(ckpt['images'], ckpt['labels'], float(ckpt['syn_lr']), seed=10_000 + seed)
+        return {**out, 'run_dir': run_dir, 'distill_seconds': seconds, 'curve': curve(run_dir, s.model)}
+
+    def evaluate(self, images, labels, lr: float, seed: int, models: list[str] | None = None,
+                 epochs: int | None = None) -> dict:
+        """num_eval fresh networks trained on the set: test (and, with a split, validation) accuracies."""
         data = self.data()
-        results = evaluate_set(['ConvNetD2'], (data.channel, data.num_classes, data.im_size), ckpt['images'],
-                               ckpt['labels'], data.images_test, data.labels_test, lr=float(ckpt['syn_lr']),
-                               epochs=1000, num_eval=self.num_eval, seed=10_000 + seed)
-        return {'accs': results[0].accs, 'run_dir': run_dir, 'distill_seconds': seconds}
+        val = (data.images_val, data.labels_val) if data.images_val is not None else None
+        results = evaluate_set(models or [self.setting.model], (data.channel, data.num_classes, data.im_size),
+                               images, labels, data.images_test, data.labels_test, lr=lr,
+                               epochs=epochs or self.setting.eval_epochs, num_eval=self.num_eval, seed=seed, val=val)
+        if models:
+            return {r.model: {'accs': r.accs, 'val_accs': r.val_accs} for r in results}
+        return {'accs': results[0].accs, 'val_accs': results[0].val_accs}
+
+
+def curve(run_dir: str, model: str) -> list[list]:
+    """[[it, test mean, validation mean or None], ...] of the run's in-loop evaluations (1 network each)."""
+    with open(run_file(run_dir, METRICS_FILE)) as f:
+        rows = [json.loads(line) for line in f]
+    return [[r['it'], r[f'eval/{model}_mean'], r.get(f'eval/{model}_val_mean')] for r in rows
+            if f'eval/{model}_mean' in r]
 
 
 def fmt(values: list[float], scale: float = 100.0, digits: int = 2, diverged: int = 0) -> str:
@@ -199,14 +268,26 @@ def perturbation_ratios(draws: int = 5) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('study', choices=['smoothness', 'ablation', 'methods', 'all', 'perturb'])
-    p.add_argument('--root', default='results')
+    p.add_argument('study', choices=['smoothness', 'ablation', 'methods', 'all', 'perturb', 'fmnist'])
+    p.add_argument('--root', default=None, help='default: results (Digits), results/fmnist (fmnist)')
+    p.add_argument('--data_path', default='/usr/share/datasets/fashion-mnist',
+                   help="fmnist: the idx files (Debian's dataset-fashion-mnist puts them here)")
+    p.add_argument('--smoke', action='store_true',
+                   help='fmnist: a seconds-long pass of the whole study (2 tiny experts, a few iterations), for CI')
     p.add_argument('--seeds', type=int, default=3, help='distillation seeds per cell')
     p.add_argument('--num_eval', type=int, default=5, help='evaluation networks per distilled set')
     p.add_argument('--iterations', type=int, default=200, help='distillation iterations at ipc 1')
     p.add_argument('--iterations_ipc10', type=int, default=100, help='distillation iterations at ipc 10')
     p.add_argument('--seeds_ipc10', type=int, default=1, help='distillation seeds at ipc 10 (CPU time)')
     args = p.parse_args(argv)
+    if args.study == 'fmnist':
+        import fmnist_study
+        root = args.root or os.path.join('results', 'fmnist')
+        kw = fmnist_study.SMOKE if args.smoke else dict(seeds=args.seeds, num_eval=args.num_eval)
+        for name, table in fmnist_study.run(root, args.data_path, **kw).items():
+            print(f'## {name}\n\n{table}\n')
+        return
+    args.root = args.root or 'results'
     if args.study == 'perturb':
         print(perturbation_ratios())
         return

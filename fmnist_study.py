@@ -1,0 +1,279 @@
+"""Fashion-MNIST studies (ConvNetW32, full-size data): a benchmark with room between random real images
+and the full training set, where MTT, AST, ATT and MCT can differ. Run by `python experiments.py fmnist`.
+
+    apt-get install dataset-fashion-mnist
+    python experiments.py fmnist --data_path /usr/share/datasets/fashion-mnist
+
+Protocol (every number in results/fmnist/*.md says which part it is):
+  * VALID images of the training set are held out (data.py --valid, the same images in every run); the
+    experts, the distillation, K-Means and the random baselines never see them.
+  * MTT's lr_img, lr_lr, syn_steps and max_start_epoch are chosen once per ipc from GRID on validation
+    accuracy (seed 0), then used by every method and ablation row: nothing is chosen on the test set.
+  * Every distilled set is scored on its FINAL images by num_eval fresh networks (MTT's evaluation, E =
+    EVAL_EPOCHS); cells are mean ± std over (distillation seeds x networks).
+Everything is cached in results/fmnist/cache.json, so an interrupted study resumes where it stopped.
+"""
+import itertools
+import os
+
+import torch
+
+from experiments import AST_ALL, AST_STUDENT, Setting, Study, fmt
+from networks import get_network
+from runlog import CHECKPOINT_FILE, run_file
+from synthetic import final_expert_net, init_synthetic
+from trajectory_io import expert_files
+from utils import atomic_write_bytes, atomic_write_json
+
+# ---------------------------------------------------------------- settings (Fashion-MNIST, CPU)
+
+DEBIAN_PATH = '/usr/share/datasets/fashion-mnist'  # apt-get install dataset-fashion-mnist
+VALID = 5000                 # held-out training images, for choosing hyper-parameters
+EXPERTS = ['--num_experts', '5', '--train_epochs', '15']  # AST's gradient penalty: ~3.5x an MTT epoch on CPU
+MTT, AST = 'MTT', 'AST'
+RECIPES = {                  # buffer.py flags of the two expert recipes (docs/method.md, section 1)
+    MTT: [],                                                              # SGD lr 0.01, no momentum
+    AST: ['--optim', 'sgdmom_code', '--loss_decay', 'code', '--gp', 'code'],  # the AST authors' code
+}
+EVAL_EPOCHS = 300            # E of the evaluation networks (E+1 epochs, MTT's schedule)
+ITERATIONS = {1: 300, 10: 200}
+CURVE_POINTS = 4             # in-loop evaluations per run (1 network, test and validation): the curves
+FIXED = ['--expert_epochs', '2', '--lr_teacher', '0.01', '--max_experts', '5']  # the first 5 experts, even if more
+GRID = {                     # MTT, chosen per ipc on validation accuracy (seed 0)
+    'syn_steps': ['10', '20'],
+    'max_start_epoch': ['4', '10'],
+    'lr_img': ['100', '1000'],
+    'lr_lr': ['1e-05'],
+}
+METHODS = {                  # name -> (expert recipe, distill flags on top of the chosen MTT flags)
+    'MTT': (MTT, []),
+    'AST': (AST, AST_STUDENT + AST_ALL),
+    'ATT': (MTT, ['--auto_steps']),
+    'MCT': (MTT, ['--mct']),
+}
+COMPONENTS = [               # AST's distillation components, in the paper's Table VIII order
+    ('K-Means init', ['--pix_init', 'kmeans']),
+    ('balanced inner loss', ['--balance_loss']),
+    ('intermediate matching', ['--agg_middle_loss']),
+    ('weight perturbation', ['--weight_perturb']),
+]
+CROSS_MODELS = ['ConvNet', 'AlexNet', 'VGG11', 'ResNet18']  # ConvNet = width 128
+
+
+def setting(data_path: str, experts: list[str] = EXPERTS, eval_epochs: int = EVAL_EPOCHS,
+            valid: int = VALID) -> Setting:
+    return Setting('FashionMNIST', 'ConvNetW32', data=('--data_path', data_path, '--valid', str(valid)),
+                   experts=tuple(experts), recipes=RECIPES, eval_epochs=eval_epochs, valid=valid,
+                   data_path=data_path, curve_points=CURVE_POINTS)
+
+
+# ---------------------------------------------------------------- hyper-parameters on validation
+
+def grid_points(grid: dict) -> list[list[str]]:
+    keys = list(grid)
+    return [[x for k, v in zip(keys, values) for x in (f'--{k}', v)] for values in itertools.product(*grid.values())]
+
+
+def choose(study: Study, ipc: int, grid: dict) -> tuple[list[str], str]:
+    """MTT's flags with the best mean validation accuracy (seed 0), and the grid's table."""
+    rows = ['| ' + ' | '.join(grid) + ' | validation acc % (seed 0) |', '|' + ' --- |' * (len(grid) + 1)]
+    best, best_acc = None, -1.0
+    for point in grid_points(grid):
+        vals, diverged = study.score(MTT, point, ipc, on='val_accs', seeds=1)
+        acc = sum(vals) / len(vals) if vals else -1.0
+        rows.append('| ' + ' | '.join(point[1::2]) + f' | {fmt(vals, diverged=diverged)} |')
+        if acc > best_acc:
+            best, best_acc = point, acc
+    return best, '\n'.join(rows)
+
+
+# ---------------------------------------------------------------- baselines
+
+def baselines(study: Study, ipcs: list[int]) -> str:
+    """Random real images, AST's K-Means selection alone (on the AST experts' features), the full set."""
+    data = study.data()
+    net = get_network(study.setting.model, data.channel, data.num_classes, data.im_size)
+    expert = final_expert_net(expert_files(study.expert_folder(AST)), False, net)
+    rows = ['| baseline | ' + ' | '.join(f'ipc {i} acc %' for i in ipcs) + ' |', '| --- |' + ' --- |' * len(ipcs)]
+    for name, pick in (('random real', 'real'), ('K-Means-selected real (AST init, AST experts)', 'kmeans')):
+        cells = []
+        for ipc in ipcs:
+            accs = []
+            for seed in range(study.seeds):
+                def compute(ipc=ipc, seed=seed):
+                    images, labels = init_synthetic(data, ipc, pick, torch.Generator().manual_seed(seed),
+                                                    expert_net=expert, seed=seed)
+                    return study.evaluate(images, labels, 0.01, seed=10_000 + seed)
+                accs += study.cached(study.key('baseline', pick, ipc, seed), compute)['accs']
+            cells.append(fmt(accs))
+        rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+    full = study.expert_stats(MTT)['test_acc']
+    rows.append(f'| full training set ({len(data.labels_train):,} images): the MTT experts after '
+                f'{study.setting.experts[-1]} epochs | ' + ' | '.join(fmt(full) for _ in ipcs) + ' |')
+    return '\n'.join(rows) + '\n\nReal baselines train with lr 0.01 (the learned lr of a distilled set is its own).'
+
+
+# ---------------------------------------------------------------- tables
+
+def cell(study: Study, recipe: str, flags: list[str], ipc: int) -> str:
+    """Test accuracy of the final images, mean ± std over seeds x networks (and how many runs diverged)."""
+    accs, diverged = study.score(recipe, flags, ipc)
+    return fmt(accs, diverged=diverged)
+
+
+def smoothness(study: Study) -> str:
+    rows = ['| expert recipe | Avg_Var (mean ± std over experts) | expert test acc % |', '| --- | --- | --- |']
+    for recipe, flags in RECIPES.items():
+        stats = study.expert_stats(recipe)
+        rows.append(f"| {recipe} (`{' '.join(flags) or 'buffer.py defaults'}`) | {fmt(stats['avg_var'], 1, 5)} | "
+                    f"{fmt(stats['test_acc'])} |")
+    return '\n'.join(rows)
+
+
+def methods(study: Study, ipcs: list[int]) -> str:
+    rows = ['| method | ' + ' | '.join(f'ipc {i} test acc % ({study.iterations[i]} it)' for i in ipcs) + ' |',
+            '| --- |' + ' --- |' * len(ipcs)]
+    for name, (recipe, flags) in METHODS.items():
+        rows.append(f'| {name} | ' + ' | '.join(cell(study, recipe, flags, i) for i in ipcs) + ' |')
+    return '\n'.join(rows)
+
+
+def ablation(study: Study, ipcs: list[int]) -> str:
+    """Cumulative (the paper's Table VIII) and leave-one-out from full AST; the student is AST's
+    (momentum 0.9, code perturbation) in every row."""
+    head = '| {} | ' + ' | '.join(f'ipc {i} test acc %' for i in ipcs) + ' |'
+    sep = '| --- |' + ' --- |' * len(ipcs)
+
+    def row(name, recipe, flags):
+        return f'| {name} | ' + ' | '.join(cell(study, recipe, AST_STUDENT + flags, i) for i in ipcs) + ' |'
+
+    rows = [head.format('cumulative (AST student)'), sep,
+            '| MTT (plain experts, MTT student), reference | '
+            + ' | '.join(cell(study, MTT, [], i) for i in ipcs) + ' |',
+            row('smooth experts', AST, [])]
+    flags = []
+    for name, extra in COMPONENTS:
+        flags = flags + extra
+        rows.append(row(f'+ {name}', AST, flags))
+    rows += ['', head.format('leave one out of full AST'), sep, row('full AST', AST, AST_ALL),
+             row('- smooth experts (MTT experts)', MTT, AST_ALL)]
+    for name, _ in COMPONENTS:
+        rows.append(row(f'- {name}', AST, [f for other, extra in COMPONENTS if other != name for f in extra]))
+    return '\n'.join(rows)
+
+
+def cross_architecture(study: Study, ipc: int, models: list[str], epochs: int) -> str:
+    rows = ['| set (ipc %d) | ' % ipc + ' | '.join(models) + ' |', '| --- |' + ' --- |' * len(models)]
+    for name in ('MTT', 'AST'):
+        recipe, flags = METHODS[name]
+        accs = {m: [] for m in models}
+        for seed, run in enumerate(study.runs(recipe, flags, ipc)):
+            if run.get('diverged'):
+                continue
+
+            def compute(run=run, seed=seed):
+                ckpt = torch.load(run_file(run['run_dir'], CHECKPOINT_FILE), weights_only=True)
+                return study.evaluate(ckpt['images'], ckpt['labels'], float(ckpt['syn_lr']), seed=20_000 + seed,
+                                      models=models, epochs=epochs)
+            got = study.cached(study.key('cross', name, ipc, seed, models, epochs), compute)
+            for m in models:
+                accs[m] += got[m]['accs']
+        rows.append(f'| {name} | ' + ' | '.join(fmt(accs[m]) for m in models) + ' |')
+    return '\n'.join(rows) + f"\n\nEach network trains {epochs + 1} epochs (MTT's schedule) with the set's learned lr."
+
+
+# ---------------------------------------------------------------- pictures
+
+def plot_curves(study: Study, ipcs: list[int], path: str) -> None:
+    """Accuracy of one in-loop network against the iteration, mean over seeds: test solid, validation dashed."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(ipcs), figsize=(5.5 * len(ipcs), 4), squeeze=False)
+    for ax, ipc in zip(axes[0], ipcs):
+        for (name, (recipe, flags)), color in zip(METHODS.items(), ('C0', 'C1', 'C2', 'C3')):
+            curves = [r['curve'] for r in study.runs(recipe, flags, ipc) if r.get('curve')]
+            if not curves:
+                continue
+            its = [p[0] for p in curves[0]]
+            for col, style, what in ((1, '-', 'test'), (2, '--', 'validation')):
+                ys = [sum(c[k][col] for c in curves) / len(curves) for k in range(len(its))
+                      if all(c[k][col] is not None for c in curves)]
+                if len(ys) == len(its):
+                    ax.plot(its, [100 * y for y in ys], style, color=color, label=f'{name} {what}')
+        ax.set(title=f'Fashion-MNIST, ipc {ipc}', xlabel='iteration', ylabel='accuracy % (1 network)')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_images(study: Study, ipc: int, path: str) -> None:
+    """The final synthetic images of MTT and AST (seed 0) side by side, one row per class."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+    data = study.data()
+    fig, axes = plt.subplots(1, 2, figsize=(2 + 0.9 * ipc * 2, 1 + 0.9 * data.num_classes), squeeze=False)
+    for ax, name in zip(axes[0], ('MTT', 'AST')):
+        recipe, flags = METHODS[name]
+        run = study.run(recipe, flags, ipc, 0)
+        ax.axis('off')
+        if run.get('diverged'):
+            ax.set_title(f'{name}: diverged')
+            continue
+        images = torch.load(run_file(run['run_dir'], CHECKPOINT_FILE), weights_only=True)['images']
+        grid = make_grid(data.to_pixels(images), nrow=ipc, padding=1, pad_value=1.0)
+        ax.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), cmap='gray', vmin=0, vmax=1)
+        ax.set_title(f'{name}, ipc {ipc}')
+    step = data.im_size[0] + 1
+    axes[0][0].axis('on')
+    axes[0][0].set_xticks([])
+    axes[0][0].set_yticks([1 + step * c + step // 2 for c in range(data.num_classes)], data.class_names, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the whole study
+
+def run(root: str, data_path: str, *, seeds: int = 3, num_eval: int = 5, ipcs: tuple[int, ...] = (1, 10),
+        iterations: dict[int, int] = ITERATIONS, experts: list[str] = EXPERTS, eval_epochs: int = EVAL_EPOCHS,
+        valid: int = VALID, grid: dict = GRID, cross_models: list[str] = CROSS_MODELS,
+        cross_epochs: int = EVAL_EPOCHS) -> dict[str, str]:
+    """Every table (also written to root/<name>.md) and picture of the study; returns {name: markdown}."""
+    os.makedirs(root, exist_ok=True)
+    study = Study(root, seeds, num_eval, {i: iterations[i] for i in ipcs},
+                  setting=setting(data_path, experts, eval_epochs, valid), base={i: list(FIXED) for i in ipcs})
+    header = (f"Fashion-MNIST, ConvNetW32, {valid:,} training images held out for validation; experts "
+              f"{' '.join(experts)} per recipe; final images scored by {num_eval} networks (MTT's evaluation, "
+              f"E = {eval_epochs}); mean ± std over {seeds} distillation seeds x {num_eval} networks.")
+    tables = {'smoothness': smoothness(study)}
+    chosen, grids = {}, []
+    for ipc in ipcs:
+        chosen[ipc], table = choose(study, ipc, grid)
+        study.base[ipc] = list(FIXED) + chosen[ipc]
+        grids.append(f'ipc {ipc} ({iterations[ipc]} iterations, fixed: `{" ".join(FIXED)}`); chosen: '
+                     f'`{" ".join(chosen[ipc])}`\n\n{table}')
+    tables['selection'] = '\n\n'.join(grids)
+    tables['baselines'] = baselines(study, list(ipcs))
+    tables['methods'] = methods(study, list(ipcs))
+    tables['ablation'] = ablation(study, list(ipcs))
+    tables['cross_architecture'] = cross_architecture(study, max(ipcs), cross_models, cross_epochs)
+    plot_curves(study, list(ipcs), os.path.join(root, 'curves.png'))
+    for ipc in ipcs:
+        plot_images(study, ipc, os.path.join(root, f'images_ipc{ipc}.png'))
+    for name, table in tables.items():
+        text = f'<!-- written by: python experiments.py fmnist -->\n{header}\n\n{table}\n'
+        atomic_write_bytes(text.encode(), os.path.join(root, f'{name}.md'))
+    atomic_write_json({str(i): chosen[i] for i in ipcs}, os.path.join(root, 'chosen.json'))
+    return tables
+
+
+# A seconds-long pass over every table and picture (CI, on a small idx fixture): tiny experts, few steps.
+SMOKE = dict(seeds=1, num_eval=1, ipcs=(1, 2), iterations={1: 2, 2: 2}, eval_epochs=1, valid=20,
+             experts=['--num_experts', '2', '--train_epochs', '4'],
+             grid={'syn_steps': ['2'], 'max_start_epoch': ['1', '2'], 'lr_img': ['100'], 'lr_lr': ['1e-05']},
+             cross_models=['ConvNetW32', 'AlexNet'], cross_epochs=1)

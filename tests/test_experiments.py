@@ -1,0 +1,67 @@
+"""`python experiments.py fmnist --smoke` on a small fixture in Fashion-MNIST's own idx format (the Debian
+layout: the four .gz files in --data_path itself): every table and picture is made, and a second call
+reads everything from the cache."""
+import gzip
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+
+import experiments
+
+
+def write_fashion_idx(root, n_train=100, n_test=20, seed=0):
+    """Random 28x28 images whose class shows as a brighter band (learnable), labels 0..9 in turn."""
+    rng = np.random.default_rng(seed)
+    for prefix, n in (('train', n_train), ('t10k', n_test)):
+        y = (np.arange(n) % 10).astype(np.uint8)
+        x = rng.integers(0, 120, size=(n, 28, 28), dtype=np.uint8)
+        for i, c in enumerate(y):
+            x[i, 2 * c + 4:2 * c + 7, :] = 250
+        for name, array, magic in ((f'{prefix}-images-idx3-ubyte', x, 2051), (f'{prefix}-labels-idx1-ubyte', y, 2049)):
+            header = struct.pack('>i', magic) + b''.join(struct.pack('>i', d) for d in array.shape)
+            with gzip.open(os.path.join(root, name + '.gz'), 'wb') as f:
+                f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+    data = tmp_path_factory.mktemp('fashion')
+    write_fashion_idx(str(data))
+    root = tmp_path_factory.mktemp('study')
+    experiments.main(['fmnist', '--smoke', '--data_path', str(data), '--root', str(root)])
+    return root, data
+
+
+def test_fmnist_smoke_writes_every_table_and_picture(smoke):
+    root, _ = smoke
+    for name in ('smoothness', 'selection', 'baselines', 'methods', 'ablation', 'cross_architecture'):
+        text = (root / f'{name}.md').read_text()
+        assert text.startswith('<!-- written by: python experiments.py fmnist -->') and '|' in text
+    for png in ('curves.png', 'images_ipc1.png', 'images_ipc2.png'):
+        assert (root / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    methods = (root / 'methods.md').read_text()
+    assert all(f'| {m} |' in methods for m in ('MTT', 'AST', 'ATT', 'MCT'))
+    # each cell is the cached runs' accuracy: the learnable fixture never gives 0 % for every run
+    cells = [c.strip() for line in methods.splitlines() if line.startswith('| M') or line.startswith('| A')
+             for c in line.split('|')[2:-1]]
+    assert len(cells) == 8 and all(0 < float(c.split(' ± ')[0]) <= 100 for c in cells)
+    ablation = (root / 'ablation.md').read_text()
+    assert '+ weight perturbation' in ablation and '- K-Means init' in ablation and '- smooth experts' in ablation
+    chosen = json.loads((root / 'chosen.json').read_text())
+    assert set(chosen) == {'1', '2'} and all('--max_start_epoch' in v for v in chosen.values())
+
+
+def test_fmnist_smoke_choices_are_made_on_validation_and_runs_are_cached(smoke):
+    root, data = smoke
+    cache = json.loads((root / 'cache.json').read_text())
+    runs = [v for v in cache.values() if 'curve' in v]
+    assert runs and all(len(r['val_accs']) == 1 and len(r['accs']) == 1 for r in runs)
+    # every run's experts and images held out the same 20 validation images
+    args = json.loads(open(os.path.join(runs[0]['run_dir'], 'args.json')).read())
+    assert args['valid'] == 20 and args['dataset'] == 'FashionMNIST' and args['model'] == 'ConvNetW32'
+    before = len(cache)
+    experiments.main(['fmnist', '--smoke', '--data_path', str(data), '--root', str(root)])
+    assert len(json.loads((root / 'cache.json').read_text())) == before  # nothing new was computed
