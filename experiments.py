@@ -131,10 +131,11 @@ class Study:
 
     def run(self, recipe: str, flags: list[str], ipc: int, seed: int) -> dict:
         """One distillation (cached): the final images' scores, and the in-loop curve."""
-        flags = self.base[ipc] + flags
-        return self.cached(self.key(recipe, flags if self.setting != DIGITS else flags[len(BASE):], ipc, seed,
-                                    self.iterations[ipc]),
-                           lambda: self._one(recipe, flags, ipc, seed))
+        full = self.base[ipc] + flags
+        # Digits' keys (results/cache.json) hold only the flags on top of BASE, as they always have
+        key_flags = flags if self.setting == DIGITS else full
+        return self.cached(self.key(recipe, key_flags, ipc, seed, self.iterations[ipc]),
+                           lambda: self._one(recipe, full, ipc, seed))
 
     def runs(self, recipe: str, flags: list[str], ipc: int, seeds: int | None = None) -> list[dict]:
         return [self.run(recipe, flags, ipc, seed) for seed in range(seeds or self.seeds)]

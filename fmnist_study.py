@@ -84,6 +84,8 @@ def choose(study: Study, ipc: int, grid: dict) -> tuple[list[str], str]:
         rows.append('| ' + ' | '.join(point[1::2]) + f' | {fmt(vals, diverged=diverged)} |')
         if acc > best_acc:
             best, best_acc = point, acc
+    if best is None:
+        raise RuntimeError(f'every grid point diverged at ipc {ipc}; widen fmnist_study.GRID (smaller lr_img)')
     return best, '\n'.join(rows)
 
 
