@@ -74,6 +74,9 @@ class Setting:
     valid: int = 0                       # held-out validation images (must match --valid in `data`)
     data_path: str = 'data'
     curve_points: int = 0                # in-loop evaluations (1 network) per run besides it 0: the curves
+    # distillation seed s is scored by networks seeded first + stride * s + i (i < num_eval). Digits' cached
+    # tables used stride 1 (seeds s and s + 1 share networks); kept so results/cache.json stays valid
+    eval_seed_stride: int = 1
 
     def recipe_path(self, root: str, recipe: str) -> str:
         return os.path.join(root, 'buffers', recipe.split(' (')[0].replace(' + ', '+').replace(' ', '_'))
@@ -126,8 +129,13 @@ class Study:
 
     def key(self, *parts) -> list:
         s = self.setting
-        extra = [] if s == DIGITS else [s.dataset, s.model, list(s.data), list(s.experts), s.eval_epochs]
+        extra = [] if s == DIGITS else [s.dataset, s.model, list(s.data), list(s.experts), s.eval_epochs,
+                                        f'eval seeds: first + {s.eval_seed_stride} x seed']
         return [*parts, self.num_eval, EVAL_PROTOCOL, *extra]
+
+    def eval_seed(self, seed: int, first: int = 10_000) -> int:
+        """The seed of the first network scoring distillation seed `seed` (see Setting.eval_seed_stride)."""
+        return first + self.setting.eval_seed_stride * seed
 
     def run(self, recipe: str, flags: list[str], ipc: int, seed: int) -> dict:
         """One distillation (cached): the final images' scores, and the in-loop curve."""
@@ -164,7 +172,7 @@ class Study:
             return {'accs': [], 'diverged': True, 'distill_seconds': time.time() - start}
         seconds = time.time() - start
         ckpt = torch.load(run_file(run_dir, CHECKPOINT_FILE), weights_only=True)
-        out = self.evaluate(ckpt['images'], ckpt['labels'], float(ckpt['syn_lr']), seed=10_000 + seed)
+        out = self.evaluate(ckpt['images'], ckpt['labels'], float(ckpt['syn_lr']), seed=self.eval_seed(seed))
         return {**out, 'run_dir': run_dir, 'distill_seconds': seconds, 'curve': curve(run_dir, s.model)}
 
     def evaluate(self, images, labels, lr: float, seed: int, models: list[str] | None = None,

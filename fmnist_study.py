@@ -38,6 +38,7 @@ RECIPES = {                  # buffer.py flags of the two expert recipes (docs/m
 EVAL_EPOCHS = 300            # E of the evaluation networks (E+1 epochs, MTT's schedule)
 ITERATIONS = {1: 300, 10: 200}
 CURVE_POINTS = 4             # in-loop evaluations per run (1 network, test and validation): the curves
+EVAL_SEED_STRIDE = 100       # seed s is scored by networks 10_000 + 100 s + i: no two seeds share a network
 FIXED = ['--expert_epochs', '2', '--lr_teacher', '0.01', '--max_experts', '5']  # the first 5 experts, even if more
 GRID = {                     # MTT, chosen per ipc on validation accuracy (seed 0)
     'syn_steps': ['10', '20'],
@@ -64,7 +65,7 @@ def setting(data_path: str, experts: list[str] = EXPERTS, eval_epochs: int = EVA
             valid: int = VALID) -> Setting:
     return Setting('FashionMNIST', 'ConvNetW32', data=('--data_path', data_path, '--valid', str(valid)),
                    experts=tuple(experts), recipes=RECIPES, eval_epochs=eval_epochs, valid=valid,
-                   data_path=data_path, curve_points=CURVE_POINTS)
+                   data_path=data_path, curve_points=CURVE_POINTS, eval_seed_stride=EVAL_SEED_STRIDE)
 
 
 # ---------------------------------------------------------------- hyper-parameters on validation
@@ -105,7 +106,7 @@ def baselines(study: Study, ipcs: list[int]) -> str:
                 def compute(ipc=ipc, seed=seed):
                     images, labels = init_synthetic(data, ipc, pick, torch.Generator().manual_seed(seed),
                                                     expert_net=expert, seed=seed)
-                    return study.evaluate(images, labels, 0.01, seed=10_000 + seed)
+                    return study.evaluate(images, labels, 0.01, seed=study.eval_seed(seed))
                 accs += study.cached(study.key('baseline', pick, ipc, seed), compute)['accs']
             cells.append(fmt(accs))
         rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
@@ -175,7 +176,7 @@ def cross_architecture(study: Study, ipc: int, models: list[str], epochs: int) -
 
             def compute(run=run, seed=seed):
                 ckpt = torch.load(run_file(run['run_dir'], CHECKPOINT_FILE), weights_only=True)
-                return study.evaluate(ckpt['images'], ckpt['labels'], float(ckpt['syn_lr']), seed=20_000 + seed,
+                return study.evaluate(ckpt['images'], ckpt['labels'], float(ckpt['syn_lr']), seed=study.eval_seed(seed, 20_000),
                                       models=models, epochs=epochs)
             got = study.cached(study.key('cross', name, ipc, seed, models, epochs), compute)
             for m in models:

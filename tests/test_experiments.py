@@ -65,3 +65,15 @@ def test_fmnist_smoke_choices_are_made_on_validation_and_runs_are_cached(smoke):
     before = len(cache)
     experiments.main(['fmnist', '--smoke', '--data_path', str(data), '--root', str(root)])
     assert len(json.loads((root / 'cache.json').read_text())) == before  # nothing new was computed
+
+
+def test_distillation_seeds_are_scored_by_disjoint_networks(tmp_path):
+    """Seed s's num_eval networks are seeded eval_seed(s) + i: on Fashion-MNIST no two seeds share one, so
+    3 seeds x 5 networks are 15 networks (Digits keeps its historic stride 1, under which they overlap)."""
+    import fmnist_study
+    study = experiments.Study(str(tmp_path), 3, 5, {1: 1}, setting=fmnist_study.setting(str(tmp_path)))
+    networks = [study.eval_seed(s) + i for s in range(3) for i in range(5)]
+    assert len(set(networks)) == 15 and study.eval_seed(0) == 10_000
+    digits = experiments.Study(str(tmp_path), 3, 5, {1: 1})
+    assert len({digits.eval_seed(s) + i for s in range(3) for i in range(5)}) == 7
+    assert study.key('x', 0)[-1] != digits.key('x', 0)[-1]  # the seeding is part of Fashion-MNIST's cache keys
