@@ -12,6 +12,7 @@ cells are mean ± std over all (distillation seed x network) accuracies. Finishe
 results/cache.json, so an interrupted study resumes where it stopped.
 """
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -92,7 +93,8 @@ class Study:
         self.setting = setting
         self.base = base or {ipc: BASE for ipc in iterations}  # distill flags every run of that ipc starts from
         self.cache_path = os.path.join(root, 'cache.json')
-        self.cache = json.load(open(self.cache_path)) if os.path.exists(self.cache_path) else {}
+        self.cache: dict = {}
+        self._merge_file()
         self._trained: set[str] = set()
         self._data = None
 
@@ -120,12 +122,27 @@ class Study:
         return {'avg_var': [m['avg_var'] for m in metas], 'test_acc': [m['test_acc'] for m in metas]}
 
     def cached(self, key: list, compute) -> dict:
-        """compute() once per key, kept in cache.json (an interrupted study resumes where it stopped)."""
+        """compute() once per key, kept in cache.json (an interrupted study resumes where it stopped).
+
+        Several study processes may share one cache (one per core or GPU, each given its own runs): a miss
+        first rereads the file, and a result is merged into the file's current contents under a lock, so no
+        process overwrites what another one wrote meanwhile."""
         k = json.dumps(key)
         if k not in self.cache:
-            self.cache[k] = compute()
-            atomic_write_json(self.cache, self.cache_path)
+            self._merge_file()
+        if k not in self.cache:
+            value = compute()
+            with open(self.cache_path + '.lock', 'a') as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                self._merge_file()
+                self.cache[k] = value
+                atomic_write_json(self.cache, self.cache_path)
         return self.cache[k]
+
+    def _merge_file(self) -> None:
+        if os.path.exists(self.cache_path):
+            with open(self.cache_path) as f:
+                self.cache.update(json.load(f))
 
     def key(self, *parts) -> list:
         s = self.setting
@@ -275,6 +292,17 @@ def perturbation_ratios(draws: int = 5) -> str:
     return '\n'.join(rows) + f'\n\n{draws} draws each, ρ = 0.1 for the paper variant.'
 
 
+def worker_share(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N), 0 <= K < N."""
+    try:
+        k, n = (int(x) for x in text.split('/'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected K/N, e.g. 0/2 and 1/2 for two processes") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: K counts from 0 to N-1, e.g. 0/2 and 1/2")
+    return k, n
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('study', choices=['smoothness', 'ablation', 'methods', 'all', 'perturb', 'fmnist'])
@@ -283,6 +311,10 @@ def main(argv=None):
                    help="fmnist: the idx files (Debian's dataset-fashion-mnist puts them here)")
     p.add_argument('--smoke', action='store_true',
                    help='fmnist: a seconds-long pass of the whole study (2 tiny experts, a few iterations), for CI')
+    p.add_argument('--ipcs', type=int, nargs='+', default=[1, 10], help='fmnist: the ipcs of the tables')
+    p.add_argument('--worker', type=worker_share, default=None, metavar='K/N',
+                   help='fmnist: run only the K-th of N shares of the distillations (N processes, one per core '
+                        'or GPU, sharing the cache; K counts from 0), no tables; then run without --worker')
     p.add_argument('--seeds', type=int, default=3, help='distillation seeds per cell')
     p.add_argument('--num_eval', type=int, default=5, help='evaluation networks per distilled set')
     p.add_argument('--iterations', type=int, default=200, help='distillation iterations at ipc 1')
@@ -291,8 +323,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.study == 'fmnist':
         import fmnist_study
+        if not set(args.ipcs) <= set(fmnist_study.ITERATIONS):
+            p.error(f"--ipcs {' '.join(map(str, args.ipcs))}: the study has iteration budgets for ipc "
+                    f"{' and '.join(map(str, fmnist_study.ITERATIONS))} only (fmnist_study.ITERATIONS)")
         root = args.root or os.path.join('results', 'fmnist')
-        kw = fmnist_study.SMOKE if args.smoke else dict(seeds=args.seeds, num_eval=args.num_eval)
+        kw = dict(fmnist_study.SMOKE) if args.smoke else dict(seeds=args.seeds, num_eval=args.num_eval,
+                                                               ipcs=tuple(args.ipcs))
+        kw['worker'] = args.worker
         for name, table in fmnist_study.run(root, args.data_path, **kw).items():
             print(f'## {name}\n\n{table}\n')
         return

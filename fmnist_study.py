@@ -36,7 +36,7 @@ RECIPES = {                  # buffer.py flags of the two expert recipes (docs/m
     AST: ['--optim', 'sgdmom_code', '--loss_decay', 'code', '--gp', 'code'],  # the AST authors' code
 }
 EVAL_EPOCHS = 300            # E of the evaluation networks (E+1 epochs, MTT's schedule)
-ITERATIONS = {1: 300, 10: 200}
+ITERATIONS = {1: 300, 10: 100}   # ipc 10: ~47 runs of ~6 min each on one CPU core at 100 iterations
 CURVE_POINTS = 4             # in-loop evaluations per run (1 network, test and validation): the curves
 EVAL_SEED_STRIDE = 100       # seed s is scored by networks 10_000 + 100 s + i: no two seeds share a network
 FIXED = ['--expert_epochs', '2', '--lr_teacher', '0.01', '--max_experts', '5']  # the first 5 experts, even if more
@@ -59,6 +59,7 @@ COMPONENTS = [               # AST's distillation components, in the paper's Tab
     ('weight perturbation', ['--weight_perturb']),
 ]
 CROSS_MODELS = ['ConvNet', 'AlexNet', 'VGG11', 'ResNet18']  # ConvNet = width 128
+CROSS_IPC = 10
 
 
 def setting(data_path: str, experts: list[str] = EXPERTS, eval_epochs: int = EVAL_EPOCHS,
@@ -75,8 +76,12 @@ def grid_points(grid: dict) -> list[list[str]]:
     return [[x for k, v in zip(keys, values) for x in (f'--{k}', v)] for values in itertools.product(*grid.values())]
 
 
-def choose(study: Study, ipc: int, grid: dict) -> tuple[list[str], str]:
-    """MTT's flags with the best mean validation accuracy (seed 0), and the grid's table."""
+def choose(study: Study, ipc: int, grid: dict, worker: tuple[int, int] = (0, 1)) -> tuple[list[str], str]:
+    """MTT's flags with the best mean validation accuracy (seed 0), and the grid's table. A worker k of n
+    first runs every n-th grid point from the k-th (the others come from the shared cache, or are run here)."""
+    k, n = worker
+    for point in grid_points(grid)[k::n]:
+        study.run(MTT, point, ipc, 0)
     rows = ['| ' + ' | '.join(grid) + ' | validation acc % (seed 0) |', '|' + ' --- |' * (len(grid) + 1)]
     best, best_acc = None, -1.0
     for point in grid_points(grid):
@@ -141,28 +146,39 @@ def methods(study: Study, ipcs: list[int]) -> str:
     return '\n'.join(rows)
 
 
-def ablation(study: Study, ipcs: list[int]) -> str:
-    """Cumulative (the paper's Table VIII) and leave-one-out from full AST; the student is AST's
-    (momentum 0.9, code perturbation) in every row."""
-    head = '| {} | ' + ' | '.join(f'ipc {i} test acc %' for i in ipcs) + ' |'
-    sep = '| --- |' + ' --- |' * len(ipcs)
-
-    def row(name, recipe, flags):
-        return f'| {name} | ' + ' | '.join(cell(study, recipe, AST_STUDENT + flags, i) for i in ipcs) + ' |'
-
-    rows = [head.format('cumulative (AST student)'), sep,
-            '| MTT (plain experts, MTT student), reference | '
-            + ' | '.join(cell(study, MTT, [], i) for i in ipcs) + ' |',
-            row('smooth experts', AST, [])]
+def ablation_rows() -> dict[str, list[tuple[str, str, list[str]]]]:
+    """{section: [(row name, expert recipe, distill flags)]}: cumulative (the paper's Table VIII) and
+    leave-one-out from full AST; the student is AST's (momentum 0.9, code perturbation) in every AST row."""
+    cumulative = [('MTT (plain experts, MTT student), reference', MTT, []),
+                  ('smooth experts', AST, AST_STUDENT)]
     flags = []
     for name, extra in COMPONENTS:
         flags = flags + extra
-        rows.append(row(f'+ {name}', AST, flags))
-    rows += ['', head.format('leave one out of full AST'), sep, row('full AST', AST, AST_ALL),
-             row('- smooth experts (MTT experts)', MTT, AST_ALL)]
+        cumulative.append((f'+ {name}', AST, AST_STUDENT + flags))
+    leave_one_out = [('full AST', AST, AST_STUDENT + AST_ALL), ('- smooth experts (MTT experts)', MTT, AST_STUDENT + AST_ALL)]
     for name, _ in COMPONENTS:
-        rows.append(row(f'- {name}', AST, [f for other, extra in COMPONENTS if other != name for f in extra]))
+        leave_one_out.append((f'- {name}', AST,
+                              AST_STUDENT + [f for other, extra in COMPONENTS if other != name for f in extra]))
+    return {'cumulative (AST student)': cumulative, 'leave one out of full AST': leave_one_out}
+
+
+def ablation(study: Study, ipcs: list[int]) -> str:
+    head = '| {} | ' + ' | '.join(f'ipc {i} test acc %' for i in ipcs) + ' |'
+    sep = '| --- |' + ' --- |' * len(ipcs)
+    rows = []
+    for section, section_rows in ablation_rows().items():
+        rows += ([''] if rows else []) + [head.format(section), sep]
+        rows += [f'| {name} | ' + ' | '.join(cell(study, recipe, flags, i) for i in ipcs) + ' |'
+                 for name, recipe, flags in section_rows]
     return '\n'.join(rows)
+
+
+def distillations(ipcs: list[int], seeds: int) -> list[tuple[str, list[str], int, int]]:
+    """Every (recipe, flags, ipc, seed) distillation the methods and ablation tables score, once each."""
+    rows = [(recipe, flags) for recipe, flags in METHODS.values()]
+    rows += [(recipe, flags) for section in ablation_rows().values() for _, recipe, flags in section]
+    unique = list({(recipe, tuple(flags)): None for recipe, flags in rows})
+    return [(recipe, list(flags), ipc, seed) for ipc in ipcs for recipe, flags in unique for seed in range(seeds)]
 
 
 def cross_architecture(study: Study, ipc: int, models: list[str], epochs: int) -> str:
@@ -245,14 +261,26 @@ def plot_images(study: Study, ipc: int, path: str) -> None:
 def run(root: str, data_path: str, *, seeds: int = 3, num_eval: int = 5, ipcs: tuple[int, ...] = (1, 10),
         iterations: dict[int, int] = ITERATIONS, experts: list[str] = EXPERTS, eval_epochs: int = EVAL_EPOCHS,
         valid: int = VALID, grid: dict = GRID, cross_models: list[str] = CROSS_MODELS,
-        cross_epochs: int = EVAL_EPOCHS) -> dict[str, str]:
-    """Every table (also written to root/<name>.md) and picture of the study; returns {name: markdown}."""
+        cross_epochs: int = EVAL_EPOCHS, cross_ipc: int = CROSS_IPC,
+        worker: tuple[int, int] | None = None) -> dict[str, str]:
+    """Every table (also written to root/<name>.md) and picture of the study; returns {name: markdown}.
+
+    worker=(k, n): only the k-th of n shares of the distillations (grid points, then the methods and ablation
+    runs), for n processes sharing root's cache (one per core or GPU); no tables. A run without a worker
+    then writes the tables from the cache."""
     os.makedirs(root, exist_ok=True)
     study = Study(root, seeds, num_eval, {i: iterations[i] for i in ipcs},
                   setting=setting(data_path, experts, eval_epochs, valid), base={i: list(FIXED) for i in ipcs})
     header = (f"Fashion-MNIST, ConvNetW32, {valid:,} training images held out for validation; experts "
               f"{' '.join(experts)} per recipe; final images scored by {num_eval} networks (MTT's evaluation, "
               f"E = {eval_epochs}); mean ± std over {seeds} distillation seeds x {num_eval} networks.")
+    if worker:
+        for ipc in ipcs:
+            study.base[ipc] = list(FIXED) + choose(study, ipc, grid, worker)[0]
+        k, n = worker
+        for recipe, flags, ipc, seed in distillations(list(ipcs), seeds)[k::n]:
+            study.run(recipe, flags, ipc, seed)
+        return {}
     tables = {'smoothness': smoothness(study)}
     chosen, grids = {}, []
     for ipc in ipcs:
@@ -264,7 +292,8 @@ def run(root: str, data_path: str, *, seeds: int = 3, num_eval: int = 5, ipcs: t
     tables['baselines'] = baselines(study, list(ipcs))
     tables['methods'] = methods(study, list(ipcs))
     tables['ablation'] = ablation(study, list(ipcs))
-    tables['cross_architecture'] = cross_architecture(study, max(ipcs), cross_models, cross_epochs)
+    if cross_ipc in ipcs:
+        tables['cross_architecture'] = cross_architecture(study, cross_ipc, cross_models, cross_epochs)
     plot_curves(study, list(ipcs), os.path.join(root, 'curves.png'))
     for ipc in ipcs:
         plot_images(study, ipc, os.path.join(root, f'images_ipc{ipc}.png'))
@@ -279,4 +308,4 @@ def run(root: str, data_path: str, *, seeds: int = 3, num_eval: int = 5, ipcs: t
 SMOKE = dict(seeds=1, num_eval=1, ipcs=(1, 2), iterations={1: 2, 2: 2}, eval_epochs=1, valid=20,
              experts=['--num_experts', '2', '--train_epochs', '4'],
              grid={'syn_steps': ['2'], 'max_start_epoch': ['1', '2'], 'lr_img': ['100'], 'lr_lr': ['1e-05']},
-             cross_models=['ConvNetW32', 'AlexNet'], cross_epochs=1)
+             cross_models=['ConvNetW32', 'AlexNet'], cross_epochs=1, cross_ipc=2)

@@ -67,6 +67,33 @@ def test_fmnist_smoke_choices_are_made_on_validation_and_runs_are_cached(smoke):
     assert len(json.loads((root / 'cache.json').read_text())) == before  # nothing new was computed
 
 
+def test_fmnist_workers_split_the_distillations_and_leave_none_to_the_tables(tmp_path, monkeypatch):
+    """Two --worker shares run disjoint distillations and write no tables; the run without --worker then
+    writes every table from the cache alone (distill.main would fail the test)."""
+    import distill
+    data, root = tmp_path / 'fashion', tmp_path / 'study'
+    data.mkdir()
+    write_fashion_idx(str(data))
+    real, calls = distill.main, {0: [], 1: []}
+    argv = ['fmnist', '--smoke', '--data_path', str(data), '--root', str(root)]
+    for k in (0, 1):
+        monkeypatch.setattr(distill, 'main', lambda a, k=k: calls[k].append(tuple(a)) or real(a))
+        experiments.main(argv + ['--worker', f'{k}/2'])
+    assert calls[0] and calls[1] and not set(calls[0]) & set(calls[1])
+    assert not (root / 'methods.md').exists()
+    monkeypatch.setattr(distill, 'main', lambda a: pytest.fail(f'a table needed a run no worker made: {a}'))
+    experiments.main(argv)
+    assert '+ weight perturbation' in (root / 'ablation.md').read_text()
+
+
+def test_worker_and_ipcs_flags_refuse_what_they_cannot_do(capsys):
+    for bad, says in ((['--worker', '2/2'], 'K counts from 0 to N-1'), (['--worker', 'half'], 'expected K/N'),
+                      (['--ipcs', '50'], 'iteration budgets for ipc 1 and 10 only')):
+        with pytest.raises(SystemExit) as e:
+            experiments.main(['fmnist', *bad])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_distillation_seeds_are_scored_by_disjoint_networks(tmp_path):
     """Seed s's num_eval networks are seeded eval_seed(s) + i: on Fashion-MNIST no two seeds share one, so
     3 seeds x 5 networks are 15 networks (Digits keeps its historic stride 1, under which they overlap)."""
@@ -77,3 +104,16 @@ def test_distillation_seeds_are_scored_by_disjoint_networks(tmp_path):
     digits = experiments.Study(str(tmp_path), 3, 5, {1: 1})
     assert len({digits.eval_seed(s) + i for s in range(3) for i in range(5)}) == 7
     assert study.key('x', 0)[-1] != digits.key('x', 0)[-1]  # the seeding is part of Fashion-MNIST's cache keys
+
+
+def test_study_processes_sharing_a_cache_keep_each_others_results(tmp_path):
+    """Two processes' Study objects, both loaded before either wrote: each result lands in cache.json, and a
+    key the other process already computed is read from the file, not computed again."""
+    a = experiments.Study(str(tmp_path), 1, 1, {1: 1})
+    b = experiments.Study(str(tmp_path), 1, 1, {1: 1})
+    assert a.cached(['a'], lambda: {'v': 1}) == {'v': 1}
+    assert b.cached(['b'], lambda: {'v': 2}) == {'v': 2}
+    assert b.cached(['a'], lambda: pytest.fail('computed twice')) == {'v': 1}
+    with open(tmp_path / 'cache.json') as f:
+        assert json.load(f) == {'["a"]': {'v': 1}, '["b"]': {'v': 2}}
+    assert experiments.Study(str(tmp_path), 1, 1, {1: 1}).cache == {'["a"]': {'v': 1}, '["b"]': {'v': 2}}
