@@ -41,6 +41,7 @@ RECIPES = {                                                          # buffer.py
         ['--optim', 'sgdmom_code', '--gp', 'code', '--loss_decay', 'code'],
 }
 AST_RECIPE = 'AST code recipe (sgdmom_code + gp + loss decay, code variants: the AST presets)'
+MISSING = {'missing': True}  # Study(from_cache=True)'s answer for a key the cache does not hold
 EVAL_PROTOCOL = 'mtt-exact'  # part of every cache key: cells scored under an older protocol are recomputed
 BASE = ['--syn_steps', '20', '--expert_epochs', '2', '--max_start_epoch', '10', '--lr_img', '30',
         '--lr_lr', '1e-6', '--lr_teacher', '0.01']  # digits_ipc1's flags but lr_lr 1e-6: at 1e-5 every AST-expert run diverged
@@ -88,8 +89,9 @@ DIGITS = Setting('Digits', 'ConvNetD2')
 
 class Study:
     def __init__(self, root: str, seeds: int, num_eval: int, iterations: dict[int, int],
-                 setting: Setting = DIGITS, base: dict[int, list[str]] | None = None):
+                 setting: Setting = DIGITS, base: dict[int, list[str]] | None = None, from_cache: bool = False):
         self.root, self.seeds, self.num_eval, self.iterations = root, seeds, num_eval, iterations
+        self.from_cache = from_cache  # compute nothing: a key not in the cache reads as MISSING
         self.setting = setting
         self.base = base or {ipc: BASE for ipc in iterations}  # distill flags every run of that ipc starts from
         self.cache_path = os.path.join(root, 'cache.json')
@@ -102,7 +104,7 @@ class Study:
         """The recipe's buffer path; buffer.py runs once per recipe (it skips experts on disk anyway)."""
         s = self.setting
         path = s.recipe_path(self.root, recipe)
-        if recipe not in self._trained:
+        if recipe not in self._trained and not self.from_cache:
             buffer.main(['--dataset', s.dataset, '--model', s.model, *s.data, *s.recipes[recipe], *s.experts,
                          '--buffer_path', path])
             self._trained.add(recipe)
@@ -130,6 +132,8 @@ class Study:
         k = json.dumps(key)
         if k not in self.cache:
             self._merge_file()
+        if k not in self.cache and self.from_cache:
+            return MISSING
         if k not in self.cache:
             value = compute()
             with open(self.cache_path + '.lock', 'a') as lock:
@@ -170,6 +174,10 @@ class Study:
         """(accuracies of every seed's networks, number of runs that diverged); on='val_accs': validation."""
         runs = self.runs(recipe, flags, ipc, seeds)
         return [a for r in runs for a in r.get(on, [])], sum(bool(r.get('diverged')) for r in runs)
+
+    def missing(self, recipe: str, flags: list[str], ipc: int, seeds: int | None = None) -> int:
+        """How many of the cell's runs are not in the cache (from_cache only; otherwise they are computed)."""
+        return sum(r is MISSING for r in self.runs(recipe, flags, ipc, seeds))
 
     def _one(self, recipe: str, flags: list[str], ipc: int, seed: int) -> dict:
         s = self.setting
@@ -213,10 +221,14 @@ def curve(run_dir: str, model: str) -> list[list]:
             if f'eval/{model}_mean' in r]
 
 
-def fmt(values: list[float], scale: float = 100.0, digits: int = 2, diverged: int = 0) -> str:
+def fmt(values: list[float], scale: float = 100.0, digits: int = 2, diverged: int = 0,
+        missing: int = 0, runs: int = 0) -> str:
+    """mean ± std (population) of values; with missing of runs not in the cache, says how many are."""
     note = f' ({diverged} run(s) diverged)' if diverged else ''
+    if missing:
+        note += f' ({runs - missing} of {runs} seeds so far)'
     if not values:
-        return 'diverged' + note
+        return 'not run yet' if missing == runs and missing else 'diverged' + note
     m = sum(values) / len(values)
     s = math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
     return f'{scale * m:.{digits}f} ± {scale * s:.{digits}f}' + note
@@ -315,6 +327,9 @@ def main(argv=None):
     p.add_argument('--worker', type=worker_share, default=None, metavar='K/N',
                    help='fmnist: run only the K-th of N shares of the distillations (N processes, one per core '
                         'or GPU, sharing the cache; K counts from 0), no tables; then run without --worker')
+    p.add_argument('--from_cache', action='store_true',
+                   help='fmnist: compute nothing; write the tables from what the cache holds so far (a progress '
+                        'report: cells short of runs say how many seeds they have)')
     p.add_argument('--seeds', type=int, default=3, help='distillation seeds per cell')
     p.add_argument('--num_eval', type=int, default=5, help='evaluation networks per distilled set')
     p.add_argument('--iterations', type=int, default=200, help='distillation iterations at ipc 1')
@@ -326,10 +341,12 @@ def main(argv=None):
         if not set(args.ipcs) <= set(fmnist_study.ITERATIONS):
             p.error(f"--ipcs {' '.join(map(str, args.ipcs))}: the study has iteration budgets for ipc "
                     f"{' and '.join(map(str, fmnist_study.ITERATIONS))} only (fmnist_study.ITERATIONS)")
+        if args.worker and args.from_cache:
+            p.error('--worker computes its share and --from_cache computes nothing: give one of them')
         root = args.root or os.path.join('results', 'fmnist')
         kw = dict(fmnist_study.SMOKE) if args.smoke else dict(seeds=args.seeds, num_eval=args.num_eval,
                                                                ipcs=tuple(args.ipcs))
-        kw['worker'] = args.worker
+        kw.update(worker=args.worker, from_cache=args.from_cache)
         for name, table in fmnist_study.run(root, args.data_path, **kw).items():
             print(f'## {name}\n\n{table}\n')
         return

@@ -13,12 +13,13 @@ Protocol (every number in results/fmnist/*.md says which part it is):
     EVAL_EPOCHS); cells are mean ± std over (distillation seeds x networks).
 Everything is cached in results/fmnist/cache.json, so an interrupted study resumes where it stopped.
 """
+import functools
 import itertools
 import os
 
 import torch
 
-from experiments import AST_ALL, AST_STUDENT, Setting, Study, fmt
+from experiments import AST_ALL, AST_STUDENT, MISSING, Setting, Study, fmt
 from networks import get_network
 from runlog import CHECKPOINT_FILE, run_file
 from synthetic import final_expert_net, init_synthetic
@@ -83,13 +84,18 @@ def choose(study: Study, ipc: int, grid: dict, worker: tuple[int, int] = (0, 1))
     for point in grid_points(grid)[k::n]:
         study.run(MTT, point, ipc, 0)
     rows = ['| ' + ' | '.join(grid) + ' | validation acc % (seed 0) |', '|' + ' --- |' * (len(grid) + 1)]
-    best, best_acc = None, -1.0
+    best, best_acc, missing = None, -1.0, 0
     for point in grid_points(grid):
         vals, diverged = study.score(MTT, point, ipc, on='val_accs', seeds=1)
+        m = study.missing(MTT, point, ipc, seeds=1)
+        missing += m
         acc = sum(vals) / len(vals) if vals else -1.0
-        rows.append('| ' + ' | '.join(point[1::2]) + f' | {fmt(vals, diverged=diverged)} |')
+        rows.append('| ' + ' | '.join(point[1::2]) + f' | {fmt(vals, diverged=diverged, missing=m, runs=1)} |')
         if acc > best_acc:
             best, best_acc = point, acc
+    if missing:  # from_cache, grid unfinished: the best so far, provisionally
+        rows.append(f'\n{missing} grid point(s) not run yet: the choice above is provisional.')
+        return best or [], '\n'.join(rows)
     if best is None:
         raise RuntimeError(f'every grid point diverged at ipc {ipc}; widen fmnist_study.GRID (smaller lr_img)')
     return best, '\n'.join(rows)
@@ -100,20 +106,25 @@ def choose(study: Study, ipc: int, grid: dict, worker: tuple[int, int] = (0, 1))
 def baselines(study: Study, ipcs: list[int]) -> str:
     """Random real images, AST's K-Means selection alone (on the AST experts' features), the full set."""
     data = study.data()
-    net = get_network(study.setting.model, data.channel, data.num_classes, data.im_size)
-    expert = final_expert_net(expert_files(study.expert_folder(AST)), False, net)
+
+    @functools.cache
+    def expert():  # only when a baseline is computed (from_cache: never)
+        net = get_network(study.setting.model, data.channel, data.num_classes, data.im_size)
+        return final_expert_net(expert_files(study.expert_folder(AST)), False, net)
     rows = ['| baseline | ' + ' | '.join(f'ipc {i} acc %' for i in ipcs) + ' |', '| --- |' + ' --- |' * len(ipcs)]
     for name, pick in (('random real', 'real'), ('K-Means-selected real (AST init, AST experts)', 'kmeans')):
         cells = []
         for ipc in ipcs:
-            accs = []
+            accs, missing = [], 0
             for seed in range(study.seeds):
                 def compute(ipc=ipc, seed=seed):
                     images, labels = init_synthetic(data, ipc, pick, torch.Generator().manual_seed(seed),
-                                                    expert_net=expert, seed=seed)
+                                                    expert_net=expert(), seed=seed)
                     return study.evaluate(images, labels, 0.01, seed=study.eval_seed(seed))
-                accs += study.cached(study.key('baseline', pick, ipc, seed), compute)['accs']
-            cells.append(fmt(accs))
+                got = study.cached(study.key('baseline', pick, ipc, seed), compute)
+                accs += got.get('accs', [])
+                missing += got is MISSING
+            cells.append(fmt(accs, missing=missing, runs=study.seeds))
         rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     full = study.expert_stats(MTT)['test_acc']
     rows.append(f'| full training set ({len(data.labels_train):,} images): the MTT experts after '
@@ -126,7 +137,7 @@ def baselines(study: Study, ipcs: list[int]) -> str:
 def cell(study: Study, recipe: str, flags: list[str], ipc: int) -> str:
     """Test accuracy of the final images, mean ± std over seeds x networks (and how many runs diverged)."""
     accs, diverged = study.score(recipe, flags, ipc)
-    return fmt(accs, diverged=diverged)
+    return fmt(accs, diverged=diverged, missing=study.missing(recipe, flags, ipc), runs=study.seeds)
 
 
 def smoothness(study: Study) -> str:
@@ -187,7 +198,7 @@ def cross_architecture(study: Study, ipc: int, models: list[str], epochs: int) -
         recipe, flags = METHODS[name]
         accs = {m: [] for m in models}
         for seed, run in enumerate(study.runs(recipe, flags, ipc)):
-            if run.get('diverged'):
+            if run.get('diverged') or run is MISSING:
                 continue
 
             def compute(run=run, seed=seed):
@@ -195,6 +206,8 @@ def cross_architecture(study: Study, ipc: int, models: list[str], epochs: int) -
                 return study.evaluate(ckpt['images'], ckpt['labels'], float(ckpt['syn_lr']), seed=study.eval_seed(seed, 20_000),
                                       models=models, epochs=epochs)
             got = study.cached(study.key('cross', name, ipc, seed, models, epochs), compute)
+            if got is MISSING:
+                continue
             for m in models:
                 accs[m] += got[m]['accs']
         rows.append(f'| {name} | ' + ' | '.join(fmt(accs[m]) for m in models) + ' |')
@@ -240,8 +253,8 @@ def plot_images(study: Study, ipc: int, path: str) -> None:
         recipe, flags = METHODS[name]
         run = study.run(recipe, flags, ipc, 0)
         ax.axis('off')
-        if run.get('diverged'):
-            ax.set_title(f'{name}: diverged')
+        if run.get('diverged') or run is MISSING:
+            ax.set_title(f"{name}: {'diverged' if run.get('diverged') else 'not run yet'}")
             continue
         images = torch.load(run_file(run['run_dir'], CHECKPOINT_FILE), weights_only=True)['images']
         grid = make_grid(data.to_pixels(images), nrow=ipc, padding=1, pad_value=1.0)
@@ -262,18 +275,21 @@ def run(root: str, data_path: str, *, seeds: int = 3, num_eval: int = 5, ipcs: t
         iterations: dict[int, int] = ITERATIONS, experts: list[str] = EXPERTS, eval_epochs: int = EVAL_EPOCHS,
         valid: int = VALID, grid: dict = GRID, cross_models: list[str] = CROSS_MODELS,
         cross_epochs: int = EVAL_EPOCHS, cross_ipc: int = CROSS_IPC,
-        worker: tuple[int, int] | None = None) -> dict[str, str]:
+        worker: tuple[int, int] | None = None, from_cache: bool = False) -> dict[str, str]:
     """Every table (also written to root/<name>.md) and picture of the study; returns {name: markdown}.
 
     worker=(k, n): only the k-th of n shares of the distillations (grid points, then the methods and ablation
     runs), for n processes sharing root's cache (one per core or GPU); no tables. A run without a worker
-    then writes the tables from the cache."""
+    then writes the tables from the cache. from_cache: compute nothing, write the tables from what the cache
+    holds (a cell short of runs says how many seeds it has; an unfinished grid's choice is provisional)."""
     os.makedirs(root, exist_ok=True)
     study = Study(root, seeds, num_eval, {i: iterations[i] for i in ipcs},
-                  setting=setting(data_path, experts, eval_epochs, valid), base={i: list(FIXED) for i in ipcs})
+                  setting=setting(data_path, experts, eval_epochs, valid), base={i: list(FIXED) for i in ipcs},
+                  from_cache=from_cache)
     header = (f"Fashion-MNIST, ConvNetW32, {valid:,} training images held out for validation; experts "
               f"{' '.join(experts)} per recipe; final images scored by {num_eval} networks (MTT's evaluation, "
-              f"E = {eval_epochs}); mean ± std over {seeds} distillation seeds x {num_eval} networks.")
+              f"E = {eval_epochs}); mean ± std over {seeds} distillation seeds x {num_eval} networks."
+              + (" **A progress report** (`--from_cache`): cells show the runs done so far." if from_cache else ''))
     if worker:
         for ipc in ipcs:
             study.base[ipc] = list(FIXED) + choose(study, ipc, grid, worker)[0]

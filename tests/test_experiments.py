@@ -117,3 +117,29 @@ def test_study_processes_sharing_a_cache_keep_each_others_results(tmp_path):
     with open(tmp_path / 'cache.json') as f:
         assert json.load(f) == {'["a"]': {'v': 1}, '["b"]': {'v': 2}}
     assert experiments.Study(str(tmp_path), 1, 1, {1: 1}).cache == {'["a"]': {'v': 1}, '["b"]': {'v': 2}}
+
+
+def test_fmnist_from_cache_reports_progress_and_computes_nothing(tmp_path, monkeypatch):
+    """After one of two workers, --from_cache writes every table without running anything: the other
+    worker's cells say 'not run yet', the first worker's cells hold its accuracies."""
+    import buffer
+    import distill
+    data, root = tmp_path / 'fashion', tmp_path / 'study'
+    data.mkdir()
+    write_fashion_idx(str(data))
+    argv = ['fmnist', '--smoke', '--data_path', str(data), '--root', str(root)]
+    experiments.main(argv + ['--worker', '0/2'])
+    before = (root / 'cache.json').read_text()
+    monkeypatch.setattr(distill, 'main', lambda a: pytest.fail(f'--from_cache ran a distillation: {a}'))
+    monkeypatch.setattr(buffer, 'main', lambda a: pytest.fail(f'--from_cache trained experts: {a}'))
+    experiments.main(argv + ['--from_cache'])
+    assert (root / 'cache.json').read_text() == before
+    methods = (root / 'methods.md').read_text()
+    assert 'progress report' in methods and 'not run yet' in methods
+    cells = [c.strip() for line in methods.splitlines() if line.startswith('| M') or line.startswith('| A')
+             for c in line.split('|')[2:-1]]
+    done = [c for c in cells if c != 'not run yet']
+    assert done and all(0 < float(c.split(' ± ')[0]) <= 100 for c in done)
+    assert 'not run yet' in (root / 'baselines.md').read_text()  # baselines are not a worker's job
+    with pytest.raises(SystemExit):
+        experiments.main(argv + ['--from_cache', '--worker', '0/2'])
