@@ -50,6 +50,10 @@ def test_fmnist_smoke_writes_every_table_and_picture(smoke):
     assert len(cells) == 8 and all(0 < float(c.split(' ± ')[0]) <= 100 for c in cells)
     ablation = (root / 'ablation.md').read_text()
     assert '+ weight perturbation' in ablation and '- K-Means init' in ablation and '- smooth experts' in ablation
+    cross = (root / 'cross_architecture.md').read_text()  # one cached entry per (seed, model)
+    cells = [c.strip() for line in cross.splitlines() if line.startswith(('| MTT', '| AST'))
+             for c in line.split('|')[2:-1]]
+    assert len(cells) == 4 and all(0 < float(c.split(' ± ')[0]) <= 100 for c in cells)
     chosen = json.loads((root / 'chosen.json').read_text())
     assert set(chosen) == {'1', '2'} and all('--max_start_epoch' in v for v in chosen.values())
 
