@@ -87,6 +87,17 @@ class Setting:
 DIGITS = Setting('Digits', 'ConvNetD2')
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (claims name processes of the machine the cache is on)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
 class Study:
     def __init__(self, root: str, seeds: int, num_eval: int, iterations: dict[int, int],
                  setting: Setting = DIGITS, base: dict[int, list[str]] | None = None, from_cache: bool = False):
@@ -99,6 +110,7 @@ class Study:
         self._merge_file()
         self._trained: set[str] = set()
         self._data = None
+        self.claim_poll_s = 30.0  # how often a process waiting on another's claim rereads the cache
 
     def buffers(self, recipe: str) -> str:
         """The recipe's buffer path; buffer.py runs once per recipe (it skips experts on disk anyway)."""
@@ -128,20 +140,62 @@ class Study:
 
         Several study processes may share one cache (one per core or GPU, each given its own runs): a miss
         first rereads the file, and a result is merged into the file's current contents under a lock, so no
-        process overwrites what another one wrote meanwhile."""
+        process overwrites what another one wrote meanwhile. While a process computes a key it holds a claim
+        on it (cache.json.claims: key -> pid); another process that needs that key waits for the result
+        instead of computing it twice. A claim whose process is gone (killed worker) is taken over."""
         k = json.dumps(key)
         if k not in self.cache:
             self._merge_file()
         if k not in self.cache and self.from_cache:
             return MISSING
-        if k not in self.cache:
-            value = compute()
-            with open(self.cache_path + '.lock', 'a') as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        waited = False
+        while k not in self.cache:
+            with self._locked():
                 self._merge_file()
-                self.cache[k] = value
-                atomic_write_json(self.cache, self.cache_path)
+                if k in self.cache:
+                    break
+                claims = self._claims()
+                holder = claims.get(k)
+                if holder is None or holder == os.getpid() or not _alive(holder):
+                    claims[k] = os.getpid()
+                    atomic_write_json(claims, self.cache_path + '.claims')
+                    holder = None
+            if holder is None:
+                try:
+                    value = compute()
+                except BaseException:
+                    self._unclaim(k)
+                    raise
+                with self._locked():
+                    self._merge_file()
+                    self.cache[k] = value
+                    atomic_write_json(self.cache, self.cache_path)
+                self._unclaim(k)
+                break
+            if not waited:
+                print(f'waiting for process {holder}, which is computing {k}', flush=True)
+                waited = True
+            time.sleep(self.claim_poll_s)
         return self.cache[k]
+
+    def _locked(self):
+        """An exclusive lock on the cache (released when the returned file closes)."""
+        lock = open(self.cache_path + '.lock', 'a')
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return lock
+
+    def _unclaim(self, k: str) -> None:
+        with self._locked():
+            claims = self._claims()
+            claims.pop(k, None)
+            atomic_write_json(claims, self.cache_path + '.claims')
+
+    def _claims(self) -> dict:
+        path = self.cache_path + '.claims'
+        if not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
 
     def _merge_file(self) -> None:
         if os.path.exists(self.cache_path):

@@ -123,6 +123,41 @@ def test_study_processes_sharing_a_cache_keep_each_others_results(tmp_path):
     assert experiments.Study(str(tmp_path), 1, 1, {1: 1}).cache == {'["a"]': {'v': 1}, '["b"]': {'v': 2}}
 
 
+def test_a_key_claimed_by_a_live_process_is_waited_for_not_computed_twice(tmp_path):
+    """While another live process holds the claim on a key, cached() waits and returns that process's
+    result; a claim left by a dead process is taken over; a failed compute leaves no claim behind."""
+    import subprocess
+    import threading
+    from utils import atomic_write_json
+    study = experiments.Study(str(tmp_path), 1, 1, {1: 1})
+    study.claim_poll_s = 0.05
+    claims = tmp_path / 'cache.json.claims'
+    holder = subprocess.Popen(['sleep', '60'])
+    try:
+        claims.write_text(json.dumps({'["k"]': holder.pid}))
+        finish = threading.Timer(0.5, lambda: atomic_write_json({'["k"]': {'v': 'theirs'}}, str(tmp_path / 'cache.json')))
+        finish.start()
+        assert study.cached(['k'], lambda: pytest.fail('computed a key another process holds')) == {'v': 'theirs'}
+        finish.join()
+    finally:
+        holder.kill()
+        holder.wait()
+    claims.write_text(json.dumps({'["d"]': holder.pid}))  # that process has exited
+    seen = []
+
+    def compute():
+        seen.append(json.loads(claims.read_text()))
+        return {'v': 'mine'}
+    assert study.cached(['d'], compute) == {'v': 'mine'}
+    assert seen == [{'["d"]': os.getpid()}] and json.loads(claims.read_text()) == {}
+
+    def boom():
+        raise ValueError('broken run')
+    with pytest.raises(ValueError):
+        study.cached(['e'], boom)
+    assert json.loads(claims.read_text()) == {} and '["e"]' not in json.loads((tmp_path / 'cache.json').read_text())
+
+
 def test_fmnist_from_cache_reports_progress_and_computes_nothing(tmp_path, monkeypatch):
     """After one of two workers, --from_cache writes every table without running anything: the other
     worker's cells say 'not run yet', the first worker's cells hold its accuracies."""
