@@ -135,14 +135,15 @@ class Study:
         metas = [read_meta(folder, i) for i in range(len(expert_files(folder)))]
         return {'avg_var': [m['avg_var'] for m in metas], 'test_acc': [m['test_acc'] for m in metas]}
 
-    def cached(self, key: list, compute) -> dict:
+    def cached(self, key: list, compute, wait: bool = True) -> dict:
         """compute() once per key, kept in cache.json (an interrupted study resumes where it stopped).
 
         Several study processes may share one cache (one per core or GPU, each given its own runs): a miss
         first rereads the file, and a result is merged into the file's current contents under a lock, so no
         process overwrites what another one wrote meanwhile. While a process computes a key it holds a claim
         on it (cache.json.claims: key -> pid); another process that needs that key waits for the result
-        instead of computing it twice. A claim whose process is gone (killed worker) is taken over."""
+        instead of computing it twice (wait=False: returns MISSING at once, to go and compute something else). A
+        claim whose process is gone (killed worker) is taken over."""
         k = json.dumps(key)
         if k not in self.cache:
             self._merge_file()
@@ -172,6 +173,8 @@ class Study:
                     atomic_write_json(self.cache, self.cache_path)
                 self._unclaim(k)
                 break
+            if not wait:
+                return MISSING
             if not waited:
                 print(f'waiting for process {holder}, which is computing {k}', flush=True)
                 waited = True
@@ -212,13 +215,14 @@ class Study:
         """The seed of the first network scoring distillation seed `seed` (see Setting.eval_seed_stride)."""
         return first + self.setting.eval_seed_stride * seed
 
-    def run(self, recipe: str, flags: list[str], ipc: int, seed: int) -> dict:
-        """One distillation (cached): the final images' scores, and the in-loop curve."""
+    def run(self, recipe: str, flags: list[str], ipc: int, seed: int, wait: bool = True) -> dict:
+        """One distillation (cached): the final images' scores, and the in-loop curve. wait=False: MISSING
+        while another process is computing it."""
         full = self.base[ipc] + flags
         # Digits' keys (results/cache.json) hold only the flags on top of BASE, as they always have
         key_flags = flags if self.setting == DIGITS else full
         return self.cached(self.key(recipe, key_flags, ipc, seed, self.iterations[ipc]),
-                           lambda: self._one(recipe, full, ipc, seed))
+                           lambda: self._one(recipe, full, ipc, seed), wait)
 
     def runs(self, recipe: str, flags: list[str], ipc: int, seeds: int | None = None) -> list[dict]:
         return [self.run(recipe, flags, ipc, seed) for seed in range(seeds or self.seeds)]
@@ -379,8 +383,9 @@ def main(argv=None):
                    help='fmnist: a seconds-long pass of the whole study (2 tiny experts, a few iterations), for CI')
     p.add_argument('--ipcs', type=int, nargs='+', default=[1, 10], help='fmnist: the ipcs of the tables')
     p.add_argument('--worker', type=worker_share, default=None, metavar='K/N',
-                   help='fmnist: run only the K-th of N shares of the distillations (N processes, one per core '
-                        'or GPU, sharing the cache; K counts from 0), no tables; then run without --worker')
+                   help='fmnist: run the K-th of N shares of the distillations, then any run no other process '
+                        'has started (N processes, one per core or GPU, sharing the cache; K counts from 0), '
+                        'no tables; then run without --worker')
     p.add_argument('--from_cache', action='store_true',
                    help='fmnist: compute nothing; write the tables from what the cache holds so far (a progress '
                         'report: cells short of runs say how many seeds they have)')

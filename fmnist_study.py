@@ -77,12 +77,20 @@ def grid_points(grid: dict) -> list[list[str]]:
     return [[x for k, v in zip(keys, values) for x in (f'--{k}', v)] for values in itertools.product(*grid.values())]
 
 
+def share_first(items: list, worker: tuple[int, int]) -> list:
+    """Worker k of n's share (every n-th item from the k-th), then the other items: a worker that finishes its
+    share takes on the runs no process has started (Study.run(wait=False) skips those another one holds)."""
+    k, n = worker
+    mine = items[k::n]
+    return mine + [item for i, item in enumerate(items) if i % n != k]
+
+
 def choose(study: Study, ipc: int, grid: dict, worker: tuple[int, int] = (0, 1)) -> tuple[list[str], str]:
     """MTT's flags with the best mean validation accuracy (seed 0), and the grid's table. A worker k of n
-    first runs every n-th grid point from the k-th (the others come from the shared cache, or are run here)."""
-    k, n = worker
-    for point in grid_points(grid)[k::n]:
-        study.run(MTT, point, ipc, 0)
+    runs every n-th grid point from the k-th, then any other point no process has started yet, then waits
+    for the points other processes are computing."""
+    for point in share_first(grid_points(grid), worker):
+        study.run(MTT, point, ipc, 0, wait=False)
     rows = ['| ' + ' | '.join(grid) + ' | validation acc % (seed 0) |', '|' + ' --- |' * (len(grid) + 1)]
     best, best_acc, missing = None, -1.0, 0
     for point in grid_points(grid):
@@ -284,8 +292,9 @@ def run(root: str, data_path: str, *, seeds: int = 3, num_eval: int = 5, ipcs: t
         worker: tuple[int, int] | None = None, from_cache: bool = False) -> dict[str, str]:
     """Every table (also written to root/<name>.md) and picture of the study; returns {name: markdown}.
 
-    worker=(k, n): only the k-th of n shares of the distillations (grid points, then the methods and ablation
-    runs), for n processes sharing root's cache (one per core or GPU); no tables. A run without a worker
+    worker=(k, n): the k-th of n shares of the distillations first (grid points, then the methods and ablation
+    runs), then whatever no other process has started, for n processes sharing root's cache (one per core or
+    GPU); no tables. A run without a worker
     then writes the tables from the cache. from_cache: compute nothing, write the tables from what the cache
     holds (a cell short of runs says how many seeds it has; an unfinished grid's choice is provisional)."""
     os.makedirs(root, exist_ok=True)
@@ -299,9 +308,8 @@ def run(root: str, data_path: str, *, seeds: int = 3, num_eval: int = 5, ipcs: t
     if worker:
         for ipc in ipcs:
             study.base[ipc] = list(FIXED) + choose(study, ipc, grid, worker)[0]
-        k, n = worker
-        for recipe, flags, ipc, seed in distillations(list(ipcs), seeds)[k::n]:
-            study.run(recipe, flags, ipc, seed)
+        for recipe, flags, ipc, seed in share_first(distillations(list(ipcs), seeds), worker):
+            study.run(recipe, flags, ipc, seed, wait=False)
         return {}
     tables = {'smoothness': smoothness(study)}
     chosen, grids = {}, []

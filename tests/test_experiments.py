@@ -71,20 +71,43 @@ def test_fmnist_smoke_choices_are_made_on_validation_and_runs_are_cached(smoke):
     assert len(json.loads((root / 'cache.json').read_text())) == before  # nothing new was computed
 
 
-def test_fmnist_workers_split_the_distillations_and_leave_none_to_the_tables(tmp_path, monkeypatch):
-    """Two --worker shares run disjoint distillations and write no tables; the run without --worker then
-    writes every table from the cache alone (distill.main would fail the test)."""
+RECORD_DISTILL_CALLS = """
+import json, sys
+import distill, experiments
+real = distill.main
+def record(argv):
+    with open(sys.argv[1], 'a') as f:
+        f.write(json.dumps(argv) + '\\n')
+    return real(argv)
+distill.main = record
+experiments.main(sys.argv[2:])
+"""
+
+
+def test_fmnist_workers_at_once_run_each_distillation_once_and_leave_none_to_the_tables(tmp_path, monkeypatch):
+    """Two --worker processes at the same time: every distillation runs once in all (a worker that is done
+    with its share takes runs nobody started, and waits for those another one holds), no tables are written,
+    and the run without --worker then writes every table from the cache alone."""
+    import subprocess
+    import sys
     import distill
+    import fmnist_study
+    assert fmnist_study.share_first(list('abcde'), (1, 2)) == list('bdace')
     data, root = tmp_path / 'fashion', tmp_path / 'study'
     data.mkdir()
     write_fashion_idx(str(data))
-    real, calls = distill.main, {0: [], 1: []}
     argv = ['fmnist', '--smoke', '--data_path', str(data), '--root', str(root)]
-    for k in (0, 1):
-        monkeypatch.setattr(distill, 'main', lambda a, k=k: calls[k].append(tuple(a)) or real(a))
-        experiments.main(argv + ['--worker', f'{k}/2'])
-    assert calls[0] and calls[1] and not set(calls[0]) & set(calls[1])
-    assert not (root / 'methods.md').exists()
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), OMP_NUM_THREADS='1')
+    workers = [subprocess.Popen([sys.executable, '-c', RECORD_DISTILL_CALLS, str(tmp_path / f'calls{k}'),
+                                 *argv, '--worker', f'{k}/2'], env=env, stdout=subprocess.DEVNULL)
+               for k in (0, 1)]
+    assert [w.wait(timeout=900) for w in workers] == [0, 0]
+    calls = [(tmp_path / f'calls{k}').read_text().splitlines() if (tmp_path / f'calls{k}').exists() else []
+             for k in (0, 1)]
+    with open(root / 'cache.json') as f:
+        runs = [k for k in json.load(f) if json.loads(k)[0] in fmnist_study.RECIPES]
+    assert len(calls[0]) + len(calls[1]) == len(runs) > 0
+    assert not (root / 'methods.md').exists() and not (root / 'cache.json.claims').read_text().strip('{}\n ')
     monkeypatch.setattr(distill, 'main', lambda a: pytest.fail(f'a table needed a run no worker made: {a}'))
     experiments.main(argv)
     assert '+ weight perturbation' in (root / 'ablation.md').read_text()
@@ -135,6 +158,7 @@ def test_a_key_claimed_by_a_live_process_is_waited_for_not_computed_twice(tmp_pa
     holder = subprocess.Popen(['sleep', '60'])
     try:
         claims.write_text(json.dumps({'["k"]': holder.pid}))
+        assert study.cached(['k'], lambda: pytest.fail('computed'), wait=False) is experiments.MISSING
         finish = threading.Timer(0.5, lambda: atomic_write_json({'["k"]': {'v': 'theirs'}}, str(tmp_path / 'cache.json')))
         finish.start()
         assert study.cached(['k'], lambda: pytest.fail('computed a key another process holds')) == {'v': 'theirs'}
