@@ -259,13 +259,15 @@ class Study:
         return {**out, 'run_dir': run_dir, 'distill_seconds': seconds, 'curve': curve(run_dir, s.model)}
 
     def evaluate(self, images, labels, lr: float, seed: int, models: list[str] | None = None,
-                 epochs: int | None = None) -> dict:
-        """num_eval fresh networks trained on the set: test (and, with a split, validation) accuracies."""
+                 epochs: int | None = None, num_eval: int | None = None) -> dict:
+        """num_eval fresh networks trained on the set (network i seeded seed + i): test (and, with a split,
+        validation) accuracies."""
         data = self.data()
         val = (data.images_val, data.labels_val) if data.images_val is not None else None
         results = evaluate_set(models or [self.setting.model], (data.channel, data.num_classes, data.im_size),
                                images, labels, data.images_test, data.labels_test, lr=lr,
-                               epochs=epochs or self.setting.eval_epochs, num_eval=self.num_eval, seed=seed, val=val)
+                               epochs=epochs or self.setting.eval_epochs, num_eval=num_eval or self.num_eval,
+                               seed=seed, val=val)
         if models:
             return {r.model: {'accs': r.accs, 'val_accs': r.val_accs} for r in results}
         return {'accs': results[0].accs, 'val_accs': results[0].val_accs}
@@ -280,11 +282,11 @@ def curve(run_dir: str, model: str) -> list[list]:
 
 
 def fmt(values: list[float], scale: float = 100.0, digits: int = 2, diverged: int = 0,
-        missing: int = 0, runs: int = 0) -> str:
+        missing: int = 0, runs: int = 0, unit: str = 'seeds') -> str:
     """mean ± std (population) of values; with missing of runs not in the cache, says how many are."""
     note = f' ({diverged} run(s) diverged)' if diverged else ''
     if missing:
-        note += f' ({runs - missing} of {runs} seeds so far)'
+        note += f' ({runs - missing} of {runs} {unit} so far)'
     if not values:
         return 'not run yet' if missing == runs and missing else 'diverged' + note
     m = sum(values) / len(values)

@@ -200,30 +200,42 @@ def distillations(ipcs: list[int], seeds: int) -> list[tuple[str, list[str], int
     return [(recipe, list(flags), ipc, seed) for ipc in ipcs for recipe, flags in unique for seed in range(seeds)]
 
 
+def cross_jobs(study: Study, ipc: int, models: list[str], epochs: int) -> list[tuple[str, str, list, object]]:
+    """[(set, model, cache key, compute)]: one entry per scoring network of each MTT and AST run that did not
+    diverge (network i of seed s seeded 20_000 + 100 s + i), the cheap models first; a run not in the cache
+    yet (from_cache) has none."""
+    jobs = []
+    for m in models:
+        for name in ('MTT', 'AST'):
+            recipe, flags = METHODS[name]
+            for seed, run in enumerate(study.runs(recipe, flags, ipc)):
+                if run is MISSING or run.get('diverged'):
+                    continue
+                for i in range(study.num_eval):
+                    def compute(run=run, seed=seed, m=m, i=i):
+                        ckpt = torch.load(run_file(run['run_dir'], CHECKPOINT_FILE), weights_only=True)
+                        return study.evaluate(ckpt['images'], ckpt['labels'], float(ckpt['syn_lr']), models=[m],
+                                              seed=study.eval_seed(seed, 20_000) + i, epochs=epochs, num_eval=1)[m]
+                    jobs.append((name, m, study.key('cross', name, ipc, seed, m, epochs, 'network', i), compute))
+    return jobs
+
+
 def cross_architecture(study: Study, ipc: int, models: list[str], epochs: int) -> str:
-    """The MTT and AST sets scored on other networks; one cached entry per (seed, model), so the cheap
-    models' cells fill in first."""
+    """The MTT and AST sets scored on other networks; one cached entry per network, so the cheap models'
+    cells fill in first and workers can share a model's networks."""
+    jobs = cross_jobs(study, ipc, models, epochs)
     rows = ['| set (ipc %d) | ' % ipc + ' | '.join(models) + ' |', '| --- |' + ' --- |' * len(models)]
     for name in ('MTT', 'AST'):
         recipe, flags = METHODS[name]
         runs = study.runs(recipe, flags, ipc)
+        diverged = sum(bool(r.get('diverged')) for r in runs)
+        networks = (study.seeds - diverged) * study.num_eval
         cells = []
         for m in models:
-            accs, missing = [], 0
-            for seed, run in enumerate(runs):
-                if run.get('diverged'):
-                    continue
-
-                def compute(run=run, seed=seed, m=m):
-                    ckpt = torch.load(run_file(run['run_dir'], CHECKPOINT_FILE), weights_only=True)
-                    return study.evaluate(ckpt['images'], ckpt['labels'], float(ckpt['syn_lr']),
-                                          seed=study.eval_seed(seed, 20_000), models=[m], epochs=epochs)[m]
-                got = MISSING if run is MISSING else study.cached(study.key('cross', name, ipc, seed, m, epochs),
-                                                                 compute)
-                accs += got.get('accs', [])
-                missing += got is MISSING
-            cells.append(fmt(accs, diverged=sum(bool(r.get('diverged')) for r in runs), missing=missing,
-                             runs=study.seeds))
+            got = [study.cached(key, compute) for set_, model, key, compute in jobs if (set_, model) == (name, m)]
+            accs = [a for g in got for a in g.get('accs', [])]
+            missing = networks - len(accs)
+            cells.append(fmt(accs, diverged=diverged, missing=missing, runs=networks, unit='networks'))
         rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(rows) + f"\n\nEach network trains {epochs + 1} epochs (MTT's schedule) with the set's learned lr."
 
@@ -293,7 +305,7 @@ def run(root: str, data_path: str, *, seeds: int = 3, num_eval: int = 5, ipcs: t
     """Every table (also written to root/<name>.md) and picture of the study; returns {name: markdown}.
 
     worker=(k, n): the k-th of n shares of the distillations first (grid points, then the methods and ablation
-    runs), then whatever no other process has started, for n processes sharing root's cache (one per core or
+    runs, then the cross-architecture networks), then whatever no other process has started, for n processes sharing root's cache (one per core or
     GPU); no tables. A run without a worker
     then writes the tables from the cache. from_cache: compute nothing, write the tables from what the cache
     holds (a cell short of runs says how many seeds it has; an unfinished grid's choice is provisional)."""
@@ -310,6 +322,9 @@ def run(root: str, data_path: str, *, seeds: int = 3, num_eval: int = 5, ipcs: t
             study.base[ipc] = list(FIXED) + choose(study, ipc, grid, worker)[0]
         for recipe, flags, ipc, seed in share_first(distillations(list(ipcs), seeds), worker):
             study.run(recipe, flags, ipc, seed, wait=False)
+        if cross_ipc in ipcs:  # once every MTT and AST set exists (waiting for those another worker holds)
+            for _, _, key, compute in share_first(cross_jobs(study, cross_ipc, cross_models, cross_epochs), worker):
+                study.cached(key, compute, wait=False)
         return {}
     tables = {'smoothness': smoothness(study)}
     chosen, grids = {}, []

@@ -108,9 +108,14 @@ def test_fmnist_workers_at_once_run_each_distillation_once_and_leave_none_to_the
         runs = [k for k in json.load(f) if json.loads(k)[0] in fmnist_study.RECIPES]
     assert len(calls[0]) + len(calls[1]) == len(runs) > 0
     assert not (root / 'methods.md').exists() and not (root / 'cache.json.claims').read_text().strip('{}\n ')
+    def cross_keys():
+        with open(root / 'cache.json') as f:
+            return {k for k in json.load(f) if json.loads(k)[0] == 'cross'}
+    by_workers = cross_keys()
     monkeypatch.setattr(distill, 'main', lambda a: pytest.fail(f'a table needed a run no worker made: {a}'))
     experiments.main(argv)
     assert '+ weight perturbation' in (root / 'ablation.md').read_text()
+    assert by_workers and cross_keys() == by_workers  # the workers scored every cross-architecture network
 
 
 def test_worker_and_ipcs_flags_refuse_what_they_cannot_do(capsys):
