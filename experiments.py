@@ -13,6 +13,7 @@ results/cache.json, so an interrupted study resumes where it stopped.
 """
 import argparse
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from data import load_dataset
 from evaluation import evaluate_set
 from runlog import CHECKPOINT_FILE, METRICS_FILE, run_file
 from trajectory_io import buffer_dir, expert_files, read_meta
-from utils import atomic_write_json
+from utils import atomic_torch_save, atomic_write_json
 
 # ---------------------------------------------------------------- settings (Digits, CPU)
 
@@ -215,14 +216,16 @@ class Study:
         """The seed of the first network scoring distillation seed `seed` (see Setting.eval_seed_stride)."""
         return first + self.setting.eval_seed_stride * seed
 
+    def run_key(self, recipe: str, flags: list[str], ipc: int, seed: int) -> list:
+        # Digits' keys (results/cache.json) hold only the flags on top of BASE, as they always have
+        key_flags = flags if self.setting == DIGITS else self.base[ipc] + flags
+        return self.key(recipe, key_flags, ipc, seed, self.iterations[ipc])
+
     def run(self, recipe: str, flags: list[str], ipc: int, seed: int, wait: bool = True) -> dict:
         """One distillation (cached): the final images' scores, and the in-loop curve. wait=False: MISSING
         while another process is computing it."""
-        full = self.base[ipc] + flags
-        # Digits' keys (results/cache.json) hold only the flags on top of BASE, as they always have
-        key_flags = flags if self.setting == DIGITS else full
-        return self.cached(self.key(recipe, key_flags, ipc, seed, self.iterations[ipc]),
-                           lambda: self._one(recipe, full, ipc, seed), wait)
+        key = self.run_key(recipe, flags, ipc, seed)
+        return self.cached(key, lambda: self._one(recipe, self.base[ipc] + flags, ipc, seed, key), wait)
 
     def runs(self, recipe: str, flags: list[str], ipc: int, seeds: int | None = None) -> list[dict]:
         return [self.run(recipe, flags, ipc, seed) for seed in range(seeds or self.seeds)]
@@ -237,26 +240,87 @@ class Study:
         """How many of the cell's runs are not in the cache (from_cache only; otherwise they are computed)."""
         return sum(r is MISSING for r in self.runs(recipe, flags, ipc, seeds))
 
-    def _one(self, recipe: str, flags: list[str], ipc: int, seed: int) -> dict:
+    def _distill(self, recipe: str, flags: list[str], ipc: int, seed: int) -> str | None:
+        """distill.py with the study's flags; its run folder, or None if it diverged."""
         s = self.setting
         buffers = self.buffers(recipe)
         if '--mct' in flags:
             compress_buffers.main(['--buffer_path', buffers, '--dataset', s.dataset, '--model', s.model])
         iters = self.iterations[ipc]
         every = max(1, iters // s.curve_points) if s.curve_points else iters
-        start = time.time()
         try:
-            run_dir = distill.main(['--dataset', s.dataset, '--model', s.model, *s.data, *flags, '--ipc', str(ipc),
-                                    '--seed', str(seed), '--Iteration', str(iters), '--eval_it', str(every),
-                                    '--num_eval', '1', '--epoch_eval_train', str(s.eval_epochs),
-                                    '--buffer_path', buffers, '--run_dir', os.path.join(self.root, 'runs'),
-                                    '--wandb', 'disabled'])
+            return distill.main(['--dataset', s.dataset, '--model', s.model, *s.data, *flags, '--ipc', str(ipc),
+                                 '--seed', str(seed), '--Iteration', str(iters), '--eval_it', str(every),
+                                 '--num_eval', '1', '--epoch_eval_train', str(s.eval_epochs),
+                                 '--buffer_path', buffers, '--run_dir', os.path.join(self.root, 'runs'),
+                                 '--wandb', 'disabled'])
         except SystemExit:  # distill stops after --max_skips non-finite losses in a row: report it, go on
-            return {'accs': [], 'diverged': True, 'distill_seconds': time.time() - start}
+            return None
+
+    def _one(self, recipe: str, flags: list[str], ipc: int, seed: int, key: list) -> dict:
+        start = time.time()
+        run_dir = self._distill(recipe, flags, ipc, seed)
         seconds = time.time() - start
-        ckpt = torch.load(run_file(run_dir, CHECKPOINT_FILE), weights_only=True)
+        if run_dir is None:
+            return {'accs': [], 'diverged': True, 'distill_seconds': seconds}
+        ckpt = self._save_set(key, run_dir)
         out = self.evaluate(ckpt['images'], ckpt['labels'], float(ckpt['syn_lr']), seed=self.eval_seed(seed))
-        return {**out, 'run_dir': run_dir, 'distill_seconds': seconds, 'curve': curve(run_dir, s.model)}
+        return {**out, 'run_dir': run_dir, 'distill_seconds': seconds, 'curve': curve(run_dir, self.setting.model)}
+
+    # ------------------------------------------------ final sets, kept beside the cache
+
+    def set_path(self, key: list) -> str:
+        """root/sets/<digest of the run's cache key>.pt: the run's final set. Small (ipc 10 on 28x28: 0.3 MB),
+        so it is kept with cache.json in git, unlike the run folder, which a fresh machine does not have."""
+        return os.path.join(self.root, 'sets', hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16] + '.pt')
+
+    def _save_set(self, key: list, run_dir: str) -> dict:
+        ckpt = torch.load(run_file(run_dir, CHECKPOINT_FILE), weights_only=True)
+        final = {'images': ckpt['images'], 'labels': ckpt['labels'], 'syn_lr': ckpt['syn_lr'],
+                 'key': json.dumps(key), 'run_dir': run_dir}
+        atomic_torch_save(final, self.set_path(key))
+        return final
+
+    def final_set(self, recipe: str, flags: list[str], ipc: int, seed: int, wait: bool = True) -> dict | None:
+        """The run's final {'images', 'labels', 'syn_lr'}; None if it diverged, or if it is not at hand and
+        this study computes nothing (from_cache) or another process is recovering it (wait=False). A run
+        cached before sets were kept is recovered from its run folder or, where that is gone, distilled
+        again with the same flags and seed; whether that reproduced the cached in-loop curve exactly is
+        kept in the cache under ['set', *key] (recovered_sets() reports it)."""
+        run = self.run(recipe, flags, ipc, seed, wait=wait)
+        if run is MISSING or run.get('diverged'):
+            return None
+        key = self.run_key(recipe, flags, ipc, seed)
+        if not os.path.exists(self.set_path(key)):
+            if self.from_cache:
+                return None
+            got = self.cached(['set', *key], lambda: self._recover_set(recipe, flags, ipc, seed, key, run), wait)
+            if got is MISSING:
+                return None
+        return torch.load(self.set_path(key), weights_only=True)
+
+    def _recover_set(self, recipe: str, flags: list[str], ipc: int, seed: int, key: list, run: dict) -> dict:
+        old = run.get('run_dir')
+        if old and os.path.exists(run_file(old, CHECKPOINT_FILE)):
+            self._save_set(key, old)
+            return {'from': old, 'distilled_again': False}
+        start = time.time()
+        run_dir = self._distill(recipe, self.base[ipc] + flags, ipc, seed)
+        if run_dir is None:
+            raise RuntimeError(f'{key}: the cached run finished, but distilling it again diverged; the cached '
+                               f'scores belong to images that cannot be recovered (see {self.cache_path})')
+        self._save_set(key, run_dir)
+        same = curve(run_dir, self.setting.model) == run.get('curve')
+        if not same:
+            print(f'warning: {run_dir} did not reproduce the cached in-loop curve of {old}: its final set is '
+                  f'not bit for bit the one the cache scored', flush=True)
+        return {'from': run_dir, 'distilled_again': True, 'same_curve': same, 'distill_seconds': time.time() - start}
+
+    def recovered_sets(self, keys: list[list]) -> dict[str, int]:
+        """Of these runs' sets: how many were distilled again, and how many of those reproduced their curve."""
+        got = [self.cache.get(json.dumps(['set', *k]), {}) for k in keys]
+        again = [g for g in got if g.get('distilled_again')]
+        return {'distilled_again': len(again), 'same_curve': sum(bool(g.get('same_curve')) for g in again)}
 
     def evaluate(self, images, labels, lr: float, seed: int, models: list[str] | None = None,
                  epochs: int | None = None, num_eval: int | None = None) -> dict:

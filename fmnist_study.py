@@ -21,7 +21,6 @@ import torch
 
 from experiments import AST_ALL, AST_STUDENT, MISSING, Setting, Study, fmt
 from networks import get_network
-from runlog import CHECKPOINT_FILE, run_file
 from synthetic import final_expert_net, init_synthetic
 from trajectory_io import expert_files
 from utils import atomic_write_bytes, atomic_write_json
@@ -212,12 +211,19 @@ def cross_jobs(study: Study, ipc: int, models: list[str], epochs: int) -> list[t
                 if run is MISSING or run.get('diverged'):
                     continue
                 for i in range(study.num_eval):
-                    def compute(run=run, seed=seed, m=m, i=i):
-                        ckpt = torch.load(run_file(run['run_dir'], CHECKPOINT_FILE), weights_only=True)
-                        return study.evaluate(ckpt['images'], ckpt['labels'], float(ckpt['syn_lr']), models=[m],
+                    def compute(recipe=recipe, flags=flags, seed=seed, m=m, i=i):
+                        final = study.final_set(recipe, flags, ipc, seed)
+                        return study.evaluate(final['images'], final['labels'], float(final['syn_lr']), models=[m],
                                               seed=study.eval_seed(seed, 20_000) + i, epochs=epochs, num_eval=1)[m]
                     jobs.append((name, m, study.key('cross', name, ipc, seed, m, epochs, 'network', i), compute))
     return jobs
+
+
+def shown_sets(ipcs: list[int], cross_ipc: int, seeds: int) -> list[tuple[str, list[str], int, int]]:
+    """The runs whose final images the study needs besides their scores: MTT's and AST's seed 0 at every ipc
+    (the image grids) and every seed at the cross-architecture ipc."""
+    return [(*METHODS[name], ipc, seed) for ipc in ipcs for name in ('MTT', 'AST')
+            for seed in range(seeds if ipc == cross_ipc else 1)]
 
 
 def cross_architecture(study: Study, ipc: int, models: list[str], epochs: int) -> str:
@@ -237,7 +243,13 @@ def cross_architecture(study: Study, ipc: int, models: list[str], epochs: int) -
             missing = networks - len(accs)
             cells.append(fmt(accs, diverged=diverged, missing=missing, runs=networks, unit='networks'))
         rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(rows) + f"\n\nEach network trains {epochs + 1} epochs (MTT's schedule) with the set's learned lr."
+    keys = [study.run_key(recipe, flags, ipc, seed) for name in ('MTT', 'AST') for recipe, flags in [METHODS[name]]
+            for seed in range(study.seeds)]
+    again = study.recovered_sets(keys)
+    note = (f" {again['distilled_again']} of these sets were distilled again (same flags and seed; their run folders "
+            f"were gone), and {again['same_curve']} of those reproduced the cached run's in-loop curve exactly."
+            if again['distilled_again'] else '')
+    return '\n'.join(rows) + f"\n\nEach network trains {epochs + 1} epochs (MTT's schedule) with the set's learned lr.{note}"
 
 
 # ---------------------------------------------------------------- pictures
@@ -275,17 +287,22 @@ def plot_images(study: Study, ipc: int, path: str) -> None:
     from torchvision.utils import make_grid
     data = study.data()
     fig, axes = plt.subplots(1, 2, figsize=(2 + 0.9 * ipc * 2, 1 + 0.9 * data.num_classes), squeeze=False)
+    drawn = 0
     for ax, name in zip(axes[0], ('MTT', 'AST')):
         recipe, flags = METHODS[name]
         run = study.run(recipe, flags, ipc, 0)
+        final = study.final_set(recipe, flags, ipc, 0)
         ax.axis('off')
-        if run.get('diverged') or run is MISSING:
-            ax.set_title(f"{name}: {'diverged' if run.get('diverged') else 'not run yet'}")
+        if final is None:
+            ax.set_title(f"{name}: {'diverged' if run.get('diverged') else 'not run yet' if run is MISSING else 'images not at hand'}")
             continue
-        images = torch.load(run_file(run['run_dir'], CHECKPOINT_FILE), weights_only=True)['images']
-        grid = make_grid(data.to_pixels(images), nrow=ipc, padding=1, pad_value=1.0)
+        grid = make_grid(data.to_pixels(final['images']), nrow=ipc, padding=1, pad_value=1.0)
         ax.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), cmap='gray', vmin=0, vmax=1)
         ax.set_title(f'{name}, ipc {ipc}')
+        drawn += 1
+    if not drawn:  # nothing to show (from_cache, sets not kept yet): leave the picture that is there
+        plt.close(fig)
+        return
     step = data.im_size[0] + 1
     axes[0][0].axis('on')
     axes[0][0].set_xticks([])
@@ -322,6 +339,8 @@ def run(root: str, data_path: str, *, seeds: int = 3, num_eval: int = 5, ipcs: t
             study.base[ipc] = list(FIXED) + choose(study, ipc, grid, worker)[0]
         for recipe, flags, ipc, seed in share_first(distillations(list(ipcs), seeds), worker):
             study.run(recipe, flags, ipc, seed, wait=False)
+        for recipe, flags, ipc, seed in share_first(shown_sets(list(ipcs), cross_ipc, seeds), worker):
+            study.final_set(recipe, flags, ipc, seed, wait=False)  # runs cached before sets were kept
         if cross_ipc in ipcs:  # once every MTT and AST set exists (waiting for those another worker holds)
             for _, _, key, compute in share_first(cross_jobs(study, cross_ipc, cross_models, cross_epochs), worker):
                 study.cached(key, compute, wait=False)

@@ -215,3 +215,42 @@ def test_fmnist_from_cache_reports_progress_and_computes_nothing(tmp_path, monke
     assert 'not run yet' in (root / 'baselines.md').read_text()  # baselines are not a worker's job
     with pytest.raises(SystemExit):
         experiments.main(argv + ['--from_cache', '--worker', '0/2'])
+
+
+def test_runs_keep_their_final_sets_and_a_run_whose_folder_is_gone_is_distilled_again_to_the_same_set(
+        smoke, tmp_path, monkeypatch):
+    """Every run keeps its final set in root/sets (kept in git, unlike the run folders). On a machine with the
+    cache but neither sets nor run folders, a worker distills the sets the study shows again (same flags and
+    seed): the same tensors bit for bit, and the cache records that each reproduced its in-loop curve."""
+    import shutil
+    import torch
+    import distill
+    root, data = smoke
+    copy = tmp_path / 'study'
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns('runs', '*.lock', '*.claims'))
+    cache = json.loads((copy / 'cache.json').read_text())
+    finished = {k for k, v in cache.items() if 'curve' in v}
+    sets = {p.name: torch.load(p, weights_only=True) for p in (copy / 'sets').glob('*.pt')}
+    assert finished and {s['key'] for s in sets.values()} == finished  # one set per finished run
+    for s in sets.values():
+        ckpt = torch.load(os.path.join(s['run_dir'], 'checkpoint.pt'), weights_only=True)
+        assert all(torch.equal(s[k], ckpt[k]) for k in ('images', 'labels', 'syn_lr'))
+    shutil.rmtree(copy / 'sets')
+    for v in cache.values():  # a fresh machine: the run folders are gone
+        if 'run_dir' in v:
+            v['run_dir'] = str(tmp_path / 'gone' / os.path.basename(v['run_dir']))
+    (copy / 'cache.json').write_text(json.dumps(cache))
+    argv = ['fmnist', '--smoke', '--data_path', str(data), '--root', str(copy)]
+    experiments.main(argv + ['--worker', '0/1'])
+    recovered = {k: v for k, v in json.loads((copy / 'cache.json').read_text()).items() if json.loads(k)[0] == 'set'}
+    again = {p.name: torch.load(p, weights_only=True) for p in (copy / 'sets').glob('*.pt')}
+    assert recovered and len(again) == len(recovered) < len(sets)  # the shown sets only, not every run's
+    assert all(v['distilled_again'] and v['same_curve'] for v in recovered.values())
+    for name, s in again.items():
+        assert all(torch.equal(s[k], sets[name][k]) for k in ('images', 'labels', 'syn_lr'))
+    monkeypatch.setattr(distill, 'main', lambda a: pytest.fail(f'a table distilled a set again: {a}'))
+    experiments.main(argv)
+    cross = sum(json.loads(k)[3] == 2 for k in recovered)  # the cross-architecture sets (smoke: ipc 2)
+    assert cross and (f'{cross} of these sets were distilled again (same flags and seed; their run folders were '
+                      f"gone), and {cross} of those reproduced the cached run's in-loop curve exactly"
+                      in (copy / 'cross_architecture.md').read_text())
