@@ -3,6 +3,7 @@
     python bench.py                      # everything below
     python bench.py --only distill       # unroll modes x syn_steps x ipc: s/iteration and peak memory
     python bench.py --only expert eval
+    python bench.py --only cross          # minutes per cross-architecture network of the Fashion-MNIST study
     python bench.py --only loop           # a whole distill.py iteration (needs bash buffer.sh's experts)
     python bench.py --only memplan        # memplan.py's predicted peak growth vs measured, both unroll modes
 Distill numbers come from one fresh subprocess per configuration (Digits, ConvNetD2, batch_syn = all),
@@ -278,6 +279,42 @@ def bench_eval(device: str, epochs: int = 1000) -> list[dict]:
     return rows
 
 
+def bench_cross(device: str, ipc: int = 10, epochs: int = 300, test_images: int = 15_000) -> list[dict]:
+    """Minutes per cross-architecture network of the Fashion-MNIST study (fmnist_study.CROSS_MODELS): an
+    ipc-10 set of 1x28x28 images trained E+1 epochs (one step each at batch 256), then `test_images` test
+    and validation images. Timed on short runs of the real evaluation path (evaluation.evaluate_set),
+    projected: seconds per epoch from 10 vs 5 epochs, per 1,000 test images from 2,000 vs 1,000."""
+    from evaluation import evaluate_set
+    from fmnist_study import CROSS_MODELS
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(10 * ipc, 1, 28, 28, generator=gen).to(dev)
+    labels = torch.arange(10).repeat_interleave(ipc).to(dev)
+    test = torch.randn(2000, 1, 28, 28, generator=gen).to(dev), torch.randint(0, 10, (2000,), generator=gen).to(dev)
+    rows = []
+    for model in CROSS_MODELS:
+        def run(e, n):
+            start = time.perf_counter()
+            evaluate_set([model], (1, 10, (28, 28)), images, labels, test[0][:n], test[1][:n], lr=0.01, epochs=e,
+                         num_eval=1, seed=0, progress=False)
+            if dev.type == 'cuda':
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+        run(1, 1000)  # warm-up
+        t5, t10, t5_2k = run(4, 1000), run(9, 1000), run(4, 2000)
+        per_epoch, per_k = max(t10 - t5, 0.0) / 5, max(t5_2k - t5, 0.0)
+        minutes = ((epochs + 1) * per_epoch + test_images / 1000 * per_k) / 60
+        rows.append({'model': model, 'sec_per_epoch': per_epoch, 'sec_per_1000_test': per_k,
+                     'min_per_network': minutes, 'epochs': epochs + 1, 'test_images': test_images})
+        print(f"cross-architecture network ({model}, ipc {ipc}, 1x28x28): {per_epoch:.2f} s/epoch, {per_k:.2f} s "
+              f"per 1,000 test images -> {minutes:.1f} min per network ({epochs + 1} epochs, {test_images:,} "
+              f"images)", flush=True)
+    total = sum(r['min_per_network'] for r in rows)
+    print(f"cross-architecture table (2 sets x 3 seeds x 5 networks per model): {30 * total / 60:.1f} hours on "
+          f"this device, one network at a time", flush=True)
+    return rows
+
+
 def bench_reparam(device: str, calls: int = 2000) -> dict:
     """Overhead of the functional student: ReparamModule(x, flat) minus the module's own call (batch 1)."""
     from networks import get_network
@@ -315,7 +352,7 @@ def bench_loop(device: str, buffer_path: str, iters: int = 20) -> dict:
     return r
 
 
-PARTS = ['distill', 'loop', 'reparam', 'expert', 'eval', 'memplan']
+PARTS = ['distill', 'loop', 'reparam', 'expert', 'eval', 'cross', 'memplan']
 
 
 def main(argv=None):
@@ -356,6 +393,8 @@ def main(argv=None):
         result['expert_stacked'] = bench_expert_stacked(device)
     if 'eval' in args.only:
         result['eval'] = bench_eval(device)
+    if 'cross' in args.only:
+        result['cross'] = bench_cross(device)
     if 'memplan' in args.only:
         result['memplan'] = bench_memplan(device)
     if os.path.exists(args.out):  # the parts not run keep their last results
