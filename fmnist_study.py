@@ -243,8 +243,7 @@ def cross_architecture(study: Study, ipc: int, models: list[str], epochs: int) -
             missing = networks - len(accs)
             cells.append(fmt(accs, diverged=diverged, missing=missing, runs=networks, unit='networks'))
         rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
-    keys = [study.run_key(recipe, flags, ipc, seed) for name in ('MTT', 'AST') for recipe, flags in [METHODS[name]]
-            for seed in range(study.seeds)]
+    keys = [study.run_key(*METHODS[name], ipc, seed) for name in ('MTT', 'AST') for seed in range(study.seeds)]
     again = study.recovered_sets(keys)
     note = (f" {again['distilled_again']} of these sets were distilled again (same flags and seed; their run folders "
             f"were gone), and {again['same_curve']} of those reproduced the cached run's in-loop curve exactly."
