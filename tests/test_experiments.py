@@ -254,3 +254,29 @@ def test_runs_keep_their_final_sets_and_a_run_whose_folder_is_gone_is_distilled_
     assert cross and (f'{cross} of these sets were distilled again (same flags and seed; their run folders were '
                       f"gone), and {cross} of those reproduced the cached run's in-loop curve exactly"
                       in (copy / 'cross_architecture.md').read_text())
+
+
+def test_a_missing_set_whose_run_folder_still_exists_is_copied_from_its_checkpoint_not_distilled_again(
+        smoke, tmp_path, monkeypatch):
+    """Runs cached before sets were kept, on the machine that still has their run folders: the shown sets
+    come from each run's checkpoint (the exact images the cache scored), and nothing is distilled."""
+    import shutil
+    import torch
+    import distill
+    root, data = smoke
+    copy = tmp_path / 'study'
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns('runs', 'sets', '*.lock', '*.claims'))
+    cache = json.loads((copy / 'cache.json').read_text())  # run_dir still names root's run folders
+    monkeypatch.setattr(distill, 'main', lambda a: pytest.fail(f'a set was distilled again: {a}'))
+    experiments.main(['fmnist', '--smoke', '--data_path', str(data), '--root', str(copy), '--worker', '0/1'])
+    recovered = {k: v for k, v in json.loads((copy / 'cache.json').read_text()).items() if json.loads(k)[0] == 'set'}
+    assert recovered and all(not v['distilled_again'] for v in recovered.values())
+    for k, v in recovered.items():
+        key = json.dumps(json.loads(k)[1:])
+        assert v['from'] == cache[key]['run_dir']
+    again = sorted((copy / 'sets').glob('*.pt'))
+    assert len(again) == len(recovered)
+    for p in again:  # the same file name (digest of the key) and the same tensors as the run's own set
+        s, original = torch.load(p, weights_only=True), torch.load(root / 'sets' / p.name, weights_only=True)
+        assert json.dumps(['set', *json.loads(s['key'])]) in recovered
+        assert all(torch.equal(s[k], original[k]) for k in ('images', 'labels', 'syn_lr'))
