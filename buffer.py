@@ -16,17 +16,18 @@ import time
 import torch
 from tqdm import tqdm
 
-from ast_components import GP_DEFAULT_MU, gradient_penalty, loss_decay_factor
-from data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, check_dataset, data_from_flags
-from accel import FP32, Accel, accel_from_args, add_accel_flags
-from distributed import barrier, broadcast_object, cleanup, init_distributed, shard
+from trajmatch.ast_components import GP_DEFAULT_MU, gradient_penalty, loss_decay_factor
+from trajmatch.data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, check_dataset, data_from_flags
+from trajmatch.accel import FP32, Accel, accel_from_args, add_accel_flags
+from trajmatch.distributed import barrier, broadcast_object, cleanup, init_distributed, shard
 from networks import MODELS, get_network
-from stacked import stackable
-from trajectory_io import (avg_var, buffer_dir, expert_done, expert_epochs_on_disk, expert_path, load_trajectories,
+from trajmatch.stacked import stackable
+from trajmatch.trajectory_io import (avg_var, buffer_dir, expert_done, expert_epochs_on_disk, expert_path, load_trajectories,
                            meta_path, read_meta, save_expert, sidecar_of, snapshot, trajectory_tensor, write_meta)
-from training import SGDSettings, accuracy, net_group, step_schedule, train_scheduled
-from cli import MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, check_flags, cli_entry
-from utils import check_writable, pick_device, remove_stray_temps, seed_everything
+from trajmatch.training import SGDSettings, accuracy, net_group, step_schedule, train_scheduled
+from trajmatch.cli import MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, check_flags, cli_entry
+from trajmatch.files import check_writable, remove_stray_temps
+from trajmatch.runtime import pick_device, seed_everything
 
 
 def build_parser() -> argparse.ArgumentParser:

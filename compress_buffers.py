@@ -7,12 +7,12 @@ Writes {folder}/mct{k}/replay_buffer_{n}.pt; re-running skips files already comp
 import argparse
 import os
 
-from data import DATASETS, DEFAULT_MODEL, SUBSETS
-from mct import compress, compressed_dir
+from trajmatch.data import DATASETS, DEFAULT_MODEL, SUBSETS
+from trajmatch.mct import compress, compressed_dir
 from networks import MODELS
-from trajectory_io import Trajectory, buffer_dir, expert_files, load_trajectories
-from cli import CliParser, UsageError, check_flags, cli_entry, integer
-from utils import atomic_torch_save, atomic_write_bytes
+from trajmatch.trajectory_io import Trajectory, buffer_dir, expert_files, load_trajectories
+from trajmatch.cli import CliParser, UsageError, check_flags, cli_entry, integer
+from trajmatch.files import atomic_torch_save, atomic_write_bytes
 
 
 def compress_buffer_folder(folder: str, k: int = 4, out_folder: str | None = None) -> dict:

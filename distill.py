@@ -17,25 +17,26 @@ import os
 import torch
 from tqdm import tqdm
 
-from accel import accel_from_args, add_accel_flags
-from ast_components import balance_weight, intermediate_betas, intermediate_steps, perturb_start
-from checkpoint import LoopState, load_checkpoint, rank_streams, restore, resume_command, save_checkpoint
-from cli import (MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, Diverged, UsageError, check_flags,
+from trajmatch.accel import accel_from_args, add_accel_flags
+from trajmatch.ast_components import balance_weight, intermediate_betas, intermediate_steps, perturb_start
+from trajmatch.checkpoint import LoopState, load_checkpoint, rank_streams, restore, resume_command, save_checkpoint
+from trajmatch.cli import (MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, Diverged, UsageError, check_flags,
                  check_saved_flags, cli_entry, explicit_flags, integer, real)
-from data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, check_dataset, data_from_flags
-from distributed import (Dist, all_ranks_true, all_reduce_mean_, broadcast_, broadcast_object, cleanup, from_env,
+from trajmatch.data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, check_dataset, data_from_flags
+from trajmatch.distributed import (Dist, all_ranks_true, all_reduce_mean_, broadcast_, broadcast_object, cleanup, from_env,
                          init_distributed, mean_over_ranks)
-from evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set
-from matching import ATT_METRICS, UNROLLS, Targets, match_and_backward
-from mct import compressed_dir
-from memplan import auto_unroll, describe_choice, describe_for_args
+from trajmatch.evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set
+from trajmatch.matching import ATT_METRICS, UNROLLS, Targets, match_and_backward
+from trajmatch.mct import compressed_dir
+from trajmatch.memplan import auto_unroll, describe_choice, describe_for_args
 from networks import MODELS, get_network
 from reparam_module import ReparamModule
-from runlog import (ARGS_FILE, CHECKPOINT_FILE, FINAL_FILE, GRID_NAME, WANDB_MODES, RunLog, latest_run_dir,
+from trajmatch.runlog import (ARGS_FILE, CHECKPOINT_FILE, FINAL_FILE, GRID_NAME, WANDB_MODES, RunLog, latest_run_dir,
                     load_args, new_run_dir, run_file, save_args, save_best)
-from synthetic import SyntheticSet, final_expert_net, init_synthetic
-from trajectory_io import ExpertCursor, ExpertTrajectory, buffer_dir, read_meta, validate_buffers
-from utils import atomic_write_json, check_writable, pick_device, remove_stray_temps, seed_everything
+from trajmatch.synthetic import SyntheticSet, final_expert_net, init_synthetic
+from trajmatch.trajectory_io import ExpertCursor, ExpertTrajectory, buffer_dir, read_meta, validate_buffers
+from trajmatch.files import atomic_write_json, check_writable, remove_stray_temps
+from trajmatch.runtime import pick_device, seed_everything
 
 
 # ---------------------------------------------------------------- flags (defaults: Digits quickstart)

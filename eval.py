@@ -11,13 +11,14 @@ import os
 
 import torch
 
-from accel import accel_from_args, add_accel_flags
-from data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, data_from_flags
-from evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set, markdown_table, random_real
+from trajmatch.accel import accel_from_args, add_accel_flags
+from trajmatch.data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, data_from_flags
+from trajmatch.evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set, markdown_table, random_real
 from networks import MODELS, get_network
-from runlog import ARGS_FILE, BEST_FILES, EVAL_FILE, latest_run_dir, load_args, run_file
-from cli import POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, check_flags, check_saved_flags, cli_entry
-from utils import atomic_write_json, check_writable, pick_device, remove_stray_temps, seed_everything
+from trajmatch.runlog import ARGS_FILE, BEST_FILES, EVAL_FILE, latest_run_dir, load_args, run_file
+from trajmatch.cli import POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, check_flags, check_saved_flags, cli_entry
+from trajmatch.files import atomic_write_json, check_writable, remove_stray_temps
+from trajmatch.runtime import pick_device, seed_everything
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,13 +4,13 @@ import argparse
 import pytest
 import torch
 
-from accel import FP32, Accel, accel_from_args, add_accel_flags, set_tf32, switch_on
-from data import load_dataset
-from evaluation import fresh_network, random_real, train_and_score
-from matching import Targets, match_and_backward
+from trajmatch.accel import FP32, Accel, accel_from_args, add_accel_flags, set_tf32, switch_on
+from trajmatch.data import load_dataset
+from trajmatch.evaluation import fresh_network, random_real, train_and_score
+from trajmatch.matching import Targets, match_and_backward
 from networks import get_network
 from reparam_module import ReparamModule
-from training import OneNet, accuracy, train_epoch
+from trajmatch.training import OneNet, accuracy, train_epoch
 
 CPU = torch.device('cpu')
 SHAPE = (1, 10, (8, 8))

@@ -6,8 +6,8 @@ import torch
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
-import data
-from ast_components import (GP_DEFAULT_MU, balance_weight, gradient_penalty,
+from trajmatch import data
+from trajmatch.ast_components import (GP_DEFAULT_MU, balance_weight, gradient_penalty,
                             intermediate_betas, intermediate_steps, kmeans_init,
                             loss_decay_factor, perturb_start)
 from networks import ConvNet, get_network
@@ -284,7 +284,7 @@ def test_student_start_code_variant_normalises_every_term_by_the_perturbed_start
     """distill.student_start: the authors' code measures ||start - target||² from the perturbed start, so a
     student that does not move scores exactly 1 on every term; the paper variant keeps θ*_t there."""
     from distill import student_start
-    from matching import Targets, loss_terms
+    from trajmatch.matching import Targets, loss_terms
     flat, shapes = _convnet_flat(torch.float64)
     final = flat + 0.1 * torch.randn_like(flat)
     mid = [(3, flat + 0.05 * torch.randn_like(flat), 0.5)]

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from augment import (DSA_STRATEGY, OPS, DSAParams, apply_op, draw_group, dsa,
+from trajmatch.augment import (DSA_STRATEGY, OPS, DSAParams, apply_op, draw_group, dsa,
                      rand_brightness, rand_contrast, rand_saturation)
 
 # --------------------------------------------------------------------------

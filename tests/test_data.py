@@ -16,9 +16,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import data  # noqa: E402
-from data import DataError, ZCA, check_dataset, load_dataset  # noqa: E402
-from prep_tiny import PrepError, regroup_tiny_val  # noqa: E402
+from trajmatch import data  # noqa: E402
+from trajmatch.data import DataError, ZCA, check_dataset, load_dataset  # noqa: E402
+from tools.prep_tiny import PrepError, regroup_tiny_val  # noqa: E402
 
 
 # ============================================================================
@@ -309,7 +309,7 @@ def test_svhn_mat(tmp_path):
 
 def test_tiny_raw_layout_regroup_and_load(tmp_path):
     t = write_tiny_raw(tmp_path)
-    with pytest.raises(DataError, match='prep_tiny.py'):
+    with pytest.raises(DataError, match='tools.prep_tiny'):
         load_dataset('Tiny', str(tmp_path))
     assert regroup_tiny_val(t) == 6
     assert sorted(p.name for p in (t / 'val' / 'images').iterdir()) == TINY_WNIDS
@@ -334,7 +334,7 @@ def test_tiny_resizes_other_sizes(tmp_path):
 
 
 def test_prep_tiny_cli_errors_and_noop(tmp_path):
-    script = str(ROOT / 'prep_tiny.py')
+    script = str(ROOT / 'tools' / 'prep_tiny.py')
     r = subprocess.run([sys.executable, script, '--data_path', str(tmp_path)], capture_output=True, text=True)
     assert r.returncode != 0 and 'tiny-imagenet-200' in r.stderr and len(r.stderr.strip().splitlines()) == 1
     t = write_tiny_raw(tmp_path)

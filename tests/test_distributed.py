@@ -11,16 +11,16 @@ import torch
 
 import buffer
 import distill
-import distributed
-import matching
-import synthetic
-from data import load_dataset
+from trajmatch import distributed
+from trajmatch import matching
+from trajmatch import synthetic
+from trajmatch.data import load_dataset
 from networks import get_network
 from reparam_module import ReparamModule
-from checkpoint import rank_streams
-from cli import UsageError
-from trajectory_io import buffer_dir, expert_files, load_trajectories
-from utils import seed_everything
+from trajmatch.checkpoint import rank_streams
+from trajmatch.cli import UsageError
+from trajmatch.trajectory_io import buffer_dir, expert_files, load_trajectories
+from trajmatch.runtime import seed_everything
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = 'ConvNetW32'
@@ -34,7 +34,8 @@ ITERATIONS = 4  # with --save_every 2: a checkpoint half way, where the resume t
 # distill.py with match_and_backward dying on its 3rd call in every rank: killed during iteration 2
 DIES_IN_ITERATION_2 = '''import sys
 sys.path.insert(0, {repo!r})
-import distill, matching
+import distill
+from trajmatch import matching
 calls = [0]
 def dies(*a, **k):
     calls[0] += 1

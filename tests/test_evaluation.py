@@ -6,11 +6,11 @@ build a new SGD. The expected schedules below are written out from that loop by 
 import pytest
 import torch
 
-import stacked
-import training
-from data import load_dataset
-from evaluation import eval_schedule, evaluate_set, fresh_network, random_real, train_and_score
-from training import OneNet, train_epoch
+from trajmatch import stacked
+from trajmatch import training
+from trajmatch.data import load_dataset
+from trajmatch.evaluation import eval_schedule, evaluate_set, fresh_network, random_real, train_and_score
+from trajmatch.training import OneNet, train_epoch
 
 SHAPE = (1, 10, (8, 8))  # Digits: channel, classes, im_size
 LR = 0.01

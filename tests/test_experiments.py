@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-import experiments
+from studies import experiments
 
 
 def write_fashion_idx(root, n_train=100, n_test=20, seed=0):
@@ -73,7 +73,8 @@ def test_fmnist_smoke_choices_are_made_on_validation_and_runs_are_cached(smoke):
 
 RECORD_DISTILL_CALLS = """
 import json, sys
-import distill, experiments
+import distill
+from studies import experiments
 real = distill.main
 def record(argv):
     with open(sys.argv[1], 'a') as f:
@@ -91,7 +92,7 @@ def test_fmnist_workers_at_once_run_each_distillation_once_and_leave_none_to_the
     import subprocess
     import sys
     import distill
-    import fmnist_study
+    from studies import fmnist as fmnist_study
     assert fmnist_study.share_first(list('abcde'), (1, 2)) == list('bdace')
     data, root = tmp_path / 'fashion', tmp_path / 'study'
     data.mkdir()
@@ -129,7 +130,7 @@ def test_worker_and_ipcs_flags_refuse_what_they_cannot_do(capsys):
 def test_distillation_seeds_are_scored_by_disjoint_networks(tmp_path):
     """Seed s's num_eval networks are seeded eval_seed(s) + i: on Fashion-MNIST no two seeds share one, so
     3 seeds x 5 networks are 15 networks (Digits keeps its historic stride 1, under which they overlap)."""
-    import fmnist_study
+    from studies import fmnist as fmnist_study
     study = experiments.Study(str(tmp_path), 3, 5, {1: 1}, setting=fmnist_study.setting(str(tmp_path)))
     networks = [study.eval_seed(s) + i for s in range(3) for i in range(5)]
     assert len(set(networks)) == 15 and study.eval_seed(0) == 10_000
@@ -156,7 +157,7 @@ def test_a_key_claimed_by_a_live_process_is_waited_for_not_computed_twice(tmp_pa
     result; a claim left by a dead process is taken over; a failed compute leaves no claim behind."""
     import subprocess
     import threading
-    from utils import atomic_write_json
+    from trajmatch.files import atomic_write_json
     study = experiments.Study(str(tmp_path), 1, 1, {1: 1})
     study.claim_poll_s = 0.05
     claims = tmp_path / 'cache.json.claims'

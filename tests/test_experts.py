@@ -2,8 +2,8 @@
 import pytest
 
 import buffer
-import training
-from data import load_dataset
+from trajmatch import training
+from trajmatch.data import load_dataset
 
 
 @pytest.fixture(scope='module')

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matching import param_distance_ratio, syn_batches, unroll
+from trajmatch.matching import param_distance_ratio, syn_batches, unroll
 from networks import ConvNet
 from reparam_module import ReparamModule
 
@@ -86,7 +86,7 @@ def test_hypergradient_matches_central_finite_differences(use_dsa):
 
 # ---------------------------------------------------------------- recompute == bptt, ATT
 
-from matching import Targets, final_step, match_and_backward, record_steps  # noqa: E402
+from trajmatch.matching import Targets, final_step, match_and_backward, record_steps  # noqa: E402
 
 
 def grads_of(mode, *, syn_mom=0.0, auto_steps=False, middle=True, loss_weight=1.0, use_dsa=True):
@@ -115,7 +115,7 @@ def test_recompute_equals_bptt(syn_mom, auto_steps):
 def test_bptt_with_every_term_matches_finite_differences():
     """Every AST component on (perturbed start, balanced-loss ν, intermediate term with adaptive β, student
     momentum) and DSA: dL/dS and dL/dα still equal central differences, in both unroll modes."""
-    from ast_components import balance_weight, intermediate_betas, perturb_start
+    from trajmatch.ast_components import balance_weight, intermediate_betas, perturb_start
     _, student, images, labels, start, target = tiny_problem()
     mid = [(2, start + 0.5 * (target - start), intermediate_betas(2, adaptive=True)[0])]
     w0 = perturb_start(start, student.param_shapes, rho=0.1, generator=torch.Generator().manual_seed(7))
@@ -166,7 +166,7 @@ def test_att_picks_the_step_where_the_target_was_planted():
 def test_both_unrolls_agree_when_intermediate_steps_fall_on_step_0_or_repeat(syn_steps, expert_epochs, auto_steps):
     """N < M puts intermediate terms at step 0 (the start itself) or on the same step twice; bptt and
     recompute must take the same loss and the same gradients there (recompute once raised KeyError)."""
-    from ast_components import intermediate_betas, intermediate_steps
+    from trajmatch.ast_components import intermediate_betas, intermediate_steps
     _, student, images, labels, start, target = tiny_problem()
     steps = intermediate_steps(syn_steps, expert_epochs)
     assert 0 in steps or len(set(steps)) < len(steps)

@@ -6,9 +6,9 @@ import torch
 
 import compress_buffers
 from compress_buffers import compress_buffer_folder
-from mct import CompressedTrajectory, compress, load_compressed, waypoint_epochs
-from cli import UsageError
-from trajectory_io import trajectory_tensor
+from trajmatch.mct import CompressedTrajectory, compress, load_compressed, waypoint_epochs
+from trajmatch.cli import UsageError
+from trajmatch.trajectory_io import trajectory_tensor
 
 SIZES = [6, 3, 5]  # three "layers", P = 14
 

@@ -14,10 +14,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import distill
-import memplan
-from augment import DSA_STRATEGY, draw_group, parse_strategy
-from matching import Targets, checkpoint_every, match_and_backward, record_steps, syn_batches, unroll
-from memplan import (RunShape, SavedBytes, choose_unroll, make_plan, probe_step, recompute_vectors)
+from trajmatch import memplan
+from trajmatch.augment import DSA_STRATEGY, draw_group, parse_strategy
+from trajmatch.matching import Targets, checkpoint_every, match_and_backward, record_steps, syn_batches, unroll
+from trajmatch.memplan import (RunShape, SavedBytes, choose_unroll, make_plan, probe_step, recompute_vectors)
 from networks import get_network
 from reparam_module import ReparamModule
 from conftest import tiny_buffers

@@ -10,7 +10,7 @@ import torch
 
 import distill
 import eval as eval_script
-import matching
+from trajmatch import matching
 from conftest import tiny_buffers
 
 MODEL = 'ConvNetW32'
@@ -106,7 +106,7 @@ def test_end_to_end_buffer_distill_eval_with_wandb_offline(buffers, tmp_path, mo
 
 
 def test_a_run_left_open_by_a_crash_does_not_capture_the_next_one(tmp_path, monkeypatch):
-    from runlog import RunLog
+    from trajmatch.runlog import RunLog
     monkeypatch.setenv('WANDB_MODE', 'offline')
     crashed = RunLog(str(tmp_path / 'crashed'), {'n': 1}, wandb_mode='auto')  # never finished, as after a raise
     crashed.log(0, loss=1.0)

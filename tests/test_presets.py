@@ -1,12 +1,14 @@
 """Every preset parses into valid flags of buffer.py and distill.py, and the shell scripts pass them on."""
+import os
 import subprocess
+import sys
 
 import pytest
 
 import buffer
 import distill
 import presets
-from training import SGDSettings
+from trajmatch.training import SGDSettings
 
 ROOT = __import__('os').path.dirname(__import__('os').path.dirname(__import__('os').path.abspath(__file__)))
 
@@ -79,3 +81,17 @@ def test_shell_scripts_run_the_preset(script):
     assert '--dataset CIFAR100' in out.stderr and 'usage:' in out.stdout  # set -x echoes the flags
     bad = subprocess.run(['bash', script, 'nope'], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown preset 'nope'" in bad.stderr
+
+
+def test_docs_presets_md_is_the_generators_output():
+    """docs/presets.md is generated (`python presets.py markdown > docs/presets.md`); it cannot go stale."""
+    with open(os.path.join(ROOT, 'docs', 'presets.md'), encoding='utf-8') as f:
+        committed = f.read()
+    assert committed == presets.markdown_doc(), \
+        'docs/presets.md is stale: run `python presets.py markdown > docs/presets.md`'
+    out = subprocess.run([sys.executable, 'presets.py', 'markdown'], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == committed, out.stderr
+    for name in presets.DISTILL:  # every row, each distinct source written once
+        assert committed.count(f'| `{name}` |') == 1
+    for source in set(presets.SOURCES.values()):
+        assert committed.count(source) == 1

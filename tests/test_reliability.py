@@ -20,15 +20,15 @@ import pytest
 import torch
 
 import buffer
-import cli
+from trajmatch import cli
 import distill
 import eval as eval_script
-import matching
-import utils
-from data import DataError, load_dataset
+from trajmatch import matching
+from trajmatch import files
+from trajmatch.data import DataError, load_dataset
 from networks import get_network
-from synthetic import SyntheticSet
-from trajectory_io import buffer_dir, expert_path, load_trajectories, meta_path, save_expert
+from trajmatch.synthetic import SyntheticSet
+from trajmatch.trajectory_io import buffer_dir, expert_path, load_trajectories, meta_path, save_expert
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = 'ConvNetW32'
@@ -416,7 +416,7 @@ def test_as_a_real_process(tmp_path, script, argv_of, culprit):
 # ---------------------------------------------------------------- expert files: cheap where the sidecar agrees
 
 def test_expert_files_are_read_only_where_the_sidecar_does_not_describe_them(env, tmp_path, monkeypatch):
-    import trajectory_io
+    from trajmatch import trajectory_io
     path, folder = buffers_copy(env, tmp_path)
     shapes = [p.shape for p in get_network(MODEL, 1, 10, (8, 8)).parameters()]
     reads, real = [], trajectory_io.torch.load
@@ -474,7 +474,7 @@ def refuse_writes_under(monkeypatch, folder):
         if str(path).startswith(str(folder)):
             raise PermissionError(errno.EACCES, 'Permission denied', path)
         return real(path, *a, **k)
-    monkeypatch.setattr(utils.os, 'open', fake)
+    monkeypatch.setattr(files.os, 'open', fake)
 
 
 def test_unwritable_outputs_stop_before_any_work(env, tmp_path, monkeypatch, capsys):
@@ -500,15 +500,15 @@ def test_unwritable_outputs_stop_before_any_work(env, tmp_path, monkeypatch, cap
 
 def test_a_probe_taken_by_another_process_still_counts_as_writable(tmp_path, monkeypatch):
     """Under torchrun every rank probes the run folder while rank 0 clears stray temps from it."""
-    real = utils._new_temp
+    real = files._new_temp
 
     def taken(folder, name):
         fd, path = real(folder, name)
-        assert utils.remove_stray_temps(folder) == [path]  # the probe matches the stray-temp pattern
+        assert files.remove_stray_temps(folder) == [path]  # the probe matches the stray-temp pattern
         return fd, path
 
-    monkeypatch.setattr(utils, '_new_temp', taken)
-    utils.check_writable(str(tmp_path), 'run folder')
+    monkeypatch.setattr(files, '_new_temp', taken)
+    files.check_writable(str(tmp_path), 'run folder')
     assert os.listdir(tmp_path) == []
 
 
@@ -534,7 +534,7 @@ def test_disk_full_mid_run_is_one_line_and_the_last_checkpoint_survives(env, tmp
                 raise OSError(errno.ENOSPC, 'No space left on device')
         return real(fd)
 
-    monkeypatch.setattr(utils.os, 'fsync', full_disk)
+    monkeypatch.setattr(files.os, 'fsync', full_disk)
     argv = distill_with(env, tmp_path, '--Iteration', '4', '--eval_it', '10', '--save_every', '1')
     with pytest.raises(SystemExit) as stop:
         distill.main(argv)
@@ -543,7 +543,7 @@ def test_disk_full_mid_run_is_one_line_and_the_last_checkpoint_survives(env, tmp
     run = tmp_path / 'runs' / RUN
     assert torch.load(run / 'checkpoint.pt', weights_only=True)['state']['it'] == 2
     assert not [f for f in os.listdir(run) if f.endswith('.tmp')]
-    monkeypatch.setattr(utils.os, 'fsync', real)
+    monkeypatch.setattr(files.os, 'fsync', real)
     command = line.split('continue with ')[1].split()
     assert command[:2] == ['python', 'distill.py']
     distill.main(command[2:])

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from data import load_dataset
-from evaluation import evaluate_set, fresh_network, random_real, stack_groups, train_and_score
+from trajmatch.data import load_dataset
+from trajmatch.evaluation import evaluate_set, fresh_network, random_real, stack_groups, train_and_score
 from networks import get_network
-from stacked import NetStack, StackedSGD, stackable
-from training import OneNet, accuracy, train_epoch
+from trajmatch.stacked import NetStack, StackedSGD, stackable
+from trajmatch.training import OneNet, accuracy, train_epoch
 
 SHAPE = (1, 10, (8, 8))  # Digits: channel, classes, im_size
 
@@ -111,7 +111,7 @@ def test_evaluation_leaves_the_callers_random_stream_alone(digits):
 
 
 def _experts(folder):
-    from trajectory_io import buffer_dir, expert_files, load_trajectories
+    from trajmatch.trajectory_io import buffer_dir, expert_files, load_trajectories
     return [load_trajectories(f)[0] for f in expert_files(buffer_dir(str(folder), 'Digits', 'ConvNetW32', zca=False))]
 
 

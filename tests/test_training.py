@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from augment import dsa
+from trajmatch.augment import dsa
 from buffer import expert_schedule
-from data import load_dataset
-from evaluation import check_epochs, eval_schedule, fresh_network, random_real
-from stacked import NetStack
-from training import OneNet, SGDSettings as S, step_schedule, train_epoch
+from trajmatch.data import load_dataset
+from trajmatch.evaluation import check_epochs, eval_schedule, fresh_network, random_real
+from trajmatch.stacked import NetStack
+from trajmatch.training import OneNet, SGDSettings as S, step_schedule, train_epoch
 
 SHAPE = (1, 10, (8, 8))  # Digits: channel, classes, im_size
 _ = None

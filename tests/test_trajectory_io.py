@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import buffer
-from cli import UsageError
+from trajmatch.cli import UsageError
 from compress_buffers import compress_buffer_folder
 from networks import get_network
-from synthetic import final_expert_net
-from trajectory_io import (ExpertCursor, ExpertTrajectory, Trajectory, avg_var, buffer_dir, expert_files,
+from trajmatch.synthetic import final_expert_net
+from trajmatch.trajectory_io import (ExpertCursor, ExpertTrajectory, Trajectory, avg_var, buffer_dir, expert_files,
                            load_trajectories, save_expert, trajectory_kind, trajectory_tensor, validate_buffers)
 
 MODEL = 'ConvNetW32'  # small, and 8x8 Digits fit its depth 3

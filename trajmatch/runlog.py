@@ -10,8 +10,8 @@ import re
 import torch
 import torch.nn.functional as F
 
-from cli import UsageError, WriteError
-from utils import atomic_torch_save, atomic_write_bytes, atomic_write_json, finite_or_none
+from trajmatch.cli import UsageError, WriteError
+from trajmatch.files import atomic_torch_save, atomic_write_bytes, atomic_write_json, finite_or_none
 
 WANDB_MODES = ('auto', 'online', 'offline', 'disabled')
 

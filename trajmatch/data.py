@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cli import POSITIVE_INT, UsageError, integer
+from trajmatch.cli import POSITIVE_INT, UsageError, integer
 
 # ============================================================================
 # Constants
@@ -543,12 +543,12 @@ def _tiny_missing(data_path: str) -> DataError | None:
     for d in (root / 'train', root / 'val' / 'images'):
         if not d.is_dir():
             return DataError(f'Tiny ImageNet not found: {layout}, missing {d}; download and unzip {_TINY_URL} '
-                             f'into DIR, run python prep_tiny.py --data_path DIR and pass --data_path DIR')
+                             f'into DIR, run python -m tools.prep_tiny --data_path DIR and pass --data_path DIR')
     if not _subdirs(root / 'train'):
         return DataError(f'Tiny ImageNet has no class folders in {root}/train: {layout}; re-extract the dataset')
     if _has_loose_images(root / 'val' / 'images'):
         return DataError(f'Tiny ImageNet validation images in {root}/val/images are not grouped by class '
-                         f'({layout}); run python prep_tiny.py --data_path {data_path}')
+                         f'({layout}); run python -m tools.prep_tiny --data_path {data_path}')
     return None
 
 
@@ -558,7 +558,7 @@ def _load_tiny(data_path: str, max_bytes: int | None):
     unknown = sorted(set(_subdirs(root / 'val' / 'images')) - set(wnids))
     if unknown:
         raise DataError(f'Tiny ImageNet val/images/{unknown[0]} has no matching class folder in {root}/train '
-                        f'({len(unknown)} such folders); re-extract the dataset and run prep_tiny.py again')
+                        f'({len(unknown)} such folders); re-extract the dataset and run python -m tools.prep_tiny again')
     tr_paths, y_tr = _gather([root / 'train' / w for w in wnids])
     te_paths, y_te = _gather([root / 'val' / 'images' / w for w in wnids])
     if not tr_paths:

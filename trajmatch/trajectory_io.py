@@ -19,9 +19,9 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from mct import CompressedTrajectory
-from cli import UsageError
-from utils import atomic_torch_save, atomic_write_json
+from trajmatch.mct import CompressedTrajectory
+from trajmatch.cli import UsageError
+from trajmatch.files import atomic_torch_save, atomic_write_json
 
 
 # ---------------------------------------------------------------- the interface of both kinds

@@ -18,10 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
-from accel import FP32, Accel
+from trajmatch.accel import FP32, Accel
 
 if TYPE_CHECKING:
-    from training import SGDSettings
+    from trajmatch.training import SGDSettings
 
 
 def stackable(net: nn.Module) -> bool:

@@ -1,7 +1,7 @@
 """Memory plan of one distillation iteration, for --unroll bptt and recompute, before a run starts.
 
     python distill.py --dataset CIFAR10 --ipc 10 --syn_steps 30 --plan   # one run's plan; no data needed
-    python memplan.py presets                                           # README's table, every preset
+    python -m trajmatch.memplan presets                                         # README's table, every preset
 
 Predicted peak = what an iteration holds anyway (synthetic set and its SGD momentum, the student's
 parameters, the expert points, the test set on the device) + what the unroll adds on top:
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from augment import DSA_STRATEGY, draw_group, parse_strategy
-from matching import checkpoint_every, inner_loss
+from trajmatch.augment import DSA_STRATEGY, Draw, draw, draw_group, parse_strategy
+from trajmatch.matching import checkpoint_every, inner_loss
 
 MiB, GiB = 2**20, 2**30
 GPU_GB = (24, 40, 80)              # the cards of the README table; a "G GB" card is taken as G GiB
@@ -71,8 +71,8 @@ class RunShape:
 
 def run_shape(args: argparse.Namespace, data=None) -> RunShape:
     """The shapes of a distill.py run: from the loaded data, or from the dataset's known metadata."""
-    from ast_components import intermediate_steps
-    from data import DEFAULT_MODEL, dataset_meta
+    from trajmatch.ast_components import intermediate_steps
+    from trajmatch.data import DEFAULT_MODEL, dataset_meta
     if data is not None:
         channel, classes, im_size, tests = data.channel, data.num_classes, tuple(data.im_size), len(data.labels_test)
     else:
@@ -137,8 +137,8 @@ def probe_step(student, channel: int, num_classes: int, im_size: tuple[int, int]
     inputs = [w, images, alpha] + ([b_prev] if syn_mom else [])
     with SavedBytes(exclude=inputs) as saved:
         idx = torch.randperm(batch, generator=gen)  # a batch is an index into the synthetic set, as syn_batches
-        loss = inner_loss(student, w, images[idx], labels[idx], generator=dsa_generator(group),
-                          use_dsa=group is not None)
+        aug = Draw(None) if group is None else draw(images.shape, generator=dsa_generator(group))
+        loss = inner_loss(student, w, images[idx], labels[idx], aug=aug)
         forward = saved.nbytes
         g = torch.autograd.grad(loss, w, create_graph=True)[0]
         graph = saved.nbytes

@@ -19,11 +19,11 @@ import os
 
 import torch
 
-from experiments import AST_ALL, AST_STUDENT, MISSING, Setting, Study, fmt
+from studies.experiments import AST_ALL, AST_STUDENT, MISSING, Setting, Study, fmt
 from networks import get_network
-from synthetic import final_expert_net, init_synthetic
-from trajectory_io import expert_files
-from utils import atomic_write_bytes, atomic_write_json
+from trajmatch.synthetic import final_expert_net, init_synthetic
+from trajmatch.trajectory_io import expert_files
+from trajmatch.files import atomic_write_bytes, atomic_write_json
 
 # ---------------------------------------------------------------- settings (Fashion-MNIST, CPU)
 

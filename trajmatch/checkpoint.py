@@ -7,12 +7,13 @@ import shlex
 
 import torch
 
-from cli import UsageError, WriteError
-from distributed import Dist, all_gather_objects, barrier, rank_seed
-from runlog import ARGS_FILE, CHECKPOINT_FILE, run_file
-from synthetic import SyntheticSet
-from trajectory_io import ExpertCursor, trajectory_kind
-from utils import atomic_torch_save, rng_state, seed_everything, set_rng_state
+from trajmatch.cli import UsageError, WriteError
+from trajmatch.distributed import Dist, all_gather_objects, barrier, rank_seed
+from trajmatch.runlog import ARGS_FILE, CHECKPOINT_FILE, run_file
+from trajmatch.synthetic import SyntheticSet
+from trajmatch.trajectory_io import ExpertCursor, trajectory_kind
+from trajmatch.files import atomic_torch_save
+from trajmatch.runtime import rng_state, seed_everything, set_rng_state
 
 
 def resume_command(run_dir: str, world_size: int, **flags) -> str:

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from accel import FP32, Accel
+from trajmatch.accel import FP32, Accel
 from networks import get_network
-from stacked import stackable
-from training import SGDSettings, net_group, step_schedule, train_scheduled
+from trajmatch.stacked import stackable
+from trajmatch.training import SGDSettings, net_group, step_schedule, train_scheduled
 
 
 @dataclass(frozen=True)

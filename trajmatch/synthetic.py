@@ -5,10 +5,10 @@ import copy
 
 import torch
 
-from ast_components import kmeans_init
-from evaluation import random_real
+from trajmatch.ast_components import kmeans_init
+from trajmatch.evaluation import random_real
 from reparam_module import load_flat_
-from trajectory_io import trajectory_kind
+from trajmatch.trajectory_io import trajectory_kind
 
 
 def init_synthetic(data, ipc: int, pix_init: str, generator: torch.Generator, *, expert_net=None,

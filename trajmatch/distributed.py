@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import UsageError
+from trajmatch.cli import UsageError
 
 # Rank 0 evaluates (minutes to hours on big sets) while the others wait in their next collective.
 TIMEOUT = timedelta(hours=4)

@@ -5,9 +5,11 @@ w_n = w_{n-1} - α b_n with b_n = μ b_{n-1} + g_n (μ = 0: plain SGD) and the m
 the images S and α. Two ways to get that gradient, equal up to float rounding:
 - bptt: keep every step's graph (memory grows with syn_steps x batch_syn);
 - recompute: run the steps graph-free, keeping (w_n, b_n) every ceil(sqrt(N)) steps and what replays
-  each step (batch, augmentation generator state); then walk backwards segment by segment,
+  each step (its batch and augmentation); then walk backwards segment by segment,
   regenerating a segment's states and rebuilding one step's graph at a time to carry the adjoint
   (graph memory of one step; O(sqrt(N)) parameter vectors).
+Every random choice of an iteration (batches, augmentations) is drawn before the unroll (plan_steps) and
+reaches the device in one copy; recompute replays steps from that plan.
 """
 import math
 from dataclasses import dataclass, field
@@ -15,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from accel import fp32_unroll
-from augment import dsa
+from trajmatch.accel import fp32_unroll
+from trajmatch.augment import Draw, apply_draw, draw, to_device
 
 UNROLLS = ('bptt', 'recompute')
 ATT_METRICS = ('l1', 'l2')
@@ -64,35 +66,51 @@ def loss_terms(states: dict[int, torch.Tensor], targets: Targets, n_final: int) 
 
 # ---------------------------------------------------------------- one inner step, replayable
 
-def syn_batches(num_syn: int, batch_syn: int, syn_steps: int, generator: torch.Generator,
-                device: torch.device | str = 'cpu') -> list[torch.Tensor]:
-    """Index batches for N steps: consecutive slices of fresh permutations of S, as MTT. Drawn on
-    the CPU generator, moved to `device` in one copy rather than one per step."""
+def syn_batches(num_syn: int, batch_syn: int, syn_steps: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Index batches for N steps: consecutive slices of fresh permutations of S, as MTT (CPU, drawn on the
+    CPU generator)."""
     batches, order = [], torch.empty(0, dtype=torch.long)
     for _ in range(syn_steps):
         if len(order) == 0:
             order = torch.randperm(num_syn, generator=generator)
         batches.append(order[:batch_syn])
         order = order[batch_syn:]
-    return list(torch.cat(batches).to(device).split([len(b) for b in batches]))
+    return batches
 
 
-def inner_loss(student, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, generator: torch.Generator,
-               use_dsa: bool = True, loss_weight: float = 1.0) -> torch.Tensor:
-    x = dsa(x, generator=generator) if use_dsa else x
-    return F.cross_entropy(student(x, w), y) * loss_weight
+@dataclass
+class StepPlan:
+    """Every random choice of one unroll, made before it starts: step n's index batch and augmentation.
+    Replaying step n (recompute) reads the same plan: nothing is drawn twice."""
+    batches: list[torch.Tensor]
+    augs: list[Draw]
+
+
+def plan_steps(syn_images: torch.Tensor, batch_syn: int, syn_steps: int, generator: torch.Generator,
+               use_dsa: bool) -> StepPlan:
+    """The batches, then each step's DSA draw in step order (the order the generator always drew them
+    in), moved to the images' device in one copy: on CUDA one non-blocking transfer per iteration."""
+    batches = syn_batches(syn_images.shape[0], batch_syn, syn_steps, generator)
+    per_image = tuple(syn_images.shape[1:])
+    augs = [draw((len(idx), *per_image), generator=generator) if use_dsa else Draw(None) for idx in batches]
+    augs, batches = to_device(augs, syn_images.device, batches)
+    return StepPlan(batches, augs)
+
+
+def inner_loss(student, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, aug: Draw,
+               loss_weight: float = 1.0) -> torch.Tensor:
+    return F.cross_entropy(student(apply_draw(x, aug), w), y) * loss_weight
 
 
 def unroll(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int, batch_syn: int,
            generator: torch.Generator, syn_mom: float = 0.0, use_dsa: bool = True,
            loss_weight: float = 1.0) -> list[torch.Tensor]:
     """Full back-propagation-through-time unroll (bptt); returns [w_0, ..., w_N], all in one graph."""
-    device = syn_images.device
-    w = w0.detach().to(device).requires_grad_(True)
+    plan = plan_steps(syn_images, batch_syn, syn_steps, generator, use_dsa)
+    w = w0.detach().to(syn_images.device).requires_grad_(True)
     ws, b = [w], None
-    for idx in syn_batches(syn_images.shape[0], batch_syn, syn_steps, generator, device):
-        loss = inner_loss(student, w, syn_images[idx], syn_labels[idx], generator=generator, use_dsa=use_dsa,
-                          loss_weight=loss_weight)
+    for idx, aug in zip(plan.batches, plan.augs):
+        loss = inner_loss(student, w, syn_images[idx], syn_labels[idx], aug=aug, loss_weight=loss_weight)
         g = torch.autograd.grad(loss, w, create_graph=True)[0]
         b = g if (syn_mom == 0.0 or b is None) else syn_mom * b + g
         w = w - syn_lr * b
@@ -102,19 +120,13 @@ def unroll(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int, batch
 
 # ---------------------------------------------------------------- the exact constant-memory backward
 
-def _free_step(student, w, b, x, y, alpha, generator, *, syn_mom: float, use_dsa: bool, loss_weight: float):
+def _free_step(student, w, b, x, y, alpha, aug: Draw, *, syn_mom: float, loss_weight: float):
     """One inner step without a graph: (w_n, b_n) from (w_{n-1}, b_{n-1})."""
     w = w.detach().requires_grad_(True)
-    loss = inner_loss(student, w, x, y, generator=generator, use_dsa=use_dsa, loss_weight=loss_weight)
+    loss = inner_loss(student, w, x, y, aug=aug, loss_weight=loss_weight)
     g = torch.autograd.grad(loss, w)[0]
     b = g if (syn_mom == 0.0 or b is None) else syn_mom * b + g
     return (w - alpha * b).detach(), b
-
-
-def _replay_generator(state: torch.Tensor) -> torch.Generator:
-    g = torch.Generator()
-    g.set_state(state)
-    return g
 
 
 def checkpoint_every(syn_steps: int) -> int:
@@ -125,12 +137,11 @@ def checkpoint_every(syn_steps: int) -> int:
 @dataclass
 class Tape:
     """What the graph-free forward keeps: (w_n, b_n) every `every` steps, w_n at the steps the loss
-    reads, and what replays each step exactly (batch, augmentation generator state)."""
+    reads, and the plan that replays each step exactly (batch, augmentation)."""
     every: int
     checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor | None]]
     kept: dict[int, torch.Tensor]
-    batches: list[torch.Tensor]
-    dsa_states: list[torch.Tensor]
+    plan: StepPlan
     n_final: int = 0
 
 
@@ -143,14 +154,13 @@ def record_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int,
     images, alpha = syn_images.detach(), syn_lr.detach()
     every = checkpoint_every(syn_steps)
     w, b = w0.detach().to(device), None
-    batches = syn_batches(syn_images.shape[0], batch_syn, syn_steps, generator, device)
+    plan = plan_steps(syn_images, batch_syn, syn_steps, generator, use_dsa)
     # an intermediate term can fall on step 0 (N < M): the start itself, a constant the loss still reads
-    tape = Tape(every, {0: (w, None)}, {0: w} if 0 in keep else {}, batches, [])
+    tape = Tape(every, {0: (w, None)}, {0: w} if 0 in keep else {}, plan)
     best_e = best_n = best_w = None  # ATT's running first minimum, kept on the device: no sync per step
-    for n, idx in enumerate(tape.batches, start=1):
-        tape.dsa_states.append(generator.get_state())
-        w, b = _free_step(student, w, b, images[idx], syn_labels[idx], alpha, generator, syn_mom=syn_mom,
-                          use_dsa=use_dsa, loss_weight=loss_weight)
+    for n, (idx, aug) in enumerate(zip(plan.batches, plan.augs), start=1):
+        w, b = _free_step(student, w, b, images[idx], syn_labels[idx], alpha, aug, syn_mom=syn_mom,
+                          loss_weight=loss_weight)
         if n % every == 0:
             tape.checkpoints[n] = (w, b)
         if n in keep or n == syn_steps:
@@ -170,7 +180,7 @@ def record_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int,
 
 
 def recompute_backward(student, syn_images, syn_labels, syn_lr, tape: Tape, seeds: dict[int, torch.Tensor], *,
-                       syn_mom: float, use_dsa: bool, loss_weight: float) -> None:
+                       syn_mom: float, loss_weight: float) -> None:
     """Accumulate dL/dS into syn_images.grad and dL/dα into syn_lr.grad (docs/method.md, section 2).
 
     seeds[n] = ∂L/∂w_n from the loss terms. Walking n = max(seeds)..1 with adjoints λ (of w_n) and
@@ -181,6 +191,7 @@ def recompute_backward(student, syn_images, syn_labels, syn_lr, tape: Tape, seed
     cost nothing.
     """
     alpha = syn_lr.detach()
+    batches, augs = tape.plan.batches, tape.plan.augs
     n_top = max(seeds)
     lam = seeds[n_top]
     lam_b = torch.zeros_like(lam)
@@ -193,16 +204,14 @@ def recompute_backward(student, syn_images, syn_labels, syn_lr, tape: Tape, seed
         w, b = tape.checkpoints[seg_start]
         ws, bs = {seg_start: w}, {seg_start: b}
         for n in range(seg_start + 1, seg_end):  # w_n for the segment; b_n too
-            idx = tape.batches[n - 1]
-            w, b = _free_step(student, w, b, images.detach()[idx], syn_labels[idx], alpha,
-                              _replay_generator(tape.dsa_states[n - 1]), syn_mom=syn_mom, use_dsa=use_dsa,
-                              loss_weight=loss_weight)
+            idx = batches[n - 1]
+            w, b = _free_step(student, w, b, images.detach()[idx], syn_labels[idx], alpha, augs[n - 1],
+                              syn_mom=syn_mom, loss_weight=loss_weight)
             ws[n], bs[n] = w, b
         for n in range(seg_end, seg_start, -1):
             w_prev = ws[n - 1].detach().requires_grad_(True)
-            idx = tape.batches[n - 1]
-            loss = inner_loss(student, w_prev, images[idx], syn_labels[idx],
-                              generator=_replay_generator(tape.dsa_states[n - 1]), use_dsa=use_dsa,
+            idx = batches[n - 1]
+            loss = inner_loss(student, w_prev, images[idx], syn_labels[idx], aug=augs[n - 1],
                               loss_weight=loss_weight)
             g = torch.autograd.grad(loss, w_prev, create_graph=True)[0]
             b_n = g.detach() if (syn_mom == 0.0 or bs[n - 1] is None) else syn_mom * bs[n - 1] + g.detach()
@@ -248,6 +257,6 @@ def match_and_backward(student, syn_images, syn_labels, syn_lr, w0: torch.Tensor
             if torch.isfinite(loss):
                 grads = torch.autograd.grad(loss, list(leaves.values()))
                 recompute_backward(student, syn_images, syn_labels, syn_lr, tape, dict(zip(leaves, grads)),
-                                   syn_mom=syn_mom, use_dsa=use_dsa, loss_weight=loss_weight)
+                                   syn_mom=syn_mom, loss_weight=loss_weight)
         info['n_final'] = n_final
         return loss.detach(), info

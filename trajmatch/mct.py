@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from cli import UsageError
+from trajmatch.cli import UsageError
 
 KEYS = ('epochs', 'waypoints', 'fractions', 'layer_sizes')
 

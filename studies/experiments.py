@@ -25,11 +25,11 @@ import torch
 import buffer
 import compress_buffers
 import distill
-from data import load_dataset
-from evaluation import evaluate_set
-from runlog import CHECKPOINT_FILE, METRICS_FILE, run_file
-from trajectory_io import buffer_dir, expert_files, read_meta
-from utils import atomic_torch_save, atomic_write_json
+from trajmatch.data import load_dataset
+from trajmatch.evaluation import evaluate_set
+from trajmatch.runlog import CHECKPOINT_FILE, METRICS_FILE, run_file
+from trajmatch.trajectory_io import buffer_dir, expert_files, read_meta
+from trajmatch.files import atomic_torch_save, atomic_write_json
 
 # ---------------------------------------------------------------- settings (Digits, CPU)
 
@@ -410,7 +410,7 @@ def storage(study: Study) -> str:
 def perturbation_ratios(draws: int = 5) -> str:
     """||δ|| / ||θ|| over all parameters of a fresh network, for each weight-perturbation variant
     (docs/method.md): the paper's ρ-scaled per-filter d, and the authors' d/||d||_F ⊙ θ on conv weights."""
-    from ast_components import perturb_start
+    from trajmatch.ast_components import perturb_start
     from networks import get_network
     from reparam_module import ReparamModule
     rows = ['| network (input) | paper: mean (min-max) | code: mean (min-max) |', '| --- | --- | --- |']
@@ -462,7 +462,7 @@ def main(argv=None):
     p.add_argument('--seeds_ipc10', type=int, default=1, help='distillation seeds at ipc 10 (CPU time)')
     args = p.parse_args(argv)
     if args.study == 'fmnist':
-        import fmnist_study
+        from studies import fmnist as fmnist_study
         if not set(args.ipcs) <= set(fmnist_study.ITERATIONS):
             p.error(f"--ipcs {' '.join(map(str, args.ipcs))}: the study has iteration budgets for ipc "
                     f"{' and '.join(map(str, fmnist_study.ITERATIONS))} only (fmnist_study.ITERATIONS)")

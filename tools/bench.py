@@ -22,6 +22,8 @@ import time
 
 import torch
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # children run as python -m tools.bench from here
+
 # ---------------------------------------------------------------- what is measured
 
 UNROLL_MODES = ('bptt', 'recompute')
@@ -53,9 +55,9 @@ def _median_time(fn, repeats: int) -> float:
 
 def distill_child(unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
     """One configuration, in this (fresh) process."""
-    from data import load_dataset
-    from evaluation import random_real
-    from matching import Targets, match_and_backward
+    from trajmatch.data import load_dataset
+    from trajmatch.evaluation import random_real
+    from trajmatch.matching import Targets, match_and_backward
     from networks import get_network
     from reparam_module import ReparamModule
     dev = torch.device(device)
@@ -92,8 +94,8 @@ def bench_distill(device: str) -> list[dict]:
     for ipc in IPCS:
         for unroll in UNROLL_MODES:
             for steps in SYN_STEPS:
-                out = subprocess.run([sys.executable, __file__, '--child', unroll, str(steps), str(ipc), device],
-                                     capture_output=True, text=True, check=True)
+                out = subprocess.run([sys.executable, '-m', 'tools.bench', '--child', unroll, str(steps), str(ipc), device],
+                                     capture_output=True, text=True, check=True, cwd=REPO)
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 r = rows[-1]
                 print(f"distill ipc {ipc:>2} {unroll:>9} syn_steps {steps:>2}: {r['sec_per_iter']:.3f} s/it, "
@@ -117,7 +119,7 @@ def memplan_child(case: str, unroll: str, syn_steps: int, ipc: int, device: str)
     the optimisers' momentum are not the iteration's). CPU: VmHWM reset through /proc/self/clear_refs;
     the parent runs this with glibc's mmap threshold fixed, so freed tensors leave the RSS, as they
     leave CUDA's max_memory_allocated."""
-    from matching import Targets, match_and_backward
+    from trajmatch.matching import Targets, match_and_backward
     from networks import get_network
     from reparam_module import ReparamModule
     model, channel, classes, im_size = MEMPLAN_CASES[case]
@@ -164,7 +166,7 @@ def memplan_child(case: str, unroll: str, syn_steps: int, ipc: int, device: str)
 def bench_memplan(device: str) -> list[dict]:
     """Predicted (memplan.py) vs measured peak growth of one iteration, one fresh process per cell, one
     cell at a time; a cell whose predicted growth would not fit the free RAM comfortably is skipped."""
-    from memplan import MiB, RunShape, free_bytes, make_plan
+    from trajmatch.memplan import MiB, RunShape, free_bytes, make_plan
     # freed tensors go back to the OS at once; one thread: on a shared CPU, OpenMP's spinning threads made a
     # cell 15x slower (same peak), and only memory is measured here
     env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536', 'OMP_NUM_THREADS': '1'}
@@ -181,8 +183,8 @@ def bench_memplan(device: str) -> list[dict]:
                         row['skipped'] = f"predicted {row['predicted_mib']:.0f} MiB > {MEMPLAN_RAM_SHARE:.0%} of " \
                                          f"{free / MiB:.0f} MiB free"
                     else:
-                        out = subprocess.run([sys.executable, __file__, '--memplan_child', case, unroll, str(steps),
-                                              str(ipc), device], capture_output=True, text=True, check=True, env=env)
+                        out = subprocess.run([sys.executable, '-m', 'tools.bench', '--memplan_child', case, unroll, str(steps),
+                                              str(ipc), device], capture_output=True, text=True, check=True, env=env, cwd=REPO)
                         row.update(json.loads(out.stdout.strip().splitlines()[-1]))
                         row['error'] = row['predicted_mib'] / row['measured_mib'] - 1
                     rows.append(row)
@@ -203,9 +205,9 @@ def memplan_line(r: dict) -> str:
 
 
 def bench_expert(device: str) -> dict:
-    from data import load_dataset
+    from trajmatch.data import load_dataset
     from networks import get_network
-    from training import OneNet, SGDSettings, train_epoch
+    from trajmatch.training import OneNet, SGDSettings, train_epoch
     dev = torch.device(device)
     data = load_dataset('Digits')
     x, y = data.images_train.to(dev), data.labels_train.to(dev)
@@ -221,9 +223,9 @@ def bench_expert(device: str) -> dict:
 
 def bench_expert_stacked(device: str, k: int = EVAL_NETS) -> dict:
     """Would --parallel_experts pay? K experts' epochs trained together (stacked.py) vs one at a time."""
-    from data import load_dataset
-    from evaluation import fresh_network
-    from training import SGDSettings, net_group, train_epoch
+    from trajmatch.data import load_dataset
+    from trajmatch.evaluation import fresh_network
+    from trajmatch.training import SGDSettings, net_group, train_epoch
     dev = torch.device(device)
     data = load_dataset('Digits')
     x, y = data.images_train.to(dev), data.labels_train.to(dev)
@@ -252,8 +254,8 @@ def bench_expert_stacked(device: str, k: int = EVAL_NETS) -> dict:
 
 def bench_eval(device: str, epochs: int = 1000) -> list[dict]:
     """Seconds per evaluation network: EVAL_NETS networks one at a time vs stacked (evaluation.py)."""
-    from data import load_dataset
-    from evaluation import random_real, stack_groups, train_and_score
+    from trajmatch.data import load_dataset
+    from trajmatch.evaluation import random_real, stack_groups, train_and_score
     dev = torch.device(device)
     data = load_dataset('Digits')
     shape = (data.channel, data.num_classes, data.im_size)
@@ -284,8 +286,8 @@ def bench_cross(device: str, ipc: int = 10, epochs: int = 300, test_images: int 
     ipc-10 set of 1x28x28 images trained E+1 epochs (one step each at batch 256), then `test_images` test
     and validation images. Timed on short runs of the real evaluation path (evaluation.evaluate_set),
     projected: seconds per epoch from 10 vs 5 epochs, per 1,000 test images from 2,000 vs 1,000."""
-    from evaluation import evaluate_set
-    from fmnist_study import CROSS_MODELS
+    from trajmatch.evaluation import evaluate_set
+    from studies.fmnist import CROSS_MODELS
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(10 * ipc, 1, 28, 28, generator=gen).to(dev)
@@ -360,7 +362,7 @@ def main(argv=None):
     p.add_argument('--only', nargs='+', default=PARTS[:-1], choices=PARTS, help='default: all but memplan (long)')
     p.add_argument('--buffer_path', default='buffers', help="experts for 'loop' (bash buffer.sh makes them)")
     p.add_argument('--device', default='auto')
-    p.add_argument('--out', default='bench.json')
+    p.add_argument('--out', default=os.path.join('tools', 'bench.json'))
     p.add_argument('--child', nargs=4, help=argparse.SUPPRESS)
     p.add_argument('--memplan_child', nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -1,0 +1,1 @@
+"""Studies: tables and figures made from many runs (python -m studies fmnist)."""

@@ -1,0 +1,1 @@
+"""Benchmarks and dataset preparation (python -m tools.bench, python -m tools.prep_tiny)."""
