@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from trajmatch.ast_components import GP_DEFAULT_MU, gradient_penalty, loss_decay_factor
-from trajmatch.data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, check_dataset, data_from_flags
-from trajmatch.accel import FP32, Accel, accel_from_args, add_accel_flags
+from trajmatch.data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, check_dataset, load_dataset
+from trajmatch.accel import FP32, Accel, accel_for, add_accel_flags
 from trajmatch.distributed import barrier, broadcast_object, cleanup, init_distributed, shard
 from networks import MODELS, get_network
 from trajmatch.stacked import stackable
@@ -27,7 +27,7 @@ from trajmatch.trajectory_io import (avg_var, buffer_dir, expert_done, expert_ep
 from trajmatch.training import SGDSettings, accuracy, net_group, step_schedule, train_scheduled
 from trajmatch.cli import MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, check_flags, cli_entry
 from trajmatch.files import check_writable, remove_stray_temps
-from trajmatch.runtime import pick_device, seed_everything
+from trajmatch.runtime import pick_device, seed_everything, set_deterministic
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,12 +236,14 @@ def main(argv=None):
     # every check that can fail runs before any training, and before anything is written
     check_flags(args, FLAG_DOMAINS)
     device = pick_device(args.device)
+    set_deterministic(args.deterministic)
     folder = buffer_dir(args.buffer_path, args.dataset, args.model, zca=args.zca, subset=args.subset, res=args.res)
     check_writable(folder, 'buffer folder')
     if not args.download:
         check_dataset(args.dataset, args.data_path, subset=args.subset)
     seed_everything(args.seed)
-    data = data_from_flags(args, download=args.download)
+    data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res, valid=args.valid,
+                        download=args.download)
     try:
         net = get_network(args.model, data.channel, data.num_classes, data.im_size)  # fail early on a bad size
     except ValueError as e:
@@ -263,7 +265,7 @@ def main(argv=None):
         print(f"{folder}: {args.num_experts - len(todo)} experts on disk, training {len(todo)}"
               + (f" on {d.world_size} processes" if d.world_size > 1 else ''))
     mine = shard(todo, d.rank, d.world_size)
-    accel = accel_from_args(args, device)
+    accel = accel_for(device, channels_last=args.channels_last, bf16=args.bf16, tf32=args.tf32)
     groups = [mine[j:j + args.parallel_experts] for j in range(0, len(mine), args.parallel_experts)]
     for group in tqdm(groups, desc='experts', disable=not d.is_main):
         start = time.time()

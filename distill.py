@@ -17,18 +17,19 @@ import os
 import torch
 from tqdm import tqdm
 
-from trajmatch.accel import accel_from_args, add_accel_flags
+from trajmatch.accel import accel_for, add_accel_flags
 from trajmatch.ast_components import balance_weight, intermediate_betas, intermediate_steps, perturb_start
 from trajmatch.checkpoint import LoopState, load_checkpoint, rank_streams, restore, resume_command, save_checkpoint
 from trajmatch.cli import (MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, Diverged, UsageError, check_flags,
                  check_saved_flags, cli_entry, explicit_flags, integer, real)
-from trajmatch.data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, check_dataset, data_from_flags
+from trajmatch.data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, check_dataset, dataset_meta, load_dataset
 from trajmatch.distributed import (Dist, all_ranks_true, all_reduce_mean_, broadcast_, broadcast_object, cleanup, from_env,
                          init_distributed, mean_over_ranks)
 from trajmatch.evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set
-from trajmatch.matching import ATT_METRICS, UNROLLS, Targets, match_and_backward
+from trajmatch.matching import ATT_METRICS, UNROLLS, Targets, Unroll, match_and_backward
 from trajmatch.mct import compressed_dir
-from trajmatch.memplan import auto_unroll, describe_choice, describe_for_args
+from trajmatch.memplan import (RunShape, choose_unroll, describe_choice, describe_run, expert_cache_bytes, free_bytes,
+                              make_plan)
 from networks import MODELS, get_network
 from reparam_module import ReparamModule
 from trajmatch.runlog import (ARGS_FILE, CHECKPOINT_FILE, FINAL_FILE, GRID_NAME, WANDB_MODES, RunLog, latest_run_dir,
@@ -36,7 +37,7 @@ from trajmatch.runlog import (ARGS_FILE, CHECKPOINT_FILE, FINAL_FILE, GRID_NAME,
 from trajmatch.synthetic import SyntheticSet, final_expert_net, init_synthetic
 from trajmatch.trajectory_io import ExpertCursor, ExpertTrajectory, buffer_dir, read_meta, validate_buffers
 from trajmatch.files import atomic_write_json, check_writable, remove_stray_temps
-from trajmatch.runtime import pick_device, seed_everything
+from trajmatch.runtime import pick_device, seed_everything, set_deterministic
 
 
 # ---------------------------------------------------------------- flags (defaults: Digits quickstart)
@@ -138,18 +139,35 @@ FLAG_DOMAINS = {
 # flags a --resume may change: step sizes, stopping rules, logging; never what the matching, the evaluation
 # protocol (best is selected by it) or the random streams depend on
 RESUME_OVERRIDABLE = ('lr_img', 'lr_lr', 'max_skips', 'max_loss', 'save_every', 'eval_it', 'expert_cache_mib',
-                      'parallel_eval', 'wandb')
+                      'parallel_eval', 'wandb', 'device')
+
+# what args.json records beside the flags (the flags themselves never change after they are resolved):
+# 'resolved' = {'unroll': the mode --unroll auto chose, 'unroll_plan': why, 'device': where}, and
+# 'resume_overrides' = [{'it': ..., flag: {'was': .., 'now': ..}}, ...]
+RECORD_KEYS = ('resolved', 'resume_overrides')
+
+
+def split_record(saved: dict) -> tuple[dict, dict]:
+    """args.json -> (flags, record). Runs from before the record kept the chosen mode in 'unroll' and the
+    plan in 'unroll_plan': read as --unroll auto with that choice (made on the run's device)."""
+    flags = {k: v for k, v in saved.items() if k not in RECORD_KEYS + ('unroll_plan',)}
+    record = {k: saved[k] for k in RECORD_KEYS if k in saved}
+    if isinstance(saved.get('unroll_plan'), dict) and 'resolved' not in record:
+        record['resolved'] = {'unroll': saved.get('unroll'), 'unroll_plan': saved['unroll_plan']}
+        flags['unroll'] = 'auto'
+    return flags, record
 
 
 def resume_args(parser: argparse.ArgumentParser, argv, given_resume: str, run_root: str
-                ) -> tuple[str, argparse.Namespace, dict]:
-    """(run folder, the run's flags with the overrides applied, {flag: (old, new)} for each override)."""
+                ) -> tuple[str, argparse.Namespace, dict, dict]:
+    """(run folder, the run's flags with the overrides applied, {flag: (old, new)} for each override, the
+    record args.json keeps beside the flags)."""
     run_dir = latest_run_dir(run_root, holding=CHECKPOINT_FILE) if given_resume == 'latest' else given_resume
     if not run_dir or not os.path.isfile(run_file(run_dir, CHECKPOINT_FILE)):
         where = f"no run folder in {run_root} has one" if given_resume == 'latest' else f"none in {run_dir}"
         raise UsageError(f"--resume {given_resume}: needs a {CHECKPOINT_FILE} ({where}); give a run folder of "
                          f"distill.py that reached --save_every")
-    saved = load_args(run_dir)
+    saved, record = split_record(load_args(run_dir))
     check_saved_flags(parser, saved, run_file(run_dir, ARGS_FILE))
     merged = vars(parser.parse_args([]))  # defaults for flags newer than the run
     merged.update(saved)
@@ -161,7 +179,7 @@ def resume_args(parser: argparse.ArgumentParser, argv, given_resume: str, run_ro
                          f"{changes[refused[0]][0]!r}); flags that can: "
                          f"{', '.join('--' + f for f in RESUME_OVERRIDABLE)}; or start a new run")
     merged.update({k: new for k, (_, new) in changes.items()})
-    return run_dir, argparse.Namespace(**merged), changes
+    return run_dir, argparse.Namespace(**merged), changes, record
 
 
 SKIP_WORDS = {'nonfinite': 'non-finite loss or gradient', 'max_loss': 'loss above --max_loss',
@@ -187,7 +205,7 @@ def prepare(args):
         raise UsageError(f"no expert buffers at {folder}; run buffer.py with the same --dataset/--model/--zca "
                          f"first (e.g. bash buffer.sh), or point --buffer_path at them")
     check_valid_split(folder, args.valid)
-    data = data_from_flags(args)
+    data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res, valid=args.valid)
     try:
         nets = [get_network(m, data.channel, data.num_classes, data.im_size)  # ValueError if the size does not fit
                 for m in [args.model] + args.eval_mode]
@@ -245,7 +263,7 @@ def student_start(targets: Targets, param_shapes, *, perturb: bool, variant: str
 @dataclasses.dataclass(frozen=True)
 class Matching:
     """How one iteration samples, unrolls and steps (the flags, fixed for the run)."""
-    syn_steps: int
+    unroll: Unroll            # how the student is unrolled: travels whole into match_and_backward
     expert_epochs: int
     max_start_epoch: int
     middle: bool              # AST intermediate matching
@@ -255,23 +273,19 @@ class Matching:
     perturb_rho: float
     balance: bool
     balance_base: float
-    batch_syn: int
-    syn_mom: float
-    dsa: bool
-    unroll: str
-    auto_steps: bool
-    att_metric: str
     max_loss: float
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, num_syn: int) -> 'Matching':
-        return cls(syn_steps=args.syn_steps, expert_epochs=args.expert_epochs, max_start_epoch=args.max_start_epoch,
+    def from_args(cls, args: argparse.Namespace, num_syn: int, unroll_mode: str) -> 'Matching':
+        """The flags, with --unroll auto resolved to `unroll_mode`."""
+        unroll = Unroll(syn_steps=args.syn_steps, batch_syn=args.batch_syn or num_syn, syn_mom=args.syn_mom,
+                        use_dsa=args.dsa == 'True', mode=unroll_mode, auto_steps=args.auto_steps,
+                        att_metric=args.att_metric)
+        return cls(unroll=unroll, expert_epochs=args.expert_epochs, max_start_epoch=args.max_start_epoch,
                    middle=args.agg_middle_loss or args.adaptive_middle_loss,
                    adaptive=args.adaptive_middle_loss, perturb=args.weight_perturb,
                    perturb_variant=args.perturb_variant, perturb_rho=args.perturb_rho, balance=args.balance_loss,
-                   balance_base=args.balance_base, batch_syn=args.batch_syn or num_syn, syn_mom=args.syn_mom,
-                   dsa=args.dsa == 'True', unroll=args.unroll, auto_steps=args.auto_steps,
-                   att_metric=args.att_metric, max_loss=args.max_loss)
+                   balance_base=args.balance_base, max_loss=args.max_loss)
 
 
 @dataclasses.dataclass
@@ -288,16 +302,14 @@ def iteration(syn: SyntheticSet, student: ReparamModule, trajectory: ExpertTraje
               m: Matching) -> Step:
     """Sample a start, unroll the student on the set, match the expert, and step the set (all ranks together)."""
     t = sample_start(m.max_start_epoch, trajectory.continuous_time, gen)  # MCT: real-valued
-    targets = expert_targets(trajectory, t, syn_steps=m.syn_steps, expert_epochs=m.expert_epochs,
+    targets = expert_targets(trajectory, t, syn_steps=m.unroll.syn_steps, expert_epochs=m.expert_epochs,
                              middle=m.middle, adaptive=m.adaptive)
     w0, targets = student_start(targets, student.param_shapes, perturb=m.perturb, variant=m.perturb_variant,
                                 rho=m.perturb_rho, generator=gen)
     nu = balance_weight(t, m.max_start_epoch, base=m.balance_base) if m.balance else 1.0
     syn.zero_grad()
-    loss, info = match_and_backward(student, syn.images, syn.labels, syn.lr, w0, targets,
-                                    syn_steps=m.syn_steps, batch_syn=m.batch_syn, generator=gen,
-                                    syn_mom=m.syn_mom, use_dsa=m.dsa, loss_weight=nu, unroll_mode=m.unroll,
-                                    auto_steps=m.auto_steps, att_metric=m.att_metric)
+    loss, info = match_and_backward(student, syn.images, syn.labels, syn.lr, w0, targets, m.unroll, generator=gen,
+                                    loss_weight=nu)
     loss_value = loss.item()  # one host sync for both checks
     finite = math.isfinite(loss_value) and syn.grads_finite()
     bounded = finite and loss_value <= m.max_loss
@@ -347,7 +359,8 @@ class Evaluation:
                    test_x=data.images_test.to(device), test_y=data.labels_test.to(device),
                    val=None if data.images_val is None else (data.images_val.to(device), data.labels_val.to(device)),
                    epochs=args.epoch_eval_train, num_eval=args.num_eval, seed=args.seed, lr_decay=args.lr_decay,
-                   parallel=args.parallel_eval, accel=accel_from_args(args, device), to_pixels=data.to_pixels,
+                   parallel=args.parallel_eval, accel=accel_for(device, channels_last=args.channels_last, bf16=args.bf16,
+                                                                     tf32=args.tf32), to_pixels=data.to_pixels,
                    nrow=args.ipc if args.ipc > 1 else data.num_classes)
 
 
@@ -387,19 +400,54 @@ class Run:
     matching: Matching
     evaluation: Evaluation
     ckpt: dict | None   # the checkpoint to resume from
+    record: dict        # what args.json keeps beside the flags (RECORD_KEYS)
 
 
-def read_flags(argv) -> tuple[argparse.Namespace, str | None, dict]:
-    """(flags, run folder to resume or None, {flag: (old, new)} for each --resume override)."""
+def read_flags(argv) -> tuple[argparse.Namespace, str | None, dict, dict]:
+    """(flags, run folder to resume or None, {flag: (old, new)} for each --resume override, the run's record
+    of what was resolved and overridden before: split_record)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume:  # the run's own flags (never wandb's), with the safe ones given here overriding them
-        run_dir, args, overrides = resume_args(parser, argv, args.resume, args.run_dir)
-        return args, run_dir, overrides
-    return finalize_args(args), None, {}
+        return (lambda run_dir, a, overrides, record: (a, run_dir, overrides, record))(
+            *resume_args(parser, argv, args.resume, args.run_dir))
+    return finalize_args(args), None, {}, {}
 
 
-def setup(args: argparse.Namespace, run_dir: str | None, device: torch.device) -> Run:
+def run_shape(args: argparse.Namespace, data=None) -> RunShape:
+    """The shapes of a run's iteration, for the memory plan: from the loaded data, or from the dataset's
+    known metadata (--plan needs no data)."""
+    if data is not None:
+        channel, classes, im_size, tests = data.channel, data.num_classes, tuple(data.im_size), len(data.labels_test)
+    else:
+        channel, classes, im_size, tests = dataset_meta(args.dataset, args.subset, args.res)
+    uses_middle = args.agg_middle_loss or args.adaptive_middle_loss  # either flag switches the terms on
+    middle = tuple(intermediate_steps(args.syn_steps, args.expert_epochs)) if uses_middle else ()
+    return RunShape(model=args.model or DEFAULT_MODEL[args.dataset], channel=channel, im_size=im_size,
+                    num_classes=classes, ipc=args.ipc, batch_syn=args.batch_syn or classes * args.ipc,
+                    syn_steps=args.syn_steps, middle_steps=middle, auto_steps=args.auto_steps, syn_mom=args.syn_mom,
+                    dsa=args.dsa == 'True', weight_perturb=args.weight_perturb, num_test=tests,
+                    eval_networks=1 if args.parallel_eval == 'loop' else args.num_eval)
+
+
+def resolve_unroll(args: argparse.Namespace, earlier: dict, data, files: list[str], device: torch.device,
+                   d: Dist) -> dict:
+    """The record's 'resolved': an explicit --unroll as given; auto planned on this device once, and kept
+    by a resumed run unless it continues on another device (then planned again there)."""
+    if args.unroll != 'auto':
+        return {'unroll': args.unroll, 'device': str(device)}
+    if earlier.get('unroll') in UNROLLS and earlier.get('device', str(device)) == str(device):
+        return {**earlier, 'device': str(device)}
+    all_ranks_true(True)  # the first collective: NCCL's buffers exist before the free memory is read
+    choice = choose_unroll(make_plan(run_shape(args, data)), device, free_bytes(device),
+                           expert_cache_bytes(files, args.expert_cache_mib))
+    choice['unroll'] = 'bptt' if all_ranks_true(choice['bptt_fits']) else 'recompute'  # one mode on all ranks
+    if d.is_main:
+        print(describe_choice(choice))
+    return {'unroll': choice['unroll'], 'unroll_plan': choice, 'device': str(device)}
+
+
+def setup(args: argparse.Namespace, run_dir: str | None, device: torch.device, record: dict) -> Run:
     """Every check (before any work and before a run folder is made), then the set, streams and student."""
     check_writable(run_dir or args.run_dir, 'run folder' if run_dir else '--run_dir')
     if run_dir and from_env().is_main:  # rank 0 alone writes the run folder (under torchrun: before init)
@@ -407,12 +455,7 @@ def setup(args: argparse.Namespace, run_dir: str | None, device: torch.device) -
     data, files = prepare(args)
     d, device = init_distributed(device)
     ckpt = load_checkpoint(run_dir, d) if run_dir else None
-    if args.unroll == 'auto':  # resolved once and saved in args.json, so a resumed run keeps the mode
-        choice = auto_unroll(args, data, files, device)
-        choice['unroll'] = 'bptt' if all_ranks_true(choice['bptt_fits']) else 'recompute'  # one mode on all ranks
-        args.unroll, args.unroll_plan = choice['unroll'], choice
-        if d.is_main:
-            print(describe_choice(choice))
+    resolved = resolve_unroll(args, record.get('resolved') or {}, data, files, device, d)
     gen = seed_everything(args.seed)
     expert_net = None
     if args.pix_init in ('kmeans', 'avg'):
@@ -425,31 +468,32 @@ def setup(args: argparse.Namespace, run_dir: str | None, device: torch.device) -
     gen, cursor = rank_streams(args.seed, d.rank, gen, files, args.mct, args.expert_cache_mib)
     evaluation = Evaluation.from_args(args, data, device)
     student = ReparamModule(get_network(args.model, data.channel, data.num_classes, data.im_size).to(device))
-    return Run(d, syn, student, cursor, gen, Matching.from_args(args, len(syn)), evaluation, ckpt)
+    matching = Matching.from_args(args, len(syn), resolved['unroll'])
+    return Run(d, syn, student, cursor, gen, matching, evaluation, ckpt, {**record, 'resolved': resolved})
 
 
 def start_or_resume(r: Run, args: argparse.Namespace, run_dir: str | None,
                     overrides: dict) -> tuple[LoopState, RunLog | None, str]:
-    """A new numbered run folder, or the checkpoint's state restored; rank 0 alone gets the log."""
+    """A new numbered run folder, or the checkpoint's state restored; rank 0 alone gets the log. args.json
+    holds the flags as resolved, with the record (r.record) beside them."""
     log = None  # rank 0 alone writes metrics, wandb, images and checkpoints
     if r.ckpt is None:
         state = LoopState()
         if r.d.is_main:
             run_dir = new_run_dir(args.run_dir, f'{args.dataset}-ipc{args.ipc}-{args.model}')
-            save_args(run_dir, vars(args))
-            log = RunLog(run_dir, vars(args), wandb_mode=args.wandb, project=args.project)
+            save_args(run_dir, {**vars(args), **r.record})
+            log = RunLog(run_dir, {**vars(args), **r.record}, wandb_mode=args.wandb, project=args.project)
         return state, log, broadcast_object(run_dir)  # one folder per run, named by rank 0
     state = restore(r.ckpt, run_dir, r.d, r.syn, r.cursor, r.gen, args.Iteration)
     r.syn.set_step_sizes(args.lr_img, args.lr_lr)
     if overrides:  # recorded with the iteration it took effect; a new streak of skips starts
         state.skips_in_row = 0
-        earlier = getattr(args, 'resume_overrides', [])
-        args.resume_overrides = (earlier if isinstance(earlier, list) else []) + [
+        earlier = r.record.get('resume_overrides', [])
+        r.record['resume_overrides'] = (earlier if isinstance(earlier, list) else []) + [
             {'it': state.it, **{k: {'was': old, 'now': new} for k, (old, new) in overrides.items()}}]
-        if r.d.is_main:
-            save_args(run_dir, vars(args))
     if r.d.is_main:
-        log = RunLog(run_dir, vars(args), wandb_mode=args.wandb, project=args.project,
+        save_args(run_dir, {**vars(args), **r.record})  # the overrides, and a plan made again on a new device
+        log = RunLog(run_dir, {**vars(args), **r.record}, wandb_mode=args.wandb, project=args.project,
                      wandb_id=r.ckpt.get('wandb_id'))
         log.truncate_after(state.it - 1)
     return state, log, run_dir
@@ -504,20 +548,22 @@ def finish(r: Run, state: LoopState, log: RunLog | None, run_dir: str, iteration
 
 @cli_entry
 def main(argv=None):
-    args, run_dir, overrides = read_flags(argv)
+    args, run_dir, overrides, record = read_flags(argv)
     if run_dir and os.path.exists(run_file(run_dir, FINAL_FILE)):  # nothing to do: the folder stays as it is
         print(f"{run_dir} has finished ({FINAL_FILE}); nothing to resume"
               + (f" (ignored: {', '.join('--' + k for k in overrides)})" if overrides else ''))
         return run_dir
     check_flags(args, FLAG_DOMAINS)  # every check runs before any work and before a run folder is made
     device = pick_device(args.device)
+    set_deterministic(args.deterministic)
     if args.plan:  # needs no data, buffers or run folder: the dataset's shape is known
+        chosen = (record.get('resolved') or {}).get('unroll') if args.unroll == 'auto' else None
         try:
-            print(describe_for_args(args, device))
+            print(describe_run(make_plan(run_shape(args)), chosen or args.unroll, device))
         except ValueError as e:
             raise UsageError(f"--plan: {e}") from None
         return None
-    r = setup(args, run_dir, device)
+    r = setup(args, run_dir, device, record)
     resumed = r.ckpt is not None
     state, log, run_dir = start_or_resume(r, args, run_dir, overrides)
     if r.d.is_main:

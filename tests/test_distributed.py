@@ -167,8 +167,7 @@ def replay_two_ranks(buffer_path: str, iterations: int) -> tuple[torch.Tensor, t
             t = distill.sample_start(2, False, gen)
             targets = distill.expert_targets(trajectory, t, syn_steps=3, expert_epochs=1, middle=False,
                                              adaptive=False)
-            matching.match_and_backward(student, x, labels, lr, targets.start, targets, syn_steps=3, batch_syn=20,
-                                        generator=gen)
+            matching.match_and_backward(student, x, labels, lr, targets.start, targets, matching.Unroll(syn_steps=3, batch_syn=20), generator=gen)
             grads.append((x.grad, lr.grad))
         pairs.append(grads)
         g_img, g_lr = (grads[0][0] + grads[1][0]) / 2, (grads[0][1] + grads[1][1]) / 2

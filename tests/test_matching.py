@@ -86,7 +86,7 @@ def test_hypergradient_matches_central_finite_differences(use_dsa):
 
 # ---------------------------------------------------------------- recompute == bptt, ATT
 
-from trajmatch.matching import Targets, final_step, match_and_backward, record_steps  # noqa: E402
+from trajmatch.matching import Targets, Unroll, final_step, match_and_backward, record_steps  # noqa: E402
 
 
 def grads_of(mode, *, syn_mom=0.0, auto_steps=False, middle=True, loss_weight=1.0, use_dsa=True):
@@ -94,9 +94,7 @@ def grads_of(mode, *, syn_mom=0.0, auto_steps=False, middle=True, loss_weight=1.
     imgs = images.clone().requires_grad_(True)
     alpha = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
     mid = [(2, start + 0.5 * (target - start), 1.0)] if middle else []
-    loss, info = match_and_backward(student, imgs, labels, alpha, start, Targets(start, target, mid), syn_steps=5,
-                                    batch_syn=4, generator=torch.Generator().manual_seed(2), syn_mom=syn_mom,
-                                    use_dsa=use_dsa, loss_weight=loss_weight, unroll_mode=mode, auto_steps=auto_steps)
+    loss, info = match_and_backward(student, imgs, labels, alpha, start, Targets(start, target, mid), Unroll(syn_steps=5, batch_syn=4, syn_mom=syn_mom, use_dsa=use_dsa, mode=mode, auto_steps=auto_steps), generator=torch.Generator().manual_seed(2), loss_weight=loss_weight)
     return loss, info, imgs.grad, alpha.grad
 
 
@@ -125,9 +123,7 @@ def test_bptt_with_every_term_matches_finite_differences():
     def loss_at(imgs, alpha, grad=False, mode='bptt'):
         imgs = imgs.clone().requires_grad_(grad)
         a = torch.tensor(alpha, dtype=torch.float64, requires_grad=grad)
-        loss, _ = match_and_backward(student, imgs, labels, a, w0, Targets(start, target, mid), syn_steps=4,
-                                     batch_syn=4, generator=torch.Generator().manual_seed(4), syn_mom=0.9,
-                                     loss_weight=nu, unroll_mode=mode)
+        loss, _ = match_and_backward(student, imgs, labels, a, w0, Targets(start, target, mid), Unroll(syn_steps=4, batch_syn=4, syn_mom=0.9, mode=mode), generator=torch.Generator().manual_seed(4), loss_weight=nu)
         return loss, imgs.grad, a.grad
 
     _, g_img, g_lr = loss_at(images, 0.05, grad=True)
@@ -177,9 +173,7 @@ def test_both_unrolls_agree_when_intermediate_steps_fall_on_step_0_or_repeat(syn
     for mode in ('bptt', 'recompute'):
         imgs = images.clone().requires_grad_(True)
         alpha = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
-        loss, info = match_and_backward(student, imgs, labels, alpha, start, Targets(start, target, mid),
-                                        syn_steps=syn_steps, batch_syn=4, generator=torch.Generator().manual_seed(5),
-                                        syn_mom=0.9, unroll_mode=mode, auto_steps=auto_steps)
+        loss, info = match_and_backward(student, imgs, labels, alpha, start, Targets(start, target, mid), Unroll(syn_steps=syn_steps, batch_syn=4, syn_mom=0.9, mode=mode, auto_steps=auto_steps), generator=torch.Generator().manual_seed(5))
         out[mode] = (loss, info, imgs.grad, alpha.grad)
     (lb, ib, gb, ab), (lr_, ir, gr, ar) = out['bptt'], out['recompute']
     assert ib['n_final'] == ir['n_final']

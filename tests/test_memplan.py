@@ -16,7 +16,8 @@ from torch.utils._pytree import tree_flatten
 import distill
 from trajmatch import memplan
 from trajmatch.augment import DSA_STRATEGY, draw_group, parse_strategy
-from trajmatch.matching import Targets, checkpoint_every, match_and_backward, record_steps, syn_batches, unroll
+from trajmatch.matching import (Targets, Unroll, checkpoint_every, match_and_backward, record_steps, syn_batches,
+                                unroll)
 from trajmatch.memplan import (RunShape, SavedBytes, choose_unroll, make_plan, probe_step, recompute_vectors)
 from networks import get_network
 from reparam_module import ReparamModule
@@ -84,7 +85,7 @@ def test_bptt_grows_linearly_in_syn_steps_and_recompute_like_its_square_root():
     saved = {n: next(part for part in pl.parts if part.name.startswith('saved by autograd')) for n, pl in plans.items()}
     for a, b in zip(steps, steps[1:]):
         # bptt: every step adds its saved tensors and its w_n
-        extra = (b - a) * (p.saved_bptt + vec + tiny().batch * 8)
+        extra = (b - a) * (p.saved_bptt + vec + tiny().batch * (8 + memplan.DRAW_BYTES_PER_IMAGE))
         assert plans[b].growth('bptt') - plans[a].growth('bptt') == pytest.approx(extra, rel=1e-9)
         assert saved[b].bptt == pytest.approx(b / a * saved[a].bptt, rel=1e-9)
         assert saved[b].recompute == saved[a].recompute  # one step's graph, whatever N
@@ -93,8 +94,8 @@ def test_bptt_grows_linearly_in_syn_steps_and_recompute_like_its_square_root():
         rec = recompute_vectors(tiny(syn_steps=n))
         assert rec['checkpoints'] + rec['segment'] == 4 * k - 2
     assert plans[64].growth('bptt') / plans[4].growth('bptt') > 8
-    for n in steps:  # recompute: O(sqrt(N)) vectors over N = 4, plus each step's index batch and replay state
-        per_step = tiny().batch * 8 + memplan.REPLAY_STATE_BYTES
+    for n in steps:  # recompute: O(sqrt(N)) vectors over N = 4, plus each step's index batch and DSA draw
+        per_step = tiny().batch * (8 + memplan.DRAW_BYTES_PER_IMAGE)
         bound = plans[4].growth('recompute') + 4 * math.isqrt(n) * vec + n * per_step
         assert plans[n].growth('recompute') <= bound
 
@@ -154,8 +155,7 @@ def test_predicted_growth_matches_the_live_tensor_bytes_of_an_iteration(mode, sy
                       [(n, w0 + 0.005, 1.0) for n in middle])
     live = LiveTensorBytes()
     with live:
-        match_and_backward(net, images, labels, lr, w0, targets, syn_steps=syn_steps, batch_syn=shape.batch,
-                           generator=gen, syn_mom=syn_mom, unroll_mode=mode, auto_steps=auto_steps)
+        match_and_backward(net, images, labels, lr, w0, targets, Unroll(syn_steps=syn_steps, batch_syn=shape.batch, syn_mom=syn_mom, mode=mode, auto_steps=auto_steps), generator=gen)
     assert make_plan(shape).growth(mode) == pytest.approx(live.peak, rel=0.10)
 
 
@@ -206,17 +206,44 @@ def run(buffers, runs, *extra):
 def test_default_auto_picks_bptt_on_digits_logs_it_and_changes_nothing(buffers, tmp_path, capsys):
     args, images = run(buffers, tmp_path / 'auto')
     assert 'unroll auto -> bptt' in capsys.readouterr().out
-    assert args['unroll'] == 'bptt' and args['unroll_plan']['requested'] == 'auto'
-    assert args['unroll_plan']['peak_bptt_mib'] > args['unroll_plan']['peak_recompute_mib'] > 0
+    # the flag stays as given; the mode auto chose, and why, are recorded beside it
+    assert args['unroll'] == 'auto' and args['resolved']['unroll'] == 'bptt'
+    plan = args['resolved']['unroll_plan']
+    assert plan['requested'] == 'auto' and plan['peak_bptt_mib'] > plan['peak_recompute_mib'] > 0
+    assert args['resolved']['device'] == 'cpu'
     explicit, same = run(buffers, tmp_path / 'bptt', '--unroll', 'bptt')
-    assert 'unroll_plan' not in explicit
+    assert explicit['unroll'] == 'bptt' and 'unroll_plan' not in explicit['resolved']
     assert torch.equal(images, same)
 
 
 def test_auto_falls_back_to_recompute_when_bptt_does_not_fit_and_explicit_modes_win(buffers, tmp_path,
                                                                                      monkeypatch):
-    monkeypatch.setattr(memplan, 'free_bytes', lambda device: 1)  # a device with no room
+    monkeypatch.setattr(distill, 'free_bytes', lambda device: 1)  # a device with no room
     args, _ = run(buffers, tmp_path / 'auto')
-    assert args['unroll'] == 'recompute' and not args['unroll_plan']['bptt_fits']
+    assert args['resolved']['unroll'] == 'recompute' and not args['resolved']['unroll_plan']['bptt_fits']
     args, _ = run(buffers, tmp_path / 'bptt', '--unroll', 'bptt')
-    assert args['unroll'] == 'bptt'
+    assert args['resolved']['unroll'] == 'bptt'
+
+
+def test_resume_may_change_device_and_plans_auto_again_there(buffers, tmp_path):
+    """--device is a resume override; --unroll auto keeps its mode on the same device and is planned again
+    on another (here: a run recorded as made on cuda:0 continues on the CPU); the checkpoint holds no
+    CUDA RNG state of a CPU run (only the run's own device's, never every visible GPU's)."""
+    args, _ = run(buffers, tmp_path / 'runs', '--save_every', '1')
+    run_dir = str(sorted((tmp_path / 'runs').iterdir())[0])
+    ckpt = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
+    assert 'cuda' not in ckpt['rng']
+    path = os.path.join(run_dir, 'args.json')
+    with open(path) as f:
+        saved = json.load(f)
+    os.remove(os.path.join(run_dir, 'final.json'))
+    saved['Iteration'], saved['resolved'] = 3, {'unroll': 'recompute', 'device': 'cuda:0'}
+    with open(path, 'w') as f:
+        json.dump(saved, f)
+    distill.main(['--resume', run_dir, '--device', 'cpu'])
+    with open(path) as f:
+        after = json.load(f)
+    assert after['unroll'] == 'auto' and after['device'] == 'cpu'
+    assert after['resolved']['device'] == 'cpu' and after['resolved']['unroll'] == 'bptt'
+    assert after['resolved']['unroll_plan']['requested'] == 'auto'
+    assert after['resume_overrides'][-1]['device'] == {'was': 'auto', 'now': 'cpu'}

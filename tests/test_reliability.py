@@ -481,8 +481,8 @@ def test_unwritable_outputs_stop_before_any_work(env, tmp_path, monkeypatch, cap
     def no_work(*a, **k):
         raise AssertionError('work started before the output folder was checked')
     monkeypatch.setattr(buffer, 'train_experts', no_work)
-    monkeypatch.setattr(buffer, 'data_from_flags', no_work)
-    monkeypatch.setattr(eval_script, 'data_from_flags', no_work)
+    monkeypatch.setattr(buffer, 'load_dataset', no_work)
+    monkeypatch.setattr(eval_script, 'load_dataset', no_work)
     monkeypatch.setattr(distill, 'prepare', no_work)
     (tmp_path / 'ro').mkdir()
     refuse_writes_under(monkeypatch, tmp_path / 'ro')

@@ -57,7 +57,7 @@ def distill_child(unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
     """One configuration, in this (fresh) process."""
     from trajmatch.data import load_dataset
     from trajmatch.evaluation import random_real
-    from trajmatch.matching import Targets, match_and_backward
+    from trajmatch.matching import Targets, Unroll, match_and_backward
     from networks import get_network
     from reparam_module import ReparamModule
     dev = torch.device(device)
@@ -74,8 +74,7 @@ def distill_child(unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
 
     def step():
         images.grad = syn_lr.grad = None
-        match_and_backward(student, images, labels, syn_lr, w0, targets, syn_steps=syn_steps,
-                           batch_syn=images.shape[0], generator=gen, unroll_mode=unroll)
+        match_and_backward(student, images, labels, syn_lr, w0, targets, Unroll(syn_steps=syn_steps, batch_syn=images.shape[0], mode=unroll), generator=gen)
         if dev.type == 'cuda':
             torch.cuda.synchronize()
 
@@ -119,7 +118,7 @@ def memplan_child(case: str, unroll: str, syn_steps: int, ipc: int, device: str)
     the optimisers' momentum are not the iteration's). CPU: VmHWM reset through /proc/self/clear_refs;
     the parent runs this with glibc's mmap threshold fixed, so freed tensors leave the RSS, as they
     leave CUDA's max_memory_allocated."""
-    from trajmatch.matching import Targets, match_and_backward
+    from trajmatch.matching import Targets, Unroll, match_and_backward
     from networks import get_network
     from reparam_module import ReparamModule
     model, channel, classes, im_size = MEMPLAN_CASES[case]
@@ -137,8 +136,7 @@ def memplan_child(case: str, unroll: str, syn_steps: int, ipc: int, device: str)
     def iteration(steps: int):
         for opt in opts:
             opt.zero_grad(set_to_none=True)
-        match_and_backward(student, images, labels, syn_lr, w0, targets, syn_steps=steps,
-                           batch_syn=images.shape[0], generator=gen, unroll_mode=unroll)
+        match_and_backward(student, images, labels, syn_lr, w0, targets, Unroll(syn_steps=steps, batch_syn=images.shape[0], mode=unroll), generator=gen)
         for opt in opts:
             opt.step()
 

@@ -49,12 +49,16 @@ def add_accel_flags(parser: argparse.ArgumentParser) -> None:
     a('--tf32', default='off', choices=SWITCH,
       help='TF32 matmuls/convolutions on Ampere+ GPUs, everywhere including the unroll '
            '(default off; auto: on with CUDA)')
+    a('--deterministic', action='store_true',
+      help="deterministic kernels where torch has them (use_deterministic_algorithms, cuDNN's deterministic "
+           "algorithms, CUBLAS_WORKSPACE_CONFIG): on CUDA a resumed run then aims to equal an uninterrupted one; "
+           "ops without a deterministic CUDA kernel warn (README, Resume)")
 
 
-def accel_from_args(args: argparse.Namespace, device: torch.device) -> Accel:
-    """The Accel the flags ask for on this device; also sets the process-wide TF32 switch."""
-    set_tf32(switch_on(args.tf32, device))
-    return Accel(channels_last=switch_on(args.channels_last, device), bf16=switch_on(args.bf16, device))
+def accel_for(device: torch.device, *, channels_last: str = 'off', bf16: str = 'off', tf32: str = 'off') -> Accel:
+    """The Accel these switches (SWITCH values) ask for on this device; also sets the process-wide TF32 switch."""
+    set_tf32(switch_on(tf32, device))
+    return Accel(channels_last=switch_on(channels_last, device), bf16=switch_on(bf16, device))
 
 
 def set_tf32(on: bool) -> None:

@@ -193,9 +193,11 @@ def perturb_start(flat: Tensor, param_shapes: Sequence[torch.Size], rho: float =
 # --------------------------------------------------------------------------
 
 def _features(net: nn.Module, images: Tensor, batch_size: int) -> np.ndarray:
-    """Penultimate features of ``images`` as a float64 numpy array."""
+    """Penultimate features of ``images`` as a float64 numpy array, computed where ``net`` is: each batch
+    is moved to the network's device (the images may stay on the CPU, where the dataset keeps them)."""
+    device = next(net.parameters()).device
     with torch.no_grad():
-        feats = [net.embed(images[s:s + batch_size]).flatten(1).cpu()
+        feats = [net.embed(images[s:s + batch_size].to(device)).flatten(1).cpu()
                  for s in range(0, len(images), batch_size)]
     return torch.cat(feats).double().numpy()
 
@@ -234,15 +236,20 @@ def _pick_nearest_distinct(feats: np.ndarray, centroids: np.ndarray,
 
 
 def kmeans_init(net: nn.Module, images: Tensor, labels: Tensor, num_classes: int,
-                ipc: int, seed: int, batch_size: int = 512) -> tuple[Tensor, Tensor]:
+                ipc: int, seed: int, batch_size: int = 512,
+                per_class: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """ipc real images per class nearest the K-Means centroids of their features.
 
-    ``net`` is an expert at its final snapshot, already in eval mode and on
-    ``images``' device (train-mode BatchNorm would update its running stats).
+    ``net`` is an expert at its final snapshot, already in eval mode (train-mode
+    BatchNorm would update its running stats), on any device: features are
+    computed there, batch by batch; the images stay where they are.
     Per class: K = ipc clusters for ipc <= 10, else 10 clusters taking
     ipc // 10 images each (the first ipc % 10 clusters one more);
     ``KMeans(n_clusters=K, n_init=10, random_state=seed)``.  The chosen images
     are distinct (see ``_pick_nearest_distinct``).
+
+    ``per_class``: each class's indices into ``images`` where the caller has
+    them already (RealData.indices_per_class); else computed from ``labels``.
 
     Returns (copies of the chosen images [num_classes * ipc, C, H, W], labels),
     class-major, clusters in K-Means order within a class.
@@ -251,7 +258,8 @@ def kmeans_init(net: nn.Module, images: Tensor, labels: Tensor, num_classes: int
 
     if ipc < 1:
         raise ValueError(f"ipc must be >= 1, got {ipc}")
-    per_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
+    if per_class is None:
+        per_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
     # Check every class before clustering any, so a bad ipc fails at once.
     for c, idx in enumerate(per_class):
         if ipc > len(idx):

@@ -35,18 +35,19 @@ def rank_streams(seed: int, rank: int, init_gen: torch.Generator, files: list[st
     return gen, ExpertCursor(files, rank_seed(seed, rank), loader=trajectory_kind(mct).load_file, cache_mib=cache_mib)
 
 
-def rank_state(cursor: ExpertCursor, gen: torch.Generator) -> dict:
-    """What one rank needs to continue its own random streams after --resume."""
-    return {'cursor': cursor.state_dict(), 'generator': gen.get_state(), 'rng': rng_state()}
+def rank_state(cursor: ExpertCursor, gen: torch.Generator, device: torch.device) -> dict:
+    """What one rank needs to continue its own random streams after --resume (its own device's only)."""
+    return {'cursor': cursor.state_dict(), 'generator': gen.get_state(), 'rng': rng_state(device)}
 
 
-def restore_rank_state(ckpt: dict, d: Dist, cursor: ExpertCursor, gen: torch.Generator) -> None:
+def restore_rank_state(ckpt: dict, d: Dist, cursor: ExpertCursor, gen: torch.Generator,
+                       device: torch.device) -> None:
     """Rank 0's streams are the checkpoint's top-level keys (as in a one-process checkpoint);
     rank r > 0's are ckpt['other_ranks'][r - 1]."""
     mine = ckpt if d.rank == 0 else ckpt['other_ranks'][d.rank - 1]
     cursor.load_state_dict(mine['cursor'])
     gen.set_state(mine['generator'])
-    set_rng_state(mine['rng'])
+    set_rng_state(mine['rng'], device)
 
 
 # ---------------------------------------------------------------- checkpoint
@@ -99,7 +100,7 @@ def restore(ckpt: dict, run_dir: str, d: Dist, syn: SyntheticSet, cursor: Expert
     path = run_file(run_dir, CHECKPOINT_FILE)
     try:
         syn.load_state_dict(ckpt)
-        restore_rank_state(ckpt, d, cursor, gen)
+        restore_rank_state(ckpt, d, cursor, gen, syn.images.device)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         raise UsageError(f"{path} does not fit this run ({type(e).__name__}: {e}); it belongs to another run: "
                          f"restore it or start a new run") from None
@@ -113,7 +114,7 @@ def restore(ckpt: dict, run_dir: str, d: Dist, syn: SyntheticSet, cursor: Expert
 def save_checkpoint(run_dir: str, d: Dist, syn: SyntheticSet, state: LoopState, cursor: ExpertCursor,
                     gen: torch.Generator, wandb_id: str | None) -> None:
     """Collective: every rank hands its streams to rank 0, which writes; all leave once it is on disk."""
-    ranks = all_gather_objects(rank_state(cursor, gen))
+    ranks = all_gather_objects(rank_state(cursor, gen, syn.images.device))
     if d.is_main:
         path = run_file(run_dir, CHECKPOINT_FILE)
         try:

@@ -649,7 +649,7 @@ def _download(name: str, data_path: str) -> None:
 # ============================================================================
 
 def add_data_flags(p, *, download: bool = False) -> None:
-    """The data flags of buffer.py, distill.py and eval.py, declared once (load with `data_from_flags`)."""
+    """The data flags of buffer.py, distill.py and eval.py, declared once (the scripts pass them to load_dataset)."""
     a = p.add_argument
     a('--dataset', default='Digits', choices=DATASETS)
     a('--subset', default='imagenette', choices=list(SUBSETS), help='ImageNet subset')
@@ -665,12 +665,6 @@ def add_data_flags(p, *, download: bool = False) -> None:
 
 
 DATA_FLAG_DOMAINS = {'res': POSITIVE_INT, 'valid': integer(0)}
-
-
-def data_from_flags(args, **kwargs) -> RealData:
-    """load_dataset with the flags of add_data_flags."""
-    return load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res,
-                        valid=args.valid, **kwargs)
 
 
 def _shape(name: str, res: int) -> tuple[int, int, int]:

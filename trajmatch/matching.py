@@ -228,35 +228,46 @@ def recompute_backward(student, syn_images, syn_labels, syn_lr, tape: Tape, seed
 
 # ---------------------------------------------------------------- one matching step, either way
 
-def match_and_backward(student, syn_images, syn_labels, syn_lr, w0: torch.Tensor, targets: Targets, *,
-                       syn_steps: int, batch_syn: int, generator: torch.Generator, syn_mom: float = 0.0,
-                       use_dsa: bool = True, loss_weight: float = 1.0, unroll_mode: str = 'bptt',
-                       auto_steps: bool = False, att_metric: str = 'l1') -> tuple[torch.Tensor, dict]:
-    """Unroll from w0, take the matching loss, and accumulate its gradient into syn_images.grad and
-    syn_lr.grad. Returns (detached loss, info with the loss terms and the step the loss used).
+@dataclass(frozen=True)
+class Unroll:
+    """How the student is unrolled on the synthetic set (fixed for a run): N steps of batch_syn images,
+    heavy-ball momentum, DSA, the gradient mode, and ATT's adaptive length."""
+    syn_steps: int
+    batch_syn: int
+    syn_mom: float = 0.0
+    use_dsa: bool = True
+    mode: str = 'bptt'          # UNROLLS
+    auto_steps: bool = False    # ATT: match at N_opt <= syn_steps
+    att_metric: str = 'l1'
+
+
+def match_and_backward(student, syn_images, syn_labels, syn_lr, w0: torch.Tensor, targets: Targets, u: Unroll, *,
+                       generator: torch.Generator, loss_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Unroll from w0 as `u` says, take the matching loss, and accumulate its gradient into syn_images.grad
+    and syn_lr.grad. Returns (detached loss, info with the loss terms and the step the loss used).
     Always fp32: autocast is switched off here whatever the caller's context (accel.py)."""
     device = syn_images.device
     with fp32_unroll(device):
         targets = Targets(targets.start.to(device), targets.final.to(device),
                           [(n, t.to(device), beta) for n, t, beta in targets.middle])
-        kw = dict(syn_steps=syn_steps, batch_syn=batch_syn, generator=generator, syn_mom=syn_mom, use_dsa=use_dsa,
-                  loss_weight=loss_weight)
+        steps = dict(syn_steps=u.syn_steps, batch_syn=u.batch_syn, generator=generator, syn_mom=u.syn_mom,
+                     use_dsa=u.use_dsa, loss_weight=loss_weight)
         middle_steps = {n for n, _, _ in targets.middle}
-        if unroll_mode == 'bptt':
-            ws = unroll(student, syn_images, syn_labels, syn_lr, w0, **kw)
-            n_final = final_step(ws, targets.final, auto_steps, att_metric)
+        if u.mode == 'bptt':
+            ws = unroll(student, syn_images, syn_labels, syn_lr, w0, **steps)
+            n_final = final_step(ws, targets.final, u.auto_steps, u.att_metric)
             loss, info = loss_terms({n: ws[n] for n in {n_final} | middle_steps}, targets, n_final)
             if torch.isfinite(loss):
                 loss.backward()
         else:
             tape = record_steps(student, syn_images, syn_labels, syn_lr, w0, keep=middle_steps, target=targets.final,
-                                auto_steps=auto_steps, att_metric=att_metric, **kw)
+                                auto_steps=u.auto_steps, att_metric=u.att_metric, **steps)
             n_final = tape.n_final
             leaves = {n: tape.kept[n].detach().requires_grad_(True) for n in {n_final} | middle_steps}
             loss, info = loss_terms(leaves, targets, n_final)
             if torch.isfinite(loss):
                 grads = torch.autograd.grad(loss, list(leaves.values()))
                 recompute_backward(student, syn_images, syn_labels, syn_lr, tape, dict(zip(leaves, grads)),
-                                   syn_mom=syn_mom, loss_weight=loss_weight)
+                                   syn_mom=u.syn_mom, loss_weight=loss_weight)
         info['n_final'] = n_final
         return loss.detach(), info

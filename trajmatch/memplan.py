@@ -1,10 +1,11 @@
 """Memory plan of one distillation iteration, for --unroll bptt and recompute, before a run starts.
 
     python distill.py --dataset CIFAR10 --ipc 10 --syn_steps 30 --plan   # one run's plan; no data needed
-    python -m trajmatch.memplan presets                                         # README's table, every preset
+    python presets.py plan                                               # docs/memory.md's table, every preset
 
 Predicted peak = what an iteration holds anyway (synthetic set and its SGD momentum, the student's
-parameters, the expert points, the test set on the device) + what the unroll adds on top:
+parameters, the expert points, the test set on the device, the evaluation networks trained there between
+iterations) + what the unroll adds on top:
 - bptt keeps every step's graph: N x (bytes autograd saves in one inner step + the step's w_n);
 - recompute keeps (w_n, b_n) every ceil(sqrt(N)) steps, one segment's states and one step's graph.
 The bytes one inner step saves come from a probe: that step, for the run's model on the run's image
@@ -13,13 +14,11 @@ autograd saves is fixed by the derivative formulas, not by the kernels, so the p
 and plans a GPU run too. Every saved tensor is affine in the batch, so the probe runs at batches 1
 and 2 and extrapolates exactly to batch_syn (a full-size probe of an ImageNet step would itself need
 gigabytes). The backward of a step materialises one gradient per activation of the step: about the
-step's forward activations, the "backward working set" below. `python bench.py --only memplan`
+step's forward activations, the "backward working set" below. `python -m tools.bench --only memplan`
 checks the predictions against measured peaks.
 """
-import argparse
 import functools
 import os
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +33,8 @@ CUDA_RESERVE = 1 * GiB             # CUDA context, cuDNN/cuBLAS workspaces: outs
 # heap keeps freed blocks: RSS measured up to 32 % over the tensor bytes (README, Memory plan)
 MARGIN = {'cuda': 0.25, 'cpu': 0.5}
 PROBE_BATCHES = (1, 2)
-REPLAY_STATE_BYTES = torch.Generator().get_state().numel()  # recompute keeps one per step to replay its DSA draw
+DRAW_BYTES_PER_IMAGE = 24  # a step's DSA draw: at most a 2x3 float32 affine matrix per image (augment.py)
+EVAL_BATCH = 256            # evaluation.evaluate_set's batch
 
 
 # ---------------------------------------------------------------- the run's shapes
@@ -55,6 +55,7 @@ class RunShape:
     dsa: bool = True
     weight_perturb: bool = False
     num_test: int = 0                  # test images kept on the device for the evaluations
+    eval_networks: int = 0             # evaluation networks trained together on the device between iterations
 
     @property
     def num_syn(self) -> int:
@@ -67,22 +68,6 @@ class RunShape:
     @property
     def image_bytes(self) -> int:
         return self.channel * self.im_size[0] * self.im_size[1] * 4
-
-
-def run_shape(args: argparse.Namespace, data=None) -> RunShape:
-    """The shapes of a distill.py run: from the loaded data, or from the dataset's known metadata."""
-    from trajmatch.ast_components import intermediate_steps
-    from trajmatch.data import DEFAULT_MODEL, dataset_meta
-    if data is not None:
-        channel, classes, im_size, tests = data.channel, data.num_classes, tuple(data.im_size), len(data.labels_test)
-    else:
-        channel, classes, im_size, tests = dataset_meta(args.dataset, args.subset, args.res)
-    uses_middle = args.agg_middle_loss or args.adaptive_middle_loss  # either flag switches the terms on
-    middle = tuple(intermediate_steps(args.syn_steps, args.expert_epochs)) if uses_middle else ()
-    return RunShape(model=args.model or DEFAULT_MODEL[args.dataset], channel=channel, im_size=im_size,
-                    num_classes=classes, ipc=args.ipc, batch_syn=args.batch_syn or classes * args.ipc,
-                    syn_steps=args.syn_steps, middle_steps=middle, auto_steps=args.auto_steps, syn_mom=args.syn_mom,
-                    dsa=args.dsa == 'True', weight_perturb=args.weight_perturb, num_test=tests)
 
 
 # ---------------------------------------------------------------- the probe
@@ -242,6 +227,11 @@ def make_plan(shape: RunShape, step: StepProbe | None = None) -> Plan:
     points = 3 + len(shape.middle_steps) + shape.weight_perturb  # θ*_t, θ*_{t+M}, w_0, θ*_{t+i}, perturbed start
     loss_terms = 1 + len(shape.middle_steps)
     batches = n * shape.batch * 8
+    draws = n * shape.batch * DRAW_BYTES_PER_IMAGE if shape.dsa else 0
+    # the student's forward activations per image stand in for the evaluation network's (the same model
+    # for the first --eval_mode); held between iterations by the caching allocator, so added, not overlapped
+    eval_batch = min(EVAL_BATCH, shape.num_syn)
+    evaluation = shape.eval_networks * (3 * vec + 2 * eval_batch * step.forward / shape.batch)
     both = lambda name, b, held=False: Part(name, b, b, held)  # noqa: E731
     parts = [
         both('synthetic set, its SGD momentum, labels', 2 * syn + shape.num_syn * 8, True),
@@ -255,7 +245,9 @@ def make_plan(shape: RunShape, step: StepProbe | None = None) -> Plan:
         Part('adjoints, loss-term gradients, kept states', (2 + loss_terms) * vec, rec['walk'] * vec, False),
         both('image gradient', 2 * syn),
         both("backward working set (about one step's forward activations)", step.forward),
-        Part('index batches, DSA replay states', batches, batches + n * REPLAY_STATE_BYTES, False),
+        Part('index batches and DSA draws of the step plan', batches + draws, batches + draws, False),
+        both(f'evaluation between iterations: {shape.eval_networks} network(s) x (weights, gradients, momentum) '
+             f'+ batch {eval_batch} activations and their gradients', evaluation, True),
     ]
     return Plan(shape, step, parts)
 
@@ -304,12 +296,6 @@ def choose_unroll(plan: Plan, device: torch.device, free: int | None, host_extra
             'margin': margin, 'device': str(device)}
 
 
-def auto_unroll(args: argparse.Namespace, data, files: list[str], device: torch.device) -> dict:
-    """distill.py's --unroll auto on this device (see choose_unroll)."""
-    plan = make_plan(run_shape(args, data))
-    return choose_unroll(plan, device, free_bytes(device), expert_cache_bytes(files, args.expert_cache_mib))
-
-
 def describe_choice(choice: dict) -> str:
     free = 'unknown free memory' if choice['free_mib'] is None else f"{fmt(choice['free_mib'] * MiB)} free"
     cache = f" + expert cache {fmt(choice['host_cache_mib'] * MiB)}" if choice['host_cache_mib'] else ''
@@ -349,43 +335,28 @@ def describe(plan: Plan) -> str:
     lines.append(row(f"fits a {' / '.join(map(str, GPU_GB))} GB GPU", gpu_verdict(plan.peak('bptt')),
                      gpu_verdict(plan.peak('recompute'))))
     lines.append(f"(a G GB GPU: G GiB less {CUDA_RESERVE // GiB} GiB for the CUDA context and workspaces, peak x "
-                 f"{1 + MARGIN['cuda']:g}; the CUDA context itself and evaluation networks are not in the peak)")
+                 f"{1 + MARGIN['cuda']:g}; the margin covers the caching allocator's rounding and fragmentation, "
+                 f"not other processes on the GPU nor NCCL's buffers beyond the first collective)")
     return '\n'.join(lines)
 
 
-def describe_for_args(args: argparse.Namespace, device: torch.device) -> str:
-    """distill.py --plan: the plan of these flags, and what auto would pick on this machine now."""
-    plan = make_plan(run_shape(args))
-    if args.unroll != 'auto':  # a resumed run, or an explicit mode
-        return describe(plan) + f'\nthis run uses --unroll {args.unroll}'
+def describe_run(plan: Plan, unroll: str, device: torch.device) -> str:
+    """distill.py --plan: the plan, and what auto would pick on this machine now (or the mode given)."""
+    if unroll != 'auto':  # a resumed run, or an explicit mode
+        return describe(plan) + f'\nthis run uses --unroll {unroll}'
     choice = choose_unroll(plan, device, free_bytes(device))
     return (describe(plan) + '\n' + describe_choice(choice)
             + ' (a run decides again once its data and experts are loaded)')
 
 
-# ---------------------------------------------------------------- every preset (README table)
-
-def preset_shape(name: str, batch_syn: int | None = None) -> RunShape:
-    import distill
-    import presets
-    args = distill.finalize_args(distill.build_parser().parse_args(presets.distill_flags(name)))
-    if batch_syn is not None:
-        args.batch_syn = batch_syn
-    return run_shape(args)
-
-
-def preset_table() -> str:
-    """Markdown: every preset's predicted peak in both modes and the GPUs each fits; a preset run with a
-    reduced batch_syn gets a second line with the whole synthetic set under recompute."""
-    import presets
+def preset_table(shapes: dict[str, RunShape], whole_set: dict[str, RunShape]) -> str:
+    """Markdown: each preset's predicted peak in both modes and the GPUs each fits; a preset run with a
+    reduced batch_syn gets a second line (whole_set[name]) with the whole synthetic set under recompute."""
     head = ['preset', 'model', 'batch_syn', 'syn_steps', 'bptt peak', f'bptt fits {"/".join(map(str, GPU_GB))} GB',
             'recompute peak', f'recompute fits {"/".join(map(str, GPU_GB))} GB']
     rows = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
-    for name in presets.DISTILL:
-        shape = preset_shape(name)
-        variants = [(name, shape, True)]
-        if shape.batch < shape.num_syn:
-            variants.append((f'{name}, whole set', preset_shape(name, shape.num_syn), False))
+    for name, shape in shapes.items():
+        variants = [(name, shape, True)] + ([(f'{name}, whole set', whole_set[name], False)] if name in whole_set else [])
         for label, s, with_bptt in variants:
             plan = make_plan(s)
             bptt = [fmt(plan.peak('bptt')), gpu_verdict(plan.peak('bptt'))] if with_bptt else ['', '']
@@ -393,15 +364,3 @@ def preset_table() -> str:
                                            str(s.syn_steps), *bptt, fmt(plan.peak('recompute')),
                                            gpu_verdict(plan.peak('recompute'))]) + ' |')
     return '\n'.join(rows)
-
-
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('what', choices=['presets'], help='presets: the README table of every preset')
-    p.parse_args(argv)
-    print(preset_table())
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main(sys.argv[1:]))

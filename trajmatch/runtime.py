@@ -1,4 +1,5 @@
 """Seeding, device choice and the RNG states a resumed run restores."""
+import os
 import random
 import re
 
@@ -36,21 +37,45 @@ def pick_device(name: str = 'auto') -> torch.device:
     return torch.device(name)
 
 
-def rng_state() -> dict:
-    """Every RNG state a resumed run needs to continue the same random stream."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """Every RNG state a resumed run needs to continue the same random stream: the host's, and the CUDA
+    state of the run's own device only (not of every visible GPU, so a resume may see fewer)."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
     # numpy's state as tensors/ints so checkpoints load with torch.load(weights_only=True)
     state = {'python': random.getstate(), 'torch': torch.get_rng_state(),
              'numpy': (torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Put back rng_state's states. The CUDA state goes to the run's device when it is a CUDA device; a
+    checkpoint made on another device (or on the CPU) leaves this device's CUDA stream as seeded: every
+    draw of the run is from CPU generators, so only on-device sampling would notice. Checkpoints from
+    before this kept every visible GPU's state as a list: the run's device's entry is used."""
     random.setstate(state['python'])
     keys, pos, has_gauss, cached = state['numpy']
     np.random.set_state(('MT19937', keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    cuda = state.get('cuda')
+    if cuda is None or device is None or device.type != 'cuda':
+        return
+    if isinstance(cuda, (list, tuple)):  # every visible GPU's, by index
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
+
+
+def set_deterministic(on: bool) -> None:
+    """--deterministic: torch's deterministic kernels where it has them (ops without one warn rather than
+    stop the run), cuDNN's deterministic algorithms without autotuning, and cuBLAS's fixed workspace
+    (which must be set before the first cuBLAS call: at the entry point's start, unless the user set it)."""
+    if not on:
+        return
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False

@@ -10,8 +10,7 @@ checks it).
 Networks with running statistics (BatchNorm) are not stackable here: vmap cannot update buffers in
 place per network. `stackable(net)` says so, and callers fall back to one network at a time.
 """
-import copy
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -20,8 +19,12 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from trajmatch.accel import FP32, Accel
 
-if TYPE_CHECKING:
-    from trajmatch.training import SGDSettings
+
+class SGDLike(Protocol):
+    """What a fresh optimiser is built from (training.SGDSettings; stacked.py does not import training)."""
+    lr: float
+    momentum: float
+    weight_decay: float
 
 
 def stackable(net: nn.Module) -> bool:
@@ -38,7 +41,7 @@ class NetStack:
         self.params = params
         self.k = len(nets)
         self.nets = nets  # network(k) copies the trained weights back into these
-        self.skeleton = copy.deepcopy(nets[0]).to('meta')  # structure only; weights come from params
+        self.skeleton = nets[0]  # structure only: functional_call substitutes the stacked weights for its own
 
     def _one(self, params: dict, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.skeleton, params, (x,))
@@ -64,7 +67,7 @@ class NetStack:
     def train(self) -> None:
         pass  # a functional call has no module mode; stackable networks hold no running statistics
 
-    def sgd(self, s: 'SGDSettings') -> 'StackedSGD':
+    def sgd(self, s: SGDLike) -> 'StackedSGD':
         return StackedSGD(self.params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
     def batch_loss(self, clean: list[torch.Tensor], augmented: list[torch.Tensor], targets: list[torch.Tensor], *,

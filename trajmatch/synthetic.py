@@ -16,7 +16,8 @@ def init_synthetic(data, ipc: int, pix_init: str, generator: torch.Generator, *,
     if pix_init == 'real':
         return random_real(data, ipc, generator)
     if pix_init in ('kmeans', 'avg'):
-        return kmeans_init(expert_net.eval(), data.images_train, data.labels_train, data.num_classes, ipc, seed)
+        return kmeans_init(expert_net.eval(), data.images_train, data.labels_train, data.num_classes, ipc, seed,
+                           per_class=data.indices_per_class())
     labels = torch.arange(data.num_classes).repeat_interleave(ipc)
     return torch.randn(len(labels), data.channel, *data.im_size, generator=generator), labels
 

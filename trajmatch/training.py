@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from trajmatch.accel import FP32, Accel
 from trajmatch.augment import dsa
+from trajmatch.stacked import NetStack
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,6 @@ class OneNet:
 def net_group(nets: list[torch.nn.Module], accel: Accel = FP32) -> NetGroup:
     """One network: OneNet (accel's channels_last applies). Several: stacked.NetStack (bf16 autocast
     applies; channels_last does not: stacked weights are 5-D)."""
-    from trajmatch.stacked import NetStack  # stacked.py needs nothing from here; imported late to keep it so
     return OneNet(accel.net(nets[0])) if len(nets) == 1 else NetStack(nets)
 
 
