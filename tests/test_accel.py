@@ -82,8 +82,8 @@ def test_bf16_autocast_on_cpu_runs_and_stays_close(digits):
     assert half_losses != plain_losses  # bf16 really ran
     assert half_losses == pytest.approx(plain_losses, rel=0.05)
     acc = accuracy(half, digits.images_test, digits.labels_test, accel=Accel(bf16=True))
-    # bf16 against fp32 test accuracy: measured 2-3 of 360 images apart (AVX-512, AVX2, scalar kernels), bound 36
-    assert acc == pytest.approx(accuracy(plain, digits.images_test, digits.labels_test), abs=0.1)
+    # bf16 against fp32 test accuracy: measured 2 (AVX-512, AVX2) to 4 (scalar kernels) of 360 images apart, bound 54
+    assert acc == pytest.approx(accuracy(plain, digits.images_test, digits.labels_test), abs=0.15)
 
 
 def test_eval_protocol_with_both_paths_on_cpu_is_close(digits):

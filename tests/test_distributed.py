@@ -200,7 +200,8 @@ def test_two_rank_distill_steps_with_the_mean_of_both_ranks_gradients(buffers_tw
     # the replay's first step is the plain formula: images_1 = images_0 - lr_img * mean(g_rank0, g_rank1)
     _, one_step, _, _ = replay_two_ranks(buffers_two_ranks[0], 1)
     first = initial - 10 * (pairs[0][0][0] + pairs[0][1][0]) / 2
-    torch.testing.assert_close(one_step, first, rtol=0, atol=1e-6)
+    # add(alpha=-10) rounds once (fused on vector kernels), the formula twice: a few float32 ulps of the pixel
+    torch.testing.assert_close(one_step, first, rtol=1e-5, atol=1e-5)
 
 
 def test_two_rank_resume_continues_to_the_same_result(buffers_two_ranks, two_rank_run, tmp_path):

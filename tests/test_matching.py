@@ -154,7 +154,7 @@ def test_att_picks_the_step_where_the_target_was_planted():
                                 batch_syn=6, generator=torch.Generator().manual_seed(0), keep=set(), target=ws[k],
                                 auto_steps=True, att_metric=metric, use_dsa=False)
             assert tape.n_final == k
-            torch.testing.assert_close(tape.kept[k], ws[k], rtol=1e-12, atol=0)
+            torch.testing.assert_close(tape.kept[k], ws[k], rtol=1e-10, atol=0)  # float64; measured 2.2e-16
 
 
 @pytest.mark.parametrize('syn_steps,expert_epochs', [(2, 3), (1, 3), (3, 4), (2, 5)])
