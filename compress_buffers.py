@@ -65,7 +65,6 @@ def compress_buffer_folder(folder: str, k: int = 4, out_folder: str | None = Non
                          f"or check --buffer_path/--dataset/--model/--zca")
     out_folder = out_folder or compressed_dir(folder, k)
     check_writable(out_folder, 'output folder')
-    remove_stray_temps(out_folder, shared=True)  # study cells running at once may share it
     outs = {path: os.path.join(out_folder, os.path.basename(path)) for path in files}
     todo = [path for path in files if not os.path.exists(outs[path])]
     ready, kept = {}, 0
@@ -74,6 +73,7 @@ def compress_buffer_folder(folder: str, k: int = 4, out_folder: str | None = Non
         size = sum(t.nbytes for d in compressed for t in d.values() if torch.is_tensor(t))
         if kept + size <= KEEP_BYTES:
             ready[path], kept = compressed, kept + size
+    remove_stray_temps(out_folder, shared=True)  # every input is good; study cells running at once may share it
     for path in files:
         if path in todo:
             atomic_write_bytes(torch_bytes(ready.pop(path, None) or compress_file(path, k)), outs[path])

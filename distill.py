@@ -500,11 +500,8 @@ def resolve_unroll(args: argparse.Namespace, earlier: dict, data, files: list[st
 def setup(args: argparse.Namespace, run_dir: str | None, device: torch.device, record: dict) -> Run:
     """Every check (before any work and before a run folder is made), then the set, streams and student."""
     check_writable(run_dir or args.run_dir, 'run folder' if run_dir else '--run_dir')
-    if from_env().is_main:  # rank 0 alone writes the run folder (under torchrun: before init)
-        if run_dir:
-            remove_stray_temps(run_dir)
-        else:  # a run killed in its first write left a folder nothing resumes: its temps go here
-            remove_stray_temps_under(args.run_dir)
+    if run_dir and from_env().is_main:  # rank 0 alone writes the run folder (under torchrun: before init)
+        remove_stray_temps(run_dir)
     data, files = prepare(args)
     d, device = init_distributed(device)
     ckpt = load_checkpoint(run_dir, d) if run_dir else None
@@ -532,7 +529,8 @@ def start_or_resume(r: Run, args: argparse.Namespace, run_dir: str | None,
     log = None  # rank 0 alone writes metrics, wandb, images and checkpoints
     if r.ckpt is None:
         state = LoopState()
-        if r.d.is_main:
+        if r.d.is_main:  # every check passed: a run killed in its first write left a folder nothing resumes
+            remove_stray_temps_under(args.run_dir)
             run_dir = new_run_dir(args.run_dir, f'{args.dataset}-ipc{args.ipc}-{args.model}')
             save_args(run_dir, {**vars(args), **r.record})
             log = RunLog(run_dir, {**vars(args), **r.record}, wandb_mode=args.wandb, project=args.project)

@@ -1063,3 +1063,10 @@ def test_eval_refuses_a_disk_too_full_for_its_result_before_evaluating(env, tmp_
     line = one_error_line(capsys.readouterr().err)
     assert stop.value.code == 2 and 'No space left' in line and str(tmp_path) in line
     assert not (tmp_path / 'out.json').exists() and os.listdir(tmp_path) == []
+
+
+def test_studies_as_a_real_process_print_one_line_on_a_truncated_cell(env, tmp_path):
+    argv = study_with_cell(env, tmp_path, b'{"key": [')
+    p = subprocess.run([sys.executable, '-m', 'studies', *argv], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, 'WANDB_MODE': 'disabled'})
+    assert p.returncode == 2 and 'cannot be read as JSON' in one_error_line(p.stderr)

@@ -123,8 +123,10 @@ def _in_flight(path: str) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False
-    except OSError:
+    except BlockingIOError:  # a live writer's
         return True
+    except OSError:  # a file system without locks: the age rule (shared) is all there is
+        return False
     finally:
         os.close(fd)  # closing drops our lock too
 
