@@ -25,7 +25,8 @@ from trajmatch.stacked import stackable
 from trajmatch.trajectory_io import (avg_var, buffer_dir, expert_done, expert_epochs_on_disk, expert_path, load_trajectories,
                            meta_path, read_meta, save_expert, sidecar_of, snapshot, trajectory_tensor, write_meta)
 from trajmatch.training import SGDSettings, accuracy, net_group, step_schedule, train_scheduled
-from trajmatch.cli import MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, check_flags, cli_entry
+from trajmatch.cli import (EPOCHS, MOMENTUM, NETWORKS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError,
+                           check_flags, cli_entry)
 from trajmatch.files import check_writable, remove_stray_temps
 from trajmatch.runtime import pick_device, seed_everything, set_deterministic
 
@@ -167,7 +168,7 @@ def expert_meta(args, index: int, trajectory: list, test_accs: list[float] | Non
 
 # flag -> allowed values; checked before anything is read or trained
 FLAG_DOMAINS = {
-    'num_experts': POSITIVE_INT, 'train_epochs': POSITIVE_INT, 'mom': MOMENTUM,
+    'num_experts': NETWORKS, 'train_epochs': EPOCHS, 'mom': MOMENTUM,
     'lr_teacher': POSITIVE.or_none("the --optim recipe's default"),
     'l2': NON_NEGATIVE, 'gp_mu': NON_NEGATIVE.or_none("the variant's default"), 'gp_k': NON_NEGATIVE,
     'batch_train': POSITIVE_INT, 'seed': SEED, 'parallel_experts': POSITIVE_INT, **DATA_FLAG_DOMAINS,

@@ -7,45 +7,81 @@ Writes {folder}/mct{k}/replay_buffer_{n}.pt; re-running skips files already comp
 import argparse
 import os
 
-from trajmatch.data import DATASETS, DEFAULT_MODEL, SUBSETS
+import torch
+
+from trajmatch.data import DATA_FLAG_DOMAINS, DATASETS, DEFAULT_MODEL, SUBSETS
 from trajmatch.mct import compress, compressed_dir
 from networks import MODELS
-from trajmatch.trajectory_io import Trajectory, buffer_dir, expert_files, load_trajectories
-from trajmatch.cli import CliParser, UsageError, check_flags, cli_entry, integer
-from trajmatch.files import atomic_torch_save, atomic_write_bytes
+from trajmatch.trajectory_io import (DIGEST_KEY, Trajectory, buffer_dir, expert_files, load_trajectories,
+                                     read_meta)
+from trajmatch.cli import EPOCHS_MAX, CliParser, UsageError, check_flags, cli_entry, integer
+from trajmatch.files import (atomic_write_bytes, atomic_write_json, check_writable, remove_stray_temps,
+                             sha256_file, torch_bytes)
+
+
+# compressed files kept in memory between the check of every input and the writes; past it a file is compressed
+# again when written (the same bytes: compress is deterministic)
+KEEP_BYTES = 1 << 30
+
+
+def compress_file(path: str, k: int) -> list[dict]:
+    """The MCT state dicts of every trajectory of one MTT file, read verified against its sidecar's digest
+    (one [E+1, P] tensor at a time)."""
+    compressed = []
+    for snapshots in load_trajectories(path, verify=True):
+        traj = Trajectory.from_snapshots(snapshots)
+        compressed.append(compress(traj.snapshots, traj.param_numels, k).state_dict())
+    return compressed
+
+
+def write_sidecar(path: str, out: str, k: int) -> None:
+    """The MTT sidecar (the dataset/model checks use it) with the compressed file's size and sha256 (what
+    readers verify it by) and 'compressed' (so a reader knows the digest is this file's). A sidecar that is
+    not a JSON object is copied as it is (distill.py then reads the file in full)."""
+    sidecar = path[:-len('.pt')] + '.json'
+    if not os.path.exists(sidecar):
+        return
+    out_sidecar = out[:-len('.pt')] + '.json'
+    meta = read_meta(os.path.dirname(path), int(os.path.basename(path)[len('replay_buffer_'):-len('.pt')]))
+    if meta is None:
+        with open(sidecar, 'rb') as f:
+            atomic_write_bytes(f.read(), out_sidecar)
+        return
+    atomic_write_json({**meta, 'pt_bytes': os.path.getsize(out), DIGEST_KEY: sha256_file(out),
+                       'compressed': {'k': k, 'source_sha256': meta.get(DIGEST_KEY)}}, out_sidecar)
 
 
 def compress_buffer_folder(folder: str, k: int = 4, out_folder: str | None = None) -> dict:
     """Compress every replay_buffer_{n}.pt of an MTT folder into out_folder (default {folder}/mct{k}).
 
-    Files already in out_folder are skipped (re-runs are cheap; writes are atomic, so an existing file
-    is complete). JSON sidecars are copied so the dataset/model checks still work on the output.
-    Sizes are bytes on disk, over all files (skipped ones included).
+    Every input is read (verified against its sidecar's digest) and compressed before anything is written:
+    a corrupt later file is one UsageError with the output folder as it was. Files already in out_folder
+    are skipped (re-runs are cheap; writes are atomic, so an existing file is complete). JSON sidecars go
+    with them (write_sidecar). Sizes are bytes on disk, over all files (skipped ones included).
     """
     files = expert_files(folder)
     if not files:
         raise UsageError(f"no expert buffers (replay_buffer_*.pt) in {folder}; run buffer.py first "
                          f"or check --buffer_path/--dataset/--model/--zca")
     out_folder = out_folder or compressed_dir(folder, k)
-    written = bytes_full = bytes_compressed = 0
+    check_writable(out_folder, 'output folder')
+    outs = {path: os.path.join(out_folder, os.path.basename(path)) for path in files}
+    todo = [path for path in files if not os.path.exists(outs[path])]
+    ready, kept = {}, 0
+    for path in todo:  # check every input first
+        compressed = compress_file(path, k)
+        size = sum(t.nbytes for d in compressed for t in d.values() if torch.is_tensor(t))
+        if kept + size <= KEEP_BYTES:
+            ready[path], kept = compressed, kept + size
+    remove_stray_temps(out_folder, shared=True)  # every input is good; study cells running at once may share it
     for path in files:
-        name = os.path.basename(path)
-        out = os.path.join(out_folder, name)
-        if not os.path.exists(out):
-            compressed = []
-            for snapshots in load_trajectories(path):  # one [E+1, P] tensor at a time
-                traj = Trajectory.from_snapshots(snapshots)
-                compressed.append(compress(traj.snapshots, traj.param_numels, k).state_dict())
-            atomic_torch_save(compressed, out)
-            written += 1
-        sidecar = path[:-len('.pt')] + '.json'
-        out_sidecar = os.path.join(out_folder, os.path.basename(sidecar))
-        if os.path.exists(sidecar) and not os.path.exists(out_sidecar):
-            with open(sidecar, 'rb') as f:
-                atomic_write_bytes(f.read(), out_sidecar)
-        bytes_full += os.path.getsize(path)
-        bytes_compressed += os.path.getsize(out)
-    return {'files': len(files), 'written': written, 'skipped': len(files) - written, 'out_folder': out_folder,
+        if path in todo:
+            atomic_write_bytes(torch_bytes(ready.pop(path, None) or compress_file(path, k)), outs[path])
+        if path in todo or not os.path.exists(outs[path][:-len('.pt')] + '.json'):
+            write_sidecar(path, outs[path], k)
+    bytes_full = sum(os.path.getsize(p) for p in files)
+    bytes_compressed = sum(os.path.getsize(outs[p]) for p in files)
+    return {'files': len(files), 'written': len(todo), 'skipped': len(files) - len(todo), 'out_folder': out_folder,
             'bytes_full': bytes_full, 'bytes_compressed': bytes_compressed,
             'ratio': bytes_compressed / bytes_full}
 
@@ -65,12 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# flag -> allowed values; k waypoints include epochs 0 and E
+FLAG_DOMAINS = {'k': integer(2, EPOCHS_MAX + 1), 'res': DATA_FLAG_DOMAINS['res']}
+
+
 @cli_entry
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     folder = args.folder or buffer_dir(args.buffer_path, args.dataset, args.model or DEFAULT_MODEL[args.dataset],
                                        zca=args.zca, subset=args.subset, res=args.res)
-    check_flags(args, {'k': integer(2), 'res': integer(1)})  # k waypoints include epochs 0 and E
+    check_flags(args, FLAG_DOMAINS)
     try:
         stats = compress_buffer_folder(folder, k=args.k, out_folder=args.out_folder)
     except ValueError as e:

@@ -20,8 +20,9 @@ from tqdm import tqdm
 from trajmatch.accel import accel_for, add_accel_flags
 from trajmatch.ast_components import balance_weight, intermediate_betas, intermediate_steps, perturb_start
 from trajmatch.checkpoint import LoopState, load_checkpoint, rank_streams, restore, resume_command, save_checkpoint
-from trajmatch.cli import (MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, CliParser, Diverged, UsageError, check_flags,
-                 check_saved_flags, cli_entry, explicit_flags, integer, real)
+from trajmatch.cli import (EPOCHS, EPOCHS_MAX, ITERATIONS, MOMENTUM, NETWORKS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED,
+                           STEPS, CliParser, Diverged, UsageError, check_flags, check_saved_flags, cli_entry,
+                           explicit_flags, integer, real)
 from trajmatch.data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, check_dataset, dataset_meta, load_dataset
 from trajmatch.distributed import (Dist, all_ranks_true, all_reduce_mean_, broadcast_, broadcast_object, cleanup, from_env,
                          init_distributed, mean_over_ranks)
@@ -36,7 +37,7 @@ from trajmatch.runlog import (ARGS_FILE, CHECKPOINT_FILE, FINAL_FILE, GRID_NAME,
                     load_args, new_run_dir, run_file, save_args, save_best)
 from trajmatch.synthetic import SyntheticSet, final_expert_net, init_synthetic
 from trajmatch.trajectory_io import ExpertCursor, ExpertTrajectory, buffer_dir, read_meta, validate_buffers
-from trajmatch.files import atomic_write_json, check_writable, remove_stray_temps
+from trajmatch.files import atomic_write_json, check_writable, remove_stray_temps, remove_stray_temps_under
 from trajmatch.runtime import pick_device, seed_everything, set_deterministic
 
 
@@ -127,12 +128,15 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
 # flag -> allowed values; checked before any work and before a run folder is made (on --resume: the run's
 # args.json with the flags given)
 FLAG_DOMAINS = {
-    'ipc': POSITIVE_INT, 'Iteration': POSITIVE_INT, 'syn_steps': POSITIVE_INT, 'expert_epochs': POSITIVE_INT,
-    'max_start_epoch': POSITIVE_INT, 'lr_img': POSITIVE, 'lr_lr': NON_NEGATIVE, 'lr_teacher': POSITIVE,
-    'batch_syn': POSITIVE_INT.or_none('the whole set'), 'syn_mom': MOMENTUM, 'balance_base': real(1.0),
-    'perturb_rho': NON_NEGATIVE, 'mct_k': integer(2), 'max_experts': POSITIVE_INT.or_none('all'),
-    'expert_cache_mib': NON_NEGATIVE, 'max_skips': POSITIVE_INT, 'max_loss': POSITIVE, 'eval_it': POSITIVE_INT,
-    'num_eval': POSITIVE_INT, 'epoch_eval_train': POSITIVE_INT, 'seed': SEED, 'save_every': POSITIVE_INT,
+    'ipc': POSITIVE_INT, 'Iteration': ITERATIONS, 'syn_steps': STEPS, 'expert_epochs': EPOCHS,
+    'max_start_epoch': EPOCHS, 'lr_img': POSITIVE, 'lr_lr': NON_NEGATIVE, 'lr_teacher': POSITIVE,
+    'batch_syn': POSITIVE_INT.or_none('the whole set'), 'syn_mom': MOMENTUM,
+    'perturb_rho': NON_NEGATIVE, 'mct_k': integer(2, EPOCHS_MAX + 1), 'max_experts': POSITIVE_INT.or_none('all'),
+    'max_skips': POSITIVE_INT, 'eval_it': POSITIVE_INT,
+    'num_eval': NETWORKS, 'epoch_eval_train': EPOCHS, 'seed': SEED, 'save_every': POSITIVE_INT,
+    # used by Python alone (float64): the loss's .item(), the cache's byte count, ν's math.log
+    'max_loss': real(0.0, float32=False), 'expert_cache_mib': real(0.0, strict=False, float32=False),
+    'balance_base': real(1.0, float32=False),
     **DATA_FLAG_DOMAINS,
 }
 
@@ -183,7 +187,8 @@ def resume_args(parser: argparse.ArgumentParser, argv, given_resume: str, run_ro
 
 
 SKIP_WORDS = {'nonfinite': 'non-finite loss or gradient', 'max_loss': 'loss above --max_loss',
-              'syn_lr': 'the step would have made syn_lr <= 0 or non-finite', 'other_rank': 'skipped on another process'}
+              'syn_lr': 'the step would have made syn_lr <= 0 or non-finite', 'other_rank': 'skipped on another process',
+              'nonfinite_set': 'a step left NaN or infinite images'}  # the last: stops the run at once
 
 
 # ---------------------------------------------------------------- setup (all checks before long work)
@@ -326,12 +331,57 @@ def iteration(syn: SyntheticSet, student: ReparamModule, trajectory: ExpertTraje
     return Step(t, nu, mean_over_ranks(loss), info, skip)
 
 
-def diverged(max_skips: int, it: int, skip: str, args: argparse.Namespace, run_dir: str, world_size: int) -> Diverged:
-    smaller = {'lr_img': args.lr_img / 10, **({'lr_lr': args.lr_lr / 10} if args.lr_lr > 0 else {})}
-    return Diverged(f"{max_skips} steps in a row were skipped (it {it}; last: {SKIP_WORDS[skip]}); the "
-                    f"run is checkpointed: continue it with smaller steps, e.g. "
-                    f"{resume_command(run_dir, world_size, **smaller)}"
-                    + (" (or a larger --max_loss)" if skip == 'max_loss' else ''))
+# --lr_img and --lr_lr are divided by these in turn after a divergence; the first that a trial from the
+# checkpoint shows to recover is the advice
+ADVICE_FACTORS = (10, 100, 1000)
+
+
+def smaller_steps(args: argparse.Namespace, factor: int) -> dict:
+    return {'lr_img': args.lr_img / factor, **({'lr_lr': args.lr_lr / factor} if args.lr_lr > 0 else {})}
+
+
+def trial_recovers(r: 'Run', args: argparse.Namespace, run_dir: str, steps: dict) -> tuple[bool, int, int]:
+    """Run what `--resume run_dir` with these step sizes would run first: the checkpoint on disk restored
+    into the live set and streams, then up to 2 x --max_skips iterations (nothing logged or written). It
+    recovers if no --max_skips skips in a row come and the set stays finite. (recovers, iterations tried,
+    the checkpoint's iteration). Collective under torchrun: every rank diverged at the same iteration."""
+    ckpt = load_checkpoint(run_dir, r.d)
+    state = restore(ckpt, run_dir, r.d, r.syn, r.cursor, r.gen, args.Iteration)
+    r.syn.set_step_sizes(steps['lr_img'], steps.get('lr_lr', args.lr_lr))
+    n, in_row = min(2 * args.max_skips, args.Iteration - state.it), 0
+    for _ in range(n):
+        step = iteration(r.syn, r.student, r.cursor.next(), r.gen, r.matching)
+        in_row = 0 if step.skip is None else in_row + 1
+        if in_row >= args.max_skips or not r.syn.finite():
+            return False, n, state.it
+    return True, n, state.it
+
+
+def divergence_advice(r: 'Run', args: argparse.Namespace, run_dir: str, it: int, skip: str) -> Diverged:
+    """The error after --max_skips skips in a row (or a set gone non-finite): the smallest change of --lr_img
+    and --lr_lr that a trial from the checkpoint shows to recover, or, where none does, says so: a guess."""
+    head = (f"a step left NaN or infinite images (it {it})" if skip == 'nonfinite_set' else
+            f"{args.max_skips} steps in a row were skipped (it {it}; last: {SKIP_WORDS[skip]})")
+    if not os.path.isfile(run_file(run_dir, CHECKPOINT_FILE)):
+        return Diverged(f"{head}, before the first checkpoint; start the run again with a smaller --lr_img "
+                        f"(e.g. {args.lr_img / 10:g}) or --lr_teacher")
+    if r.d.is_main:
+        tqdm.write(f"diverged at it {it}: trying smaller steps from {run_file(run_dir, CHECKPOINT_FILE)} ...")
+    for factor in ADVICE_FACTORS:
+        steps = smaller_steps(args, factor)
+        recovers, n, start = trial_recovers(r, args, run_dir, steps)
+        if recovers:
+            return Diverged(f"{head}; the run is checkpointed at it {start}, and a trial of its next {n} iterations "
+                            f"with a {factor}th of --lr_img and --lr_lr recovered: continue it with "
+                            f"{resume_command(run_dir, r.d.world_size, **steps)}")
+    guess = smaller_steps(args, ADVICE_FACTORS[-1] * 10)
+    return Diverged(f"{head}; the run is checkpointed at it {start}, but trials of its next {n} iterations with "
+                    f"--lr_img and --lr_lr divided by {', '.join(map(str, ADVICE_FACTORS))} diverged too, so what "
+                    f"follows is a guess: the cause is likely a flag a resume cannot change (--lr_teacher "
+                    f"{args.lr_teacher:g}, --syn_steps {args.syn_steps}, --expert_epochs {args.expert_epochs}): "
+                    f"start a new run with a smaller --lr_teacher or fewer --syn_steps"
+                    + (", or resume with a larger --max_loss" if skip == 'max_loss' else '')
+                    + f"; or try {resume_command(run_dir, r.d.world_size, **guess)}")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -379,7 +429,7 @@ def evaluate(it: int, syn: SyntheticSet, ev: Evaluation, state: LoopState, log: 
             maxes = r.max_acc_selected_on_test
             metrics[f'eval/{r.model}_max_selected_on_test'] = sum(maxes) / len(maxes)
         tqdm.write(f"it {it}: {r}")
-    if results[0].mean > state.best_acc:
+    if results[0].mean > state.best_acc and syn.finite():  # eval.py refuses non-finite images: never kept
         state.best_acc, state.best_it = results[0].mean, it
         save_best(run_dir, syn.images, syn.labels, syn.lr)
     metrics['eval/best_mean_selected_on_test'] = state.best_acc
@@ -479,7 +529,8 @@ def start_or_resume(r: Run, args: argparse.Namespace, run_dir: str | None,
     log = None  # rank 0 alone writes metrics, wandb, images and checkpoints
     if r.ckpt is None:
         state = LoopState()
-        if r.d.is_main:
+        if r.d.is_main:  # every check passed: a run killed in its first write left a folder nothing resumes
+            remove_stray_temps_under(args.run_dir)
             run_dir = new_run_dir(args.run_dir, f'{args.dataset}-ipc{args.ipc}-{args.model}')
             save_args(run_dir, {**vars(args), **r.record})
             log = RunLog(run_dir, {**vars(args), **r.record}, wandb_mode=args.wandb, project=args.project)
@@ -525,16 +576,21 @@ def distill_loop(r: Run, args: argparse.Namespace, state: LoopState, log: RunLog
             log.log(it, loss=step.loss.item(), syn_lr=r.syn.lr.item(), start_epoch=step.t, nu=step.nu,
                     skipped=state.skipped, **({'skip_reason': step.skip} if step.skip else {}), **step.info)
             bar.set_postfix(loss=f'{step.loss.item():.4f}', syn_lr=f'{r.syn.lr.item():.2e}', skipped=state.skipped)
-        if state.skips_in_row >= args.max_skips:
-            save_checkpoint(run_dir, d, r.syn, state, r.cursor, r.gen, wandb_id)
-            raise diverged(args.max_skips, it, step.skip, args, run_dir, d.world_size)
+        finite = r.syn.finite()  # a step that overflowed the images: the last checkpoint stays as it is
+        if state.skips_in_row >= args.max_skips or not finite:
+            if finite:
+                save_checkpoint(run_dir, d, r.syn, state, r.cursor, r.gen, wandb_id)
+            raise divergence_advice(r, args, run_dir, it, step.skip or 'nonfinite_set')
         if state.it % args.save_every == 0:
             save_checkpoint(run_dir, d, r.syn, state, r.cursor, r.gen, wandb_id)
 
 
-def finish(r: Run, state: LoopState, log: RunLog | None, run_dir: str, iterations: int) -> None:
+def finish(r: Run, args: argparse.Namespace, state: LoopState, log: RunLog | None, run_dir: str) -> None:
     """The last evaluation, checkpoint and final.json. A crash after the last checkpoint but before
     final.json resumes here and finishes."""
+    iterations = args.Iteration
+    if not r.syn.finite():  # never a final.json (or a last checkpoint) over NaN pixels
+        raise divergence_advice(r, args, run_dir, iterations, 'nonfinite_set')
     if r.d.is_main:
         evaluate(iterations, r.syn, r.evaluation, state, log, run_dir)
     save_checkpoint(run_dir, r.d, r.syn, state, r.cursor, r.gen, log.wandb_id if log else None)
@@ -569,7 +625,7 @@ def main(argv=None):
     if r.d.is_main:
         announce(run_dir, log, r.d, resumed, overrides)
     distill_loop(r, args, state, log, run_dir)
-    finish(r, state, log, run_dir, args.Iteration)
+    finish(r, args, state, log, run_dir)
     cleanup()
     return run_dir
 

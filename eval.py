@@ -16,7 +16,8 @@ from trajmatch.data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, loa
 from trajmatch.evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set, markdown_table, random_real
 from networks import MODELS, get_network
 from trajmatch.runlog import ARGS_FILE, BEST_FILES, EVAL_FILE, latest_run_dir, load_args, run_file
-from trajmatch.cli import POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, check_flags, check_saved_flags, cli_entry
+from trajmatch.cli import (EPOCHS, NETWORKS, POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, check_flags,
+                           check_saved_flags, cli_entry)
 from trajmatch.files import atomic_write_json, check_writable, remove_stray_temps
 from trajmatch.runtime import pick_device, seed_everything, set_deterministic
 
@@ -52,9 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # flag -> allowed values; checked before anything is read or trained
 FLAG_DOMAINS = {'ipc': POSITIVE_INT, 'lr': POSITIVE.or_none("the run's learned lr, else 0.01"),
-                'num_eval': POSITIVE_INT, 'epoch_eval_train': POSITIVE_INT, 'seed': SEED,
+                'num_eval': NETWORKS, 'epoch_eval_train': EPOCHS, 'seed': SEED,
                 **DATA_FLAG_DOMAINS}
 RUN_FILES = BEST_FILES
+
+
+def result_bytes(args) -> int:
+    """More than the JSON result can take: 64 KiB, and 1 KiB per network (accuracies, validation, maxima)."""
+    return 65536 + 1024 * args.num_eval * len(args.eval_mode or [None])
 
 
 def load_tensor(path: str, what: str) -> torch.Tensor:
@@ -163,7 +169,9 @@ def main(argv=None):
     out = args.out or (run_file(args.run, EVAL_FILE) if args.run else os.path.join(args.run_dir, 'baselines',
                                                                                    f'eval_{name}.json'))
     out_folder = os.path.dirname(os.path.abspath(out))
-    check_writable(out_folder, 'output folder')
+    # the probe writes as many bytes as the result can take (with room): a disk too full for it fails now,
+    # not after the evaluation
+    check_writable(out_folder, 'output folder', need_bytes=result_bytes(args))
     remove_stray_temps(out_folder)
     data = load_dataset(args.dataset, args.data_path, zca=args.zca, subset=args.subset, res=args.res, valid=args.valid)
     images, labels, lr = source_on(data, args, loaded)

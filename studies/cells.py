@@ -33,7 +33,8 @@ import compress_buffers
 import distill
 from trajmatch.data import load_dataset
 from trajmatch.evaluation import evaluate_set
-from trajmatch.files import atomic_torch_save, atomic_write_json, json_text
+from trajmatch.cli import UsageError
+from trajmatch.files import atomic_torch_save, atomic_write_json, json_text, remove_stray_temps
 from trajmatch.runlog import CHECKPOINT_FILE, METRICS_FILE, run_file
 from trajmatch.trajectory_io import buffer_dir, expert_done, expert_files, read_meta
 
@@ -57,6 +58,12 @@ BASE = ['--syn_steps', '20', '--expert_epochs', '2', '--max_start_epoch', '10', 
 def digest(key: list) -> str:
     """The cell's file name (and its set's): the first 16 hex digits of sha1(json.dumps(key))."""
     return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def bad_cell_file(path: str, what: str) -> UsageError:
+    """A cell's (or a set's) file on disk that is not what the study wrote: one line naming it, and the fix."""
+    return UsageError(f"{path} {what}: it was damaged or edited; delete it and run the study again (the cell is "
+                      f"computed again)")
 
 
 @dataclass
@@ -176,8 +183,12 @@ class Study:
                     got = json.load(f)
             except FileNotFoundError:
                 return MISSING
+            except (OSError, ValueError) as e:  # truncated, empty, not UTF-8, unreadable
+                raise bad_cell_file(path, f'cannot be read as JSON ({type(e).__name__})') from None
+            if not (isinstance(got, dict) and 'value' in got):
+                raise bad_cell_file(path, 'is not a cell file ({"key": ..., "value": ...})')
             if json.dumps(got.get('key')) != k:
-                raise RuntimeError(f'{path} holds the cell {json.dumps(got.get("key"))}, not {k}')
+                raise bad_cell_file(path, f'holds the cell {json.dumps(got.get("key"))}, not {k}')
             self._values[k] = got['value']
         return self._values[k]
 
@@ -285,7 +296,9 @@ class Study:
                                  '--num_eval', '1', '--epoch_eval_train', str(s.eval_epochs),
                                  '--buffer_path', buffers, '--run_dir', os.path.join(self.root, 'runs'),
                                  '--wandb', 'disabled'])
-        except SystemExit:  # distill stops after --max_skips non-finite losses in a row: report it, go on
+        except SystemExit as e:  # distill stops (exit 3) after --max_skips skips in a row: report it, go on
+            if e.code != 3:
+                raise  # bad input (exit 2): distill printed its one line; the cell is not a divergence
             return None
 
     def _one(self, recipe: str, flags: list[str], ipc: int, seed: int, key: list) -> dict:
@@ -318,7 +331,7 @@ class Study:
         key = self.run_key(recipe, flags, ipc, seed)
         if run is MISSING or run.get('diverged') or not os.path.exists(self.set_path(key)):
             return None
-        return torch.load(self.set_path(key), weights_only=True)
+        return load_set(self.set_path(key))
 
     def set_cell(self, recipe: str, flags: list[str], ipc: int, seed: int) -> Cell:
         """The final set of a finished run that did not keep one (runs computed before sets were kept): from its
@@ -369,6 +382,24 @@ class Study:
         return {'accs': results[0].accs, 'val_accs': results[0].val_accs}
 
 
+def load_set(path: str) -> dict:
+    """A final set kept beside the cells (torch.load weights_only); one that does not load is bad_cell_file."""
+    try:
+        got = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, empty, not a torch file, or a pickle weights_only refuses
+        raise bad_cell_file(path, f'cannot be read ({type(e).__name__})') from None
+    if not (isinstance(got, dict) and all(torch.is_tensor(got.get(k)) for k in ('images', 'labels', 'syn_lr'))):
+        raise bad_cell_file(path, 'is not a final set (images, labels, syn_lr)')
+    return got
+
+
+def remove_study_temps(root: str) -> list[str]:
+    """Temp files a killed study left (cells, sets, the former cache.json) under `root`; other cell commands
+    may be writing now, so only unlocked and not fresh ones (files.remove_stray_temps, shared)."""
+    return [p for folder in (root, os.path.join(root, 'cells'), os.path.join(root, 'sets'))
+            for p in remove_stray_temps(folder, shared=True)]
+
+
 def curve(run_dir: str, model: str) -> list[list]:
     """[[it, test mean, validation mean or None], ...] of the run's in-loop evaluations (1 network each)."""
     with open(run_file(run_dir, METRICS_FILE)) as f:
@@ -397,8 +428,13 @@ def convert_cache(root: str) -> int:
     entry; each file is read back and compared before cache.json and its .claims/.lock files are removed. A cell
     already on disk must hold the same value. Returns the number of entries."""
     path = os.path.join(root, 'cache.json')
-    with open(path) as f:
-        cache = json.load(f)
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError) as e:  # truncated, empty, not UTF-8
+        raise bad_cell_file(path, f'cannot be read as JSON ({type(e).__name__})') from None
+    if not isinstance(cache, dict):
+        raise bad_cell_file(path, 'is not the former cache (a JSON object of cells)')
     study = Study(root, 1, 1, {})
     for k, value in cache.items():
         key = json.loads(k)

@@ -38,7 +38,8 @@ import buffer
 import compress_buffers
 from studies import fmnist
 from studies.cells import (AST_ALL, AST_STUDENT, DIGITS, MISSING, RECIPES, Cell, Study, compute_missing, fmt,
-                           missing_cells, run_one)
+                           missing_cells, remove_study_temps, run_one)
+from trajmatch.cli import ITERATIONS, NETWORKS, CliParser, check_flags, cli_entry
 
 # ---------------------------------------------------------------- settings (Digits, CPU)
 
@@ -208,8 +209,7 @@ def cells_mode(p, args, enumerate_cells) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m studies', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(prog='python -m studies', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('study', choices=[*TABLES, 'all', 'perturb', 'fmnist'])
     p.add_argument('--root', default=None, help='default: results (Digits), results/fmnist (fmnist)')
     p.add_argument('--data_path', default=fmnist.DEBIAN_PATH,
@@ -234,9 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# flag -> allowed values (--ipcs: the study's iteration budgets, checked in main)
+FLAG_DOMAINS = {'seeds': NETWORKS, 'num_eval': NETWORKS, 'iterations': ITERATIONS, 'iterations_ipc10': ITERATIONS,
+                'seeds_ipc10': NETWORKS}
+
+
+@cli_entry
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    check_flags(args, FLAG_DOMAINS)
+    remove_study_temps(args.root or os.path.join('results', 'fmnist' if args.study == 'fmnist' else ''))
     if args.study == 'fmnist':
         if not set(args.ipcs) <= set(fmnist.ITERATIONS):
             p.error(f"--ipcs {' '.join(map(str, args.ipcs))}: the study has iteration budgets for ipc "

@@ -20,9 +20,12 @@ import pytest
 import torch
 
 import buffer
+import compress_buffers
 from trajmatch import cli
 import distill
 import eval as eval_script
+from studies import cells as study_cells
+from studies import experiments as studies_main
 from trajmatch import matching
 from trajmatch import files
 from trajmatch.data import DataError, load_dataset
@@ -226,6 +229,72 @@ def unlink_meta_and(edit):
     return both
 
 
+def overwrite_in_place(path, fraction=0.5):
+    """Random bytes over the middle `fraction` of the file: its size (and so the sidecar's pt_bytes) unchanged."""
+    size = os.path.getsize(path)
+    with open(path, 'r+b') as f:
+        f.seek(int(size * (1 - fraction) / 2))
+        f.write(np.random.default_rng(0).bytes(int(size * fraction)))
+
+
+def crafted_with_edited_size(folder, ws):
+    """Expert 1 replaced by a valid MTT file of other numbers (its weights x 100), the sidecar's size edited to
+    match: only the digest tells."""
+    traj = [[t * 100 for t in snap] for snap in load_trajectories(expert_path(folder, 1))[0]]
+    torch.save([traj], expert_path(folder, 1))
+    sidecar_says(pt_bytes=os.path.getsize(expert_path(folder, 1)))(folder, ws)
+
+
+def old_sidecar_nan_expert(folder, ws):
+    """A sidecar from before digests (no pt_sha256) over a file whose numbers are NaN: read in full, refused."""
+    traj = [[torch.full_like(t, float('nan')) for t in snap] for snap in load_trajectories(expert_path(folder, 1))[0]]
+    torch.save([traj], expert_path(folder, 1))
+    meta = json.load(open(meta_path(folder, 1)))
+    meta.pop('pt_sha256')
+    json.dump({**meta, 'pt_bytes': os.path.getsize(expert_path(folder, 1))}, open(meta_path(folder, 1), 'w'))
+
+
+def ckpt_edit(**parts):
+    """checkpoint.pt with some parts replaced, each a function of the loaded checkpoint."""
+    def edit(run, ws):
+        ckpt = torch.load(run / 'checkpoint.pt', weights_only=True)
+        torch.save({**ckpt, **{k: f(ckpt) for k, f in parts.items()}}, run / 'checkpoint.pt')
+    return edit
+
+
+def nan_momentum(ckpt):
+    opt = ckpt['opt_img']
+    state = {k: {**v, 'momentum_buffer': torch.full_like(v['momentum_buffer'], float('nan'))}
+             for k, v in opt['state'].items()}
+    return {**opt, 'state': state or {0: {'momentum_buffer': torch.tensor(float('nan'))}}}
+
+
+def compress_with(env, ws, edit=None, *flags):
+    path, folder = buffers_copy(env, ws)
+    if edit:
+        edit(folder, ws)
+    return ['--folder', folder, *flags]
+
+
+def study_with_cell(env, ws, data: bytes, *flags):
+    """`python -m studies smoothness --report` over a root whose first distillation cell holds `data`."""
+    study = study_cells.Study(str(ws / 'r'), 3, 5, {1: 200})
+    key = study.run_key('SGD (MTT)', [], 1, 0)
+    os.makedirs(ws / 'r' / 'cells')
+    open(study.cell_path(key), 'wb').write(data)
+    return ['smoothness', '--report', '--root', str(ws / 'r'), *flags]
+
+
+def study_with_set(env, ws, data: bytes):
+    """... whose fmnist-style final set file is `data` (a run cell says it finished)."""
+    study = study_cells.Study(str(ws / 'r'), 3, 5, {1: 200})
+    key = study.run_key('SGD (MTT)', [], 1, 0)
+    os.makedirs(ws / 'r' / 'sets')
+    study.put(key, {'accs': [0.5]})
+    open(study.set_path(key), 'wb').write(data)
+    return study, key
+
+
 A_FILE = lambda ws: open(ws / 'a_file', 'w').write('x') and str(ws / 'a_file' / 'sub')  # noqa: E731
 
 # (id, script, argv builder (env, workspace), exit status, text the one line must contain)
@@ -303,6 +372,48 @@ ROWS = [
     ('d-resume-refused-flag', 'distill', lambda e, w: resume_with(e, w, None, '--syn_steps', '5'), 2,
      '--syn_steps'),
     ('d-resume-bad-override', 'distill', lambda e, w: resume_with(e, w, None, '--lr_img', '-3'), 2, '--lr_img'),
+    # numbers checked in the precision they are used in (float32), integers with an upper bound
+    ('d-lr_img-1e39', 'distill', lambda e, w: distill_with(e, w, '--lr_img', '1e39'), 2, '--lr_img 1e+39'),
+    ('d-lr_lr-1e308', 'distill', lambda e, w: distill_with(e, w, '--lr_lr', '1e308'), 2, '--lr_lr 1e+308'),
+    ('d-lr_teacher-1e39', 'distill', lambda e, w: distill_with(e, w, '--lr_teacher', '1e39'), 2, '--lr_teacher'),
+    ('d-lr_teacher-1e308', 'distill', lambda e, w: distill_with(e, w, '--lr_teacher', '1e308'), 2, '--lr_teacher'),
+    ('d-lr_img-rounds-to-0', 'distill', lambda e, w: distill_with(e, w, '--lr_img', '1e-50'), 2, '--lr_img'),
+    ('d-syn_mom-rounds-to-1', 'distill', lambda e, w: distill_with(e, w, '--syn_mom', '0.99999999999'), 2,
+     '--syn_mom'),
+    ('d-perturb_rho-1e39', 'distill', lambda e, w: distill_with(e, w, '--perturb_rho', '1e39'), 2, '--perturb_rho'),
+    ('d-syn_steps-1e20', 'distill', lambda e, w: distill_with(e, w, '--syn_steps', str(10**20)), 2, '--syn_steps'),
+    ('d-iteration-1e20', 'distill', lambda e, w: distill_with(e, w, '--Iteration', str(10**20)), 2, '--Iteration'),
+    ('d-epoch_eval-1e12', 'distill', lambda e, w: distill_with(e, w, '--epoch_eval_train', str(10**12)), 2,
+     '--epoch_eval_train'),
+    ('d-num_eval-1e9', 'distill', lambda e, w: distill_with(e, w, '--num_eval', str(10**9)), 2, '--num_eval'),
+    ('d-eval_it-2e31', 'distill', lambda e, w: distill_with(e, w, '--eval_it', str(2**31)), 2, '--eval_it'),
+    ('d-res-huge', 'distill', lambda e, w: distill_with(e, w, '--res', str(10**6)), 2, '--res'),
+    ('d-resume-override-1e39', 'distill', lambda e, w: resume_with(e, w, None, '--lr_lr', '1e39'), 2, '--lr_lr'),
+    ('d-args-iteration-huge', 'distill', lambda e, w: resume_with(e, w, edit_args(Iteration=10**20)), 2,
+     '--Iteration'),
+    # every expert file verified by content before work
+    ('d-expert-overwritten-in-place', 'distill', lambda e, w: bad_expert(
+        e, w, lambda f, _: overwrite_in_place(expert_path(f, 1))), 2, 'replay_buffer_1.pt does not match the sha256'),
+    ('d-expert-crafted-size-edited', 'distill', lambda e, w: bad_expert(e, w, crafted_with_edited_size), 2,
+     'replay_buffer_1.pt does not match the sha256'),
+    ('d-expert-old-sidecar-nan', 'distill', lambda e, w: bad_expert(e, w, old_sidecar_nan_expert), 2,
+     'replay_buffer_1.pt holds NaN'),
+    ('d-expert-digest-garbled', 'distill', lambda e, w: bad_expert(
+        e, w, sidecar_says(pt_sha256='0' * 64)), 2, 'replay_buffer_1.pt does not match the sha256'),
+    # a checkpoint that loads but holds garbage
+    ('d-ckpt-images-nan', 'distill', lambda e, w: resume_with(e, w, ckpt_edit(
+        images=lambda c: torch.full_like(c['images'], float('nan')))), 2, 'images holds NaN'),
+    ('d-ckpt-syn_lr-inf', 'distill', lambda e, w: resume_with(e, w, ckpt_edit(
+        syn_lr=lambda c: torch.tensor(float('inf')))), 2, 'syn_lr holds NaN'),
+    ('d-ckpt-syn_lr-negative', 'distill', lambda e, w: resume_with(e, w, ckpt_edit(
+        syn_lr=lambda c: torch.tensor(-0.01))), 2, 'syn_lr'),
+    ('d-ckpt-momentum-nan', 'distill', lambda e, w: resume_with(e, w, ckpt_edit(opt_img=nan_momentum)), 2,
+     'opt_img.state'),
+    ('d-ckpt-opt_lr-lr-nan', 'distill', lambda e, w: resume_with(e, w, ckpt_edit(
+        opt_lr=lambda c: {**c['opt_lr'], 'param_groups': [{**c['opt_lr']['param_groups'][0], 'lr': float('nan')}]})),
+     2, 'opt_lr.param_groups.0.lr'),
+    ('d-ckpt-labels-other', 'distill', lambda e, w: resume_with(e, w, ckpt_edit(
+        labels=lambda c: c['labels'].flip(0))), 2, 'labels are not'),
     # buffer.py
     ('b-num_experts0', 'buffer', lambda e, w: buffer_flags(e, w, '--num_experts', '0'), 2, '--num_experts'),
     ('b-train_epochs0', 'buffer', lambda e, w: buffer_flags(e, w, '--train_epochs', '0'), 2, '--train_epochs'),
@@ -330,6 +441,36 @@ ROWS = [
      'replay_buffer_0.pt'),
     ('b-expert-other-recipe', 'buffer', lambda e, w: buffer_existing(e, w, lambda f, _: None, '--mom', '0.5'), 2,
      'mom'),
+    ('b-expert-overwritten-in-place', 'buffer', lambda e, w: buffer_existing(
+        e, w, lambda f, _: overwrite_in_place(expert_path(f, 0))), 2, 'replay_buffer_0.pt does not match the sha256'),
+    ('b-lr_teacher-1e39', 'buffer', lambda e, w: buffer_flags(e, w, '--lr_teacher', '1e39'), 2, '--lr_teacher'),
+    ('b-l2-1e39', 'buffer', lambda e, w: buffer_flags(e, w, '--l2', '1e39'), 2, '--l2'),
+    ('b-gp_k-1e39', 'buffer', lambda e, w: buffer_flags(e, w, '--gp', '--gp_k', '1e39'), 2, '--gp_k'),
+    ('b-num_experts-1e20', 'buffer', lambda e, w: buffer_flags(e, w, '--num_experts', str(10**20)), 2,
+     '--num_experts'),
+    ('b-train_epochs-1e9', 'buffer', lambda e, w: buffer_flags(e, w, '--train_epochs', str(10**9)), 2,
+     '--train_epochs'),
+    ('b-batch_train-2e31', 'buffer', lambda e, w: buffer_flags(e, w, '--batch_train', str(2**31)), 2,
+     '--batch_train'),
+    # compress_buffers.py: every input checked before anything is written
+    ('c-second-truncated', 'compress', lambda e, w: compress_with(e, w, lambda f, _: truncate(expert_path(f, 1))), 2,
+     'replay_buffer_1.pt'),
+    ('c-second-overwritten', 'compress', lambda e, w: compress_with(
+        e, w, lambda f, _: overwrite_in_place(expert_path(f, 1))), 2, 'replay_buffer_1.pt does not match the sha256'),
+    ('c-out_folder-under-file', 'compress', lambda e, w: compress_with(e, w, None, '--out_folder', A_FILE(w)), 2,
+     'a_file'),
+    ('c-k-1e20', 'compress', lambda e, w: compress_with(e, w, None, '--k', str(10**20)), 2, '--k'),
+    ('c-no-experts', 'compress', lambda e, w: ['--folder', str(w)], 2, 'no expert buffers'),
+    # python -m studies: a damaged cell or set is one line
+    ('s-cell-truncated', 'studies', lambda e, w: study_with_cell(e, w, b'{"key": ["SGD (MTT)", [], 1'), 2,
+     '.json cannot be read as JSON'),
+    ('s-cell-empty', 'studies', lambda e, w: study_with_cell(e, w, b''), 2, '.json cannot be read as JSON'),
+    ('s-cell-not-a-cell', 'studies', lambda e, w: study_with_cell(e, w, b'[1, 2]'), 2, 'is not a cell file'),
+    ('s-cell-other-key', 'studies', lambda e, w: study_with_cell(e, w, b'{"key": ["x"], "value": {}}'), 2,
+     'holds the cell ["x"]'),
+    ('s-seeds-1e20', 'studies', lambda e, w: ['smoothness', '--report', '--root', str(w / 'r'), '--seeds',
+                                               str(10**20)], 2, '--seeds'),
+    ('s-bad-study', 'studies', lambda e, w: ['nope'], 2, 'nope'),
     # eval.py
     ('e-run-missing', 'eval', lambda e, w: ['--run', str(w / 'nope')], 2, 'nope'),
     ('e-run-latest-empty', 'eval', lambda e, w: ['--run', 'latest', '--run_dir', str(w)], 2, 'latest'),
@@ -358,14 +499,22 @@ ROWS = [
     ('e-lr0', 'eval', lambda e, w: eval_flags(e, w, '--lr', '0'), 2, '--lr'),
     ('e-device', 'eval', lambda e, w: eval_flags(e, w, '--device', 'tpu'), 2, '--device'),
     ('e-out-under-file', 'eval', lambda e, w: eval_flags(e, w, '--out', A_FILE(w) + '/x.json'), 2, 'a_file'),
+    ('e-lr-1e39', 'eval', lambda e, w: eval_flags(e, w, '--lr', '1e39'), 2, '--lr 1e+39'),
+    ('e-lr-rounds-to-0', 'eval', lambda e, w: eval_flags(e, w, '--lr', '1e-46'), 2, '--lr'),
+    ('e-num_eval-1e20', 'eval', lambda e, w: eval_flags(e, w, '--num_eval', str(10**20)), 2, '--num_eval'),
+    ('e-epochs-1e9', 'eval', lambda e, w: eval_flags(e, w, '--epoch_eval_train', str(10**9)), 2, '--epoch_eval_train'),
+    ('e-lr_best-inf', 'eval', lambda e, w: eval_run(
+        e, w, lambda r, _: torch.save(torch.tensor(float('inf')), r / 'lr_best.pt')), 2, 'lr_best.pt'),
 ]
-SCRIPTS = {'distill': distill.main, 'buffer': buffer.main, 'eval': eval_script.main}
+SCRIPTS = {'distill': distill.main, 'buffer': buffer.main, 'eval': eval_script.main, 'compress': compress_buffers.main,
+           'studies': studies_main.main}
 
 
-@pytest.mark.parametrize('module', [buffer, distill, eval_script])
+@pytest.mark.parametrize('module', [buffer, distill, eval_script, compress_buffers, studies_main])
 def test_every_numeric_flag_has_a_domain(module):
-    """A numeric flag added later without a domain would go unchecked: this names it."""
-    numeric = {a.dest for a in module.build_parser()._actions if a.type in (int, float)}
+    """A numeric flag added later without a domain would go unchecked: this names it. (--ipcs of the studies
+    is a list, checked against the study's iteration budgets.)"""
+    numeric = {a.dest for a in module.build_parser()._actions if a.type in (int, float)} - {'ipcs'}
     assert numeric - set(module.FLAG_DOMAINS) == set()
     assert set(module.FLAG_DOMAINS) <= numeric
 
@@ -377,8 +526,28 @@ def test_every_preset_lies_in_the_domains():
         cli.check_flags(buffer.build_parser().parse_args(presets.buffer_flags(name)), buffer.FLAG_DOMAINS)
 
 
+def test_every_integer_flag_has_an_upper_bound_and_every_float_one_a_precision():
+    """A --syn_steps of 10**20 would run for ever, an lr of 1e39 overflows torch's float32."""
+    for module in (buffer, distill, eval_script, compress_buffers, studies_main):
+        types = {a.dest: a.type for a in module.build_parser()._actions}
+        for flag, domain in module.FLAG_DOMAINS.items():
+            if types[flag] is int:
+                assert not domain.admits(10**20) and not domain.admits(2**31), (module.__name__, flag)
+            else:
+                assert domain.float32 != domain.admits(1e39), (module.__name__, flag)
+    float32_flags = {'lr_img', 'lr_lr', 'lr_teacher', 'syn_mom', 'perturb_rho'}
+    assert all(distill.FLAG_DOMAINS[f].float32 for f in float32_flags)
+    assert all(buffer.FLAG_DOMAINS[f].float32 for f in ('lr_teacher', 'mom', 'l2', 'gp_mu', 'gp_k'))
+    assert eval_script.FLAG_DOMAINS['lr'].float32
+
+
+def test_float32_domains_round_as_torch_does():
+    for value in (3.4e38, 1e-45, 1e-38, 0.1, 1e39, 1e-46, 3.4028235e38, 3.40282357e38):
+        assert cli.as_float32(value) == torch.tensor(value, dtype=torch.float64).float().item()
+
+
 def test_the_table_is_wide_enough():
-    assert len(ROWS) >= 40 and len({r[0] for r in ROWS}) == len(ROWS)
+    assert len(ROWS) >= 135 and len({r[0] for r in ROWS}) == len(ROWS)
     assert {r[1] for r in ROWS} == set(SCRIPTS)
 
 
@@ -620,37 +789,84 @@ def test_the_set_state_dict_round_trips_and_refuses_another_runs_shape():
         bigger.load_state_dict(syn.state_dict())
 
 
-def test_a_step_pushing_syn_lr_negative_is_skipped_and_the_advice_works(env, tmp_path, monkeypatch, capsys):
+def pushing_syn_lr_down(monkeypatch, grad):
+    """Every syn_lr gradient is `grad`: a step of lr_lr x momentum-buffer that can take syn_lr below 0."""
     real = matching.match_and_backward
 
     def pushes_lr_down(*a, **k):
         loss, info = real(*a, **k)
-        a[3].grad = torch.tensor(1e9)  # syn_lr - lr_lr * 1e9 < 0
+        a[3].grad = torch.tensor(grad)
         return loss, info
-
     monkeypatch.setattr(distill, 'match_and_backward', pushes_lr_down)
+
+
+def test_the_advice_is_what_a_trial_from_the_checkpoint_shows_to_recover(env, tmp_path, monkeypatch, capsys):
+    """syn_lr 0.01 under a constant gradient of 5000 (momentum 0.5): --lr_lr 1e-5 refuses every step, a tenth
+    of it (1e-6) takes one and then refuses for ever (what the old advice said), a hundredth (1e-7) keeps
+    syn_lr > 0 for the rest of the run. The advice is the hundredth, and following it finishes the run."""
+    pushing_syn_lr_down(monkeypatch, 5e3)
+    with pytest.raises(SystemExit) as stop:
+        distill.main(distill_with(env, tmp_path, '--Iteration', '8', '--eval_it', '100', '--max_skips', '3'))
+    line = last_error_line(capsys.readouterr().err)
+    assert stop.value.code == 3 and 'syn_lr' in line and 'recovered' in line and 'guess' not in line
+    run = tmp_path / 'runs' / RUN
+    steps = [r for r in map(json.loads, open(run / 'metrics.jsonl')) if 'loss' in r]
+    assert [r['skip_reason'] for r in steps] == ['syn_lr'] * 3  # the trials logged nothing
+    ckpt = torch.load(run / 'checkpoint.pt', weights_only=True)
+    assert ckpt['state']['it'] == 3
+    assert torch.equal(ckpt['images'], torch.load(run / 'images_best.pt', weights_only=True))  # never stepped
+    command = line.split('continue it with ')[1].split()
+    assert command[:4] == ['python', 'distill.py', '--resume', str(run)]
+    assert command[4:] == ['--lr_img', '0.1', '--lr_lr', '1e-07']
+    distill.main(command[2:])  # the same gradients: the run now finishes
+    assert (run / 'final.json').exists()
+    args = json.load(open(run / 'args.json'))
+    assert args['resume_overrides'] == [{'it': 3, 'lr_img': {'was': 10.0, 'now': pytest.approx(0.1)},
+                                         'lr_lr': {'was': 1e-5, 'now': pytest.approx(1e-7)}}]
+    steps = [r for r in map(json.loads, open(run / 'metrics.jsonl')) if 'loss' in r]
+    assert [r.get('skip_reason') for r in steps[3:]] == [None] * 5 and all(r['syn_lr'] > 0 for r in steps)
+
+
+def test_advice_no_trial_supports_says_it_is_a_guess(env, tmp_path, monkeypatch, capsys):
+    """A gradient of 1e9 refuses every step at every tried size: the line says so, names the flags a resume
+    cannot change, and claims nothing was shown to work."""
+    pushing_syn_lr_down(monkeypatch, 1e9)
     with pytest.raises(SystemExit) as stop:
         distill.main(distill_with(env, tmp_path, '--Iteration', '6', '--eval_it', '100', '--max_skips', '3'))
     line = last_error_line(capsys.readouterr().err)
-    assert stop.value.code == 3 and 'syn_lr' in line
+    assert stop.value.code == 3 and 'a guess' in line and '--lr_teacher' in line and 'recovered' not in line
+    assert 'divided by 10, 100, 1000 diverged too' in line
     run = tmp_path / 'runs' / RUN
-    rows = [json.loads(x) for x in open(run / 'metrics.jsonl')]
-    steps = [r for r in rows if 'loss' in r]
-    assert [r['skip_reason'] for r in steps] == ['syn_lr'] * 3 and all(r['syn_lr'] == pytest.approx(0.01) for r in steps)
+    assert not (run / 'final.json').exists()
+    assert len([r for r in map(json.loads, open(run / 'metrics.jsonl')) if 'loss' in r]) == 3
+
+
+def test_a_step_that_overflows_the_images_never_reaches_a_checkpoint_or_final_json(env, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """The second iteration's image gradient is finite (1e38) but lr_img x 1e38 is not: the images would be
+    infinite. The run stops at once, checkpoint.pt stays the first iteration's, no final.json; the advice
+    (tried from that checkpoint) finishes the run with finite images."""
+    real, calls = matching.match_and_backward, {'n': 0}
+
+    def overflows_once(*a, **k):
+        loss, info = real(*a, **k)
+        calls['n'] += 1
+        if calls['n'] == 2:
+            a[1].grad = torch.full_like(a[1], 1e38)
+        return loss, info
+
+    monkeypatch.setattr(distill, 'match_and_backward', overflows_once)
+    with pytest.raises(SystemExit) as stop:
+        distill.main(distill_with(env, tmp_path, '--Iteration', '4', '--eval_it', '100', '--save_every', '1'))
+    line = last_error_line(capsys.readouterr().err)
+    assert stop.value.code == 3 and 'NaN or infinite images' in line and 'recovered' in line
+    run = tmp_path / 'runs' / RUN
     ckpt = torch.load(run / 'checkpoint.pt', weights_only=True)
-    assert torch.equal(ckpt['images'], torch.load(run / 'images_best.pt', weights_only=True))  # never stepped
-    # the printed command works: it resumes with the smaller rates, recorded with the iteration
-    monkeypatch.setattr(distill, 'match_and_backward', real)
-    command = line.split('e.g. ')[1].split()
-    assert command[:4] == ['python', 'distill.py', '--resume', str(run)] and '--lr_lr' in command
-    distill.main(command[2:])
-    args = json.load(open(run / 'args.json'))
-    assert args['lr_img'] == pytest.approx(1.0) and args['lr_lr'] == pytest.approx(1e-6)
-    assert args['resume_overrides'] == [{'it': 3, 'lr_img': {'was': 10.0, 'now': 1.0},
-                                         'lr_lr': {'was': 1e-5, 'now': pytest.approx(1e-6)}}]
-    ckpt = torch.load(run / 'checkpoint.pt', weights_only=True)
-    assert ckpt['state']['it'] == 6 and ckpt['opt_img']['param_groups'][0]['lr'] == pytest.approx(1.0)
-    assert all(r['syn_lr'] > 0 for r in map(json.loads, open(run / 'metrics.jsonl')) if 'syn_lr' in r)
+    assert ckpt['state']['it'] == 1 and torch.isfinite(ckpt['images']).all()
+    assert not (run / 'final.json').exists()
+    distill.main(line.split('continue it with ')[1].split()[2:])
+    assert (run / 'final.json').exists()
+    assert torch.isfinite(torch.load(run / 'checkpoint.pt', weights_only=True)['images']).all()
 
 
 def test_an_exploding_loss_is_skipped_and_metrics_stay_strict_json(env, tmp_path, monkeypatch, capsys):
@@ -701,3 +917,156 @@ def test_resume_latest_passes_over_a_run_that_crashed_before_its_first_checkpoin
     assert os.listdir(crashed) == ['args.json']
     evals = [r['it'] for r in map(json.loads, open(os.path.join(run, 'metrics.jsonl'))) if 'eval/ConvNetW32_mean' in r]
     assert evals == [0, 2]
+
+
+# ---------------------------------------------------------------- content digests of expert files
+
+def test_every_sidecar_records_the_sha256_of_its_file(env):
+    for i in range(2):
+        meta = json.load(open(meta_path(env['experts'], i)))
+        assert meta['pt_sha256'] == hashlib.sha256(open(expert_path(env['experts'], i), 'rb').read()).hexdigest()
+
+
+def test_a_sidecar_from_before_digests_stays_valid_and_its_file_is_read_in_full(env, tmp_path, monkeypatch):
+    from trajmatch import trajectory_io
+    path, folder = buffers_copy(env, tmp_path)
+    for i in range(2):
+        meta = json.load(open(meta_path(folder, i)))
+        del meta['pt_sha256']
+        json.dump(meta, open(meta_path(folder, i), 'w'))
+    reads, real = [], trajectory_io.torch.load
+    monkeypatch.setattr(trajectory_io.torch, 'load', lambda f, *a, **k: reads.append(os.path.basename(str(f)))
+                        or real(f, *a, **k))
+    shapes = [p.shape for p in get_network(MODEL, 1, 10, (8, 8)).parameters()]
+    assert len(trajectory_io.validate_buffers(folder, dataset='Digits', model=MODEL, param_shapes=shapes,
+                                              needed_epochs=EPOCHS, zca=False)) == 2
+    assert reads == ['replay_buffer_0.pt', 'replay_buffer_1.pt']
+
+
+def test_the_expert_cache_verifies_each_file_as_it_reads_it(env, tmp_path):
+    """A file changed after the check before work is refused where the cursor reads it, not used."""
+    from trajmatch.trajectory_io import ExpertCursor, expert_loader, expert_files
+    path, folder = buffers_copy(env, tmp_path)
+    cursor = ExpertCursor(expert_files(folder), seed=0, loader=expert_loader(False), cache_mib=0)
+    cursor.next()
+    overwrite_in_place(expert_path(folder, 0), 0.1)
+    overwrite_in_place(expert_path(folder, 1), 0.1)
+    with pytest.raises(cli.UsageError, match='does not match the sha256'):
+        for _ in range(3):
+            cursor.next()
+
+
+def test_compressed_files_carry_their_own_digest(env, tmp_path, capsys):
+    path, folder = buffers_copy(env, tmp_path)
+    stats = compress_buffers.main(['--folder', folder, '--k', '3'])
+    out = stats['out_folder']
+    meta = json.load(open(meta_path(out, 1)))
+    assert meta['pt_sha256'] == hashlib.sha256(open(expert_path(out, 1), 'rb').read()).hexdigest()
+    assert meta['compressed']['source_sha256'] == json.load(open(meta_path(folder, 1)))['pt_sha256']
+    overwrite_in_place(expert_path(out, 1), 0.3)
+    with pytest.raises(SystemExit) as stop:
+        distill.main(distill_with(env, tmp_path, '--mct', '--mct_k', '3', buffers=path))
+    assert stop.value.code == 2 and 'replay_buffer_1.pt does not match the sha256' in one_error_line(
+        capsys.readouterr().err)
+    assert not (tmp_path / 'runs').exists()
+
+
+# ---------------------------------------------------------------- leftovers
+
+def test_a_new_run_removes_what_a_run_killed_in_its_first_write_left(env, tmp_path, capsys):
+    """A folder holding only `.args.json.<hex>.tmp` is never resumed: the next new run clears it (not a temp
+    another run is writing now: locked, or fresh)."""
+    killed = tmp_path / 'runs' / '000-Digits-ipc2-ConvNetW32'
+    killed.mkdir(parents=True)
+    stray = killed / '.args.json.0123abcd.tmp'
+    stray.write_text('{"ipc": ')
+    os.utime(stray, (0, 0))
+    fresh = killed / '.args.json.89abcdef.tmp'
+    fresh.write_text('{')
+    run = distill.main(distill_with(env, tmp_path, '--Iteration', '1', '--eval_it', '100'))
+    assert not stray.exists() and fresh.exists()
+    assert os.path.basename(run) == '001-Digits-ipc2-ConvNetW32'
+
+
+def test_a_temp_a_live_writer_holds_is_never_removed(tmp_path):
+    import fcntl
+    held, left = tmp_path / '.cells.json.00000000.tmp', tmp_path / '.cells.json.11111111.tmp'
+    for p in (held, left):
+        p.write_text('x')
+        os.utime(p, (0, 0))
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert files.remove_stray_temps(str(tmp_path)) == [str(left)]
+        assert held.exists()
+    finally:
+        os.close(fd)
+    assert files.remove_stray_temps(str(tmp_path)) == [str(held)]
+
+
+def test_a_study_removes_the_temps_a_killed_study_left(tmp_path, capsys):
+    root = tmp_path / 'r'
+    (root / 'cells').mkdir(parents=True)
+    old = [root / '.cache.json.0123abcd.tmp', root / 'cells' / '.0011223344556677.json.89abcdef.tmp']
+    for p in old:
+        p.write_text('{')
+        os.utime(p, (0, 0))
+    new = root / 'cells' / '.8899aabbccddeeff.json.01234567.tmp'  # another cell command's, being written now
+    new.write_text('{')
+    studies_main.main(['smoothness', '--report', '--root', str(root)])
+    assert not any(p.exists() for p in old) and new.exists()
+
+
+def test_a_study_cell_whose_distillation_got_bad_input_is_not_a_divergence(monkeypatch, tmp_path):
+    study = study_cells.Study(str(tmp_path), 1, 1, {1: 1})
+    monkeypatch.setattr(study, 'experts_ready', lambda recipe: True)
+
+    def refuses(argv):
+        raise SystemExit(2)
+    monkeypatch.setattr(study_cells.distill, 'main', refuses)
+    with pytest.raises(SystemExit) as stop:
+        study._distill('SGD (MTT)', [], 1, 0)
+    assert stop.value.code == 2
+
+
+def test_a_full_disk_says_no_file_was_written_when_there_was_none(env, tmp_path, monkeypatch, capsys):
+    real = os.fsync
+
+    def full_disk(fd):
+        if os.readlink(f'/proc/self/fd/{fd}').split('/')[-1].startswith('.replay_buffer_0.pt.'):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real(fd)
+    monkeypatch.setattr(files.os, 'fsync', full_disk)
+    with pytest.raises(SystemExit) as stop:
+        buffer.main(buffer_flags(env, tmp_path))
+    line = last_error_line(capsys.readouterr().err)
+    assert stop.value.code == 2 and 'No space left' in line and 'replay_buffer_0.pt' in line
+    assert 'intact' not in line and 'no replay_buffer_0.pt was written' in line
+
+
+def test_eval_refuses_a_disk_too_full_for_its_result_before_evaluating(env, tmp_path, monkeypatch, capsys):
+    """Room for an empty file but not for the result: the old probe (create, remove) passed, and the
+    evaluation's work was lost at the final write."""
+    def no_work(*a, **k):
+        raise AssertionError('evaluated before the output folder was known to hold the result')
+    monkeypatch.setattr(eval_script, 'evaluate_set', no_work)
+    real, room = os.write, {'left': 1000}
+
+    def nearly_full(fd, data):
+        if room['left'] < len(data):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        room['left'] -= len(data)
+        return real(fd, data)
+    monkeypatch.setattr(files.os, 'write', nearly_full)
+    with pytest.raises(SystemExit) as stop:
+        eval_script.main(eval_flags(env, tmp_path))
+    line = one_error_line(capsys.readouterr().err)
+    assert stop.value.code == 2 and 'No space left' in line and str(tmp_path) in line
+    assert not (tmp_path / 'out.json').exists() and os.listdir(tmp_path) == []
+
+
+def test_studies_as_a_real_process_print_one_line_on_a_truncated_cell(env, tmp_path):
+    argv = study_with_cell(env, tmp_path, b'{"key": [')
+    p = subprocess.run([sys.executable, '-m', 'studies', *argv], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, 'WANDB_MODE': 'disabled'})
+    assert p.returncode == 2 and 'cannot be read as JSON' in one_error_line(p.stderr)

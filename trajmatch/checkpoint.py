@@ -2,6 +2,7 @@
 that holds them with the synthetic set (--resume; one file, written atomically by rank 0).
 """
 import dataclasses
+import math
 import os
 import shlex
 
@@ -11,7 +12,7 @@ from trajmatch.cli import UsageError, WriteError
 from trajmatch.distributed import Dist, all_gather_objects, barrier, rank_seed
 from trajmatch.runlog import ARGS_FILE, CHECKPOINT_FILE, run_file
 from trajmatch.synthetic import SyntheticSet
-from trajmatch.trajectory_io import ExpertCursor, trajectory_kind
+from trajmatch.trajectory_io import ExpertCursor, expert_loader
 from trajmatch.files import atomic_torch_save
 from trajmatch.runtime import rng_state, seed_everything, set_rng_state
 
@@ -32,7 +33,7 @@ def rank_streams(seed: int, rank: int, init_gen: torch.Generator, files: list[st
     initialisation, so ranks match different trajectories from the same images.
     """
     gen = init_gen if rank == 0 else seed_everything(rank_seed(seed, rank))
-    return gen, ExpertCursor(files, rank_seed(seed, rank), loader=trajectory_kind(mct).load_file, cache_mib=cache_mib)
+    return gen, ExpertCursor(files, rank_seed(seed, rank), loader=expert_loader(mct), cache_mib=cache_mib)
 
 
 def rank_state(cursor: ExpertCursor, gen: torch.Generator, device: torch.device) -> dict:
@@ -93,11 +94,47 @@ def load_checkpoint(run_dir: str, d: Dist) -> dict:
     return ckpt
 
 
+def nonfinite_part(obj, where: str = '') -> str | None:
+    """The first tensor or number inside `obj` (dicts, lists) that is not finite, by its place, else None."""
+    if torch.is_tensor(obj):
+        return where if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()) else None
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else where
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = nonfinite_part(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def check_contents(ckpt: dict, syn: SyntheticSet, path: str) -> None:
+    """What a checkpoint that loads may still hold wrongly: NaN or infinite images, syn_lr or optimiser
+    states (a run continued from them would skip every step and end with NaN pixels), a syn_lr <= 0, or
+    labels that are not this run's. UsageError naming the part."""
+    for key in ('images', 'syn_lr', 'opt_img', 'opt_lr'):
+        bad = nonfinite_part(ckpt[key], key)
+        if bad is not None:
+            raise UsageError(f"{path}: {bad} holds NaN or infinite values; the checkpoint is damaged or was "
+                             f"written by a diverged run: restore an earlier copy or start a new run")
+    lr = ckpt['syn_lr']
+    if not (torch.is_tensor(lr) and lr.numel() == 1 and float(lr) > 0):
+        raise UsageError(f"{path}: syn_lr {lr!r} is not one number > 0; restore the run's files or start a new run")
+    labels = ckpt['labels']
+    mine = syn.labels.cpu()
+    if not (torch.is_tensor(labels) and labels.shape == mine.shape and not labels.is_floating_point()
+            and torch.equal(labels.long(), mine.long())):
+        raise UsageError(f"{path}: its labels are not this run's ({tuple(getattr(labels, 'shape', ()))} "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)}); it belongs to another run: restore "
+                         f"it or start a new run")
+
+
 def restore(ckpt: dict, run_dir: str, d: Dist, syn: SyntheticSet, cursor: ExpertCursor, gen: torch.Generator,
             iterations: int) -> LoopState:
     """Put the checkpoint's set, optimisers and random states in place and return its loop state; one that
     does not fit this run is a UsageError before any iteration."""
     path = run_file(run_dir, CHECKPOINT_FILE)
+    check_contents(ckpt, syn, path)
     try:
         syn.load_state_dict(ckpt)
         restore_rank_state(ckpt, d, cursor, gen, syn.images.device)
@@ -114,6 +151,8 @@ def restore(ckpt: dict, run_dir: str, d: Dist, syn: SyntheticSet, cursor: Expert
 def save_checkpoint(run_dir: str, d: Dist, syn: SyntheticSet, state: LoopState, cursor: ExpertCursor,
                     gen: torch.Generator, wandb_id: str | None) -> None:
     """Collective: every rank hands its streams to rank 0, which writes; all leave once it is on disk."""
+    if not syn.finite():  # the caller checks first (distill.py); never a checkpoint a resume would refuse
+        raise RuntimeError('save_checkpoint: the synthetic set is not finite')
     ranks = all_gather_objects(rank_state(cursor, gen, syn.images.device))
     if d.is_main:
         path = run_file(run_dir, CHECKPOINT_FILE)

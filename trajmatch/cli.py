@@ -7,6 +7,7 @@ Library code raises these errors; only a script's entry point (cli_entry) prints
 import argparse
 import functools
 import math
+import struct
 import sys
 
 
@@ -24,7 +25,7 @@ class UsageError(CliError):
 
 
 class WriteError(UsageError):
-    """An output could not be written (permissions, disk full); the previous file of that name is intact."""
+    """An output could not be written (permissions, disk full); the previous file of that name, if any, is intact."""
 
 
 class Diverged(CliError):
@@ -111,37 +112,68 @@ def check_saved_flags(parser: argparse.ArgumentParser, saved: dict, source: str,
 
 # ---------------------------------------------------------------- flag domains
 
-class Domain:
-    """What a numeric flag may hold: `ok(value)` and the words for it."""
+FLOAT32_MAX = 3.4028234663852886e38   # torch.finfo(torch.float32).max, without importing torch here
+INT_MAX = 2**31 - 1                    # no integer flag means more; torch and the OS take int32 in places
 
-    def __init__(self, ok, allowed: str, optional: bool = False):
-        self.ok, self.allowed, self.optional = ok, allowed, optional
+
+def as_float32(value: float) -> float:
+    """`value` rounded to the nearest float32 (inf past its range), as torch stores a learning rate or a
+    coefficient that meets a float32 tensor."""
+    try:
+        return struct.unpack('f', struct.pack('f', value))[0]  # round to nearest, as torch's conversion
+    except OverflowError:  # rounds past the largest float32
+        return math.copysign(math.inf, value)
+
+
+class Domain:
+    """What a numeric flag may hold: `ok(value)` and the words for it. float32: the value is used in float32
+    (an SGD lr, a coefficient of a tensor), so the domain is checked on the value as float32 holds it: 1e39
+    is infinite there and 1e-50 is 0."""
+
+    def __init__(self, ok, allowed: str, optional: bool = False, float32: bool = False):
+        self.ok, self.allowed, self.optional, self.float32 = ok, allowed, optional, float32
 
     def admits(self, value) -> bool:
         if value is None:
             return self.optional
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
-        return math.isfinite(value) and bool(self.ok(value))
+        if not (math.isfinite(value) and self.ok(value)):
+            return False
+        if self.float32:
+            v32 = as_float32(float(value))
+            return math.isfinite(v32) and bool(self.ok(v32))
+        return True
 
     def or_none(self, meaning: str = 'unset') -> 'Domain':
-        return Domain(self.ok, f"{self.allowed} (or {meaning})", optional=True)
+        return Domain(self.ok, f"{self.allowed} (or {meaning})", optional=True, float32=self.float32)
 
 
-def integer(lo: int, hi: int | None = None) -> Domain:
-    words = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
-    return Domain(lambda v: isinstance(v, int) and v >= lo and (hi is None or v <= hi), words)
+def integer(lo: int, hi: int = INT_MAX) -> Domain:
+    """lo..hi; every integer flag has an upper bound (INT_MAX unless a lower one says where a larger value
+    can only be a typo: a --syn_steps of 10**20 would run for ever)."""
+    return Domain(lambda v: isinstance(v, int) and lo <= v <= hi, f"an integer in {lo}..{hi}")
 
 
-def real(lo: float = 0.0, *, strict: bool = True, below: float | None = None) -> Domain:
+def real(lo: float = 0.0, *, strict: bool = True, below: float | None = None, float32: bool = True) -> Domain:
+    """A finite number > lo (>= lo unless strict), < below if given; float32 (the default): checked as
+    float32 holds it, the precision torch uses it in; float32=False for values only Python uses (float64)."""
     words = f"a finite number {'>' if strict else '>='} {lo:g}" + (f" and < {below:g}" if below is not None else '')
-    return Domain(lambda v: (v > lo if strict else v >= lo) and (below is None or v < below), words)
+    if float32:
+        words += f" that float32 holds (<= {FLOAT32_MAX:.4g}{', not rounding to 0' if strict and lo == 0 else ''})"
+    return Domain(lambda v: (v > lo if strict else v >= lo) and (below is None or v < below), words, float32=float32)
 
 
 POSITIVE_INT = integer(1)
 POSITIVE, NON_NEGATIVE = real(0.0), real(0.0, strict=False)
 MOMENTUM = real(0.0, strict=False, below=1.0)
-SEED = integer(0, 2**31 - 1)
+SEED = integer(0, INT_MAX)
+# upper bounds of integer flags past which a value can only be a typo (each far above any paper's setting)
+EPOCHS_MAX = 100_000
+STEPS = integer(1, 100_000)         # --syn_steps: student steps per iteration (papers: <= 80)
+EPOCHS = integer(1, EPOCHS_MAX)     # of an expert, of an evaluation network, matched or skipped (papers: <= 1000)
+ITERATIONS = integer(1, 10_000_000)  # --Iteration (papers: <= 10,000)
+NETWORKS = integer(1, 100_000)      # --num_eval, --num_experts: networks trained one after another
 
 
 def check_flags(args, domains: dict[str, Domain]) -> None:

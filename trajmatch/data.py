@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trajmatch.cli import POSITIVE_INT, UsageError, integer
+from trajmatch.cli import UsageError, integer
 
 # ============================================================================
 # Constants
@@ -664,7 +664,7 @@ def add_data_flags(p, *, download: bool = False) -> None:
         a('--download', action='store_true', help='download torchvision datasets if missing')
 
 
-DATA_FLAG_DOMAINS = {'res': POSITIVE_INT, 'valid': integer(0)}
+DATA_FLAG_DOMAINS = {'res': integer(1, 16_384), 'valid': integer(0)}  # res: an image side in pixels
 
 
 def _shape(name: str, res: int) -> tuple[int, int, int]:

@@ -185,9 +185,10 @@ def compressed_dir(folder: str, k: int = 4) -> str:
     return os.path.join(folder, f'mct{k}')
 
 
-def load_compressed(path: str) -> list[CompressedTrajectory]:
+def load_compressed(path: str, source=None) -> list[CompressedTrajectory]:
+    """source: what to read instead of the path (its bytes, already verified: trajectory_io.expert_loader)."""
     try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
+        data = torch.load(path if source is None else source, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated or foreign file
         raise UsageError(f"cannot read MCT buffer {path} ({type(e).__name__}); delete it and re-run "
                          f"compress_buffers.py") from None

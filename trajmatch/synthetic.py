@@ -8,7 +8,7 @@ import torch
 from trajmatch.ast_components import kmeans_init
 from trajmatch.evaluation import random_real
 from reparam_module import load_flat_
-from trajmatch.trajectory_io import trajectory_kind
+from trajmatch.trajectory_io import expert_loader
 
 
 def init_synthetic(data, ipc: int, pix_init: str, generator: torch.Generator, *, expert_net=None,
@@ -24,7 +24,7 @@ def init_synthetic(data, ipc: int, pix_init: str, generator: torch.Generator, *,
 
 def final_expert_net(files: list[str], mct: bool, net: torch.nn.Module) -> torch.nn.Module:
     """The first expert at its last epoch, for K-Means features."""
-    traj = trajectory_kind(mct).load_file(files[0])[0]
+    traj = expert_loader(mct)(files[0])[0]
     load_flat_(net, traj.at(traj.num_epochs))
     return net
 
@@ -51,6 +51,10 @@ class SyntheticSet:
     def zero_grad(self) -> None:
         self.opt_img.zero_grad(set_to_none=True)
         self.opt_lr.zero_grad(set_to_none=True)
+
+    def finite(self) -> bool:
+        """Images and syn_lr hold finite numbers (a step can overflow them: nothing then saves them)."""
+        return bool(torch.isfinite(self.images).all() and torch.isfinite(self.lr))
 
     def grads(self) -> list[torch.Tensor]:
         return [self.images.grad, self.lr.grad]

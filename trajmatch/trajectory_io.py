@@ -11,6 +11,8 @@ Readers of experts see one interface, ExpertTrajectory, whichever kind the folde
 picks the kind, kind.load_file(path) reads a file. This module imports mct, never the reverse.
 """
 import glob
+import hashlib
+import io
 import json
 import numbers
 import os
@@ -19,9 +21,9 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from trajmatch.mct import CompressedTrajectory
+from trajmatch.mct import CompressedTrajectory, load_compressed
 from trajmatch.cli import UsageError
-from trajmatch.files import atomic_torch_save, atomic_write_json
+from trajmatch.files import atomic_write_bytes, atomic_write_json, sha256_file, torch_bytes
 
 
 # ---------------------------------------------------------------- the interface of both kinds
@@ -61,6 +63,14 @@ class ExpertTrajectory(Protocol):
 def trajectory_kind(compressed: bool) -> type[ExpertTrajectory]:
     """The one place a flag picks the kind: MCT's compressed files (compress_buffers.py) or MTT's."""
     return CompressedTrajectory if compressed else Trajectory
+
+
+def expert_loader(compressed: bool):
+    """path -> the file's trajectories, verified against its sidecar's digest as it is read (where one is
+    recorded): what distill.py reads experts with (ExpertCursor, the K-Means features)."""
+    if not compressed:
+        return Trajectory.load_file  # verifies itself
+    return lambda path: load_compressed(path, verified_source(path, compressed=True))
 
 
 # ---------------------------------------------------------------- paths
@@ -106,21 +116,90 @@ def snapshot(model: torch.nn.Module) -> list[torch.Tensor]:
 
 def save_expert(folder: str, index: int, trajectory: list[list[torch.Tensor]], metadata: dict) -> None:
     """Atomic: .pt first, then .json; an expert counts as saved once its .pt exists.
-    The sidecar also records the .pt's size and parameter shapes, so distill.py can trust it cheaply
-    only while it describes the file actually on disk."""
+    The sidecar also records the .pt's size, sha256 and parameter shapes: a reader verifies the bytes
+    against the digest, and trusts the shapes only while the sidecar describes the file on disk."""
+    data = torch_bytes([trajectory])
+    atomic_write_bytes(data, expert_path(folder, index))
+    write_meta(folder, index, trajectory, metadata, digest=hashlib.sha256(data).hexdigest())
+
+
+def write_meta(folder: str, index: int, trajectory: list[list[torch.Tensor]], metadata: dict,
+               digest: str | None = None) -> None:
+    """The sidecar; digest: the sha256 of the .pt's bytes (None: read from the file on disk)."""
     path = expert_path(folder, index)
-    atomic_torch_save([trajectory], path)
-    write_meta(folder, index, trajectory, metadata)
-
-
-def write_meta(folder: str, index: int, trajectory: list[list[torch.Tensor]], metadata: dict) -> None:
-    meta = {**metadata, 'num_snapshots': len(trajectory), 'pt_bytes': os.path.getsize(expert_path(folder, index)),
-            'param_shapes': [list(t.shape) for t in trajectory[0]]}
+    meta = {**metadata, 'num_snapshots': len(trajectory), 'pt_bytes': os.path.getsize(path),
+            DIGEST_KEY: digest or sha256_file(path), 'param_shapes': [list(t.shape) for t in trajectory[0]]}
     atomic_write_json(meta, meta_path(folder, index))
 
 
 def expert_done(folder: str, index: int) -> bool:
     return os.path.exists(expert_path(folder, index))
+
+
+# ---------------------------------------------------------------- content digests
+
+DIGEST_KEY = 'pt_sha256'   # the sidecar's sha256 of its .pt (sidecars from before it have none: still valid)
+_HEX64 = re.compile(r'[0-9a-f]{64}')
+
+
+def recorded_digest(meta: dict | None, compressed: bool = False) -> str | None:
+    """The sha256 a sidecar records for the .pt beside it, or None (no sidecar, an older one, a malformed
+    field). An MCT folder's sidecar counts only if compress_buffers.py wrote it for the compressed file
+    ('compressed'); an older one is the MTT sidecar's verbatim copy, whose digest is of the MTT file."""
+    digest = meta.get(DIGEST_KEY) if isinstance(meta, dict) else None
+    if not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
+        return None
+    if compressed and not isinstance(meta.get('compressed'), dict):
+        return None
+    return digest
+
+
+def _digest_mismatch(path: str, compressed: bool) -> UsageError:
+    again = 'compress_buffers.py' if compressed else 'buffer.py'
+    return UsageError(f"{path} does not match the sha256 its sidecar {os.path.basename(path)[:-3]}.json records: "
+                      f"its bytes changed after it was written (overwritten, damaged or replaced); delete it and its "
+                      f".json and re-run {again}")
+
+
+def check_digest(path: str, digest: str, compressed: bool = False) -> None:
+    """The file's bytes hash to `digest` (read in chunks), else a UsageError naming the file and the fix."""
+    try:
+        got = sha256_file(path)
+    except OSError as e:
+        raise UsageError(f"cannot read expert buffer {path} ({e.strerror or e}); fix its permissions or re-run "
+                         f"buffer.py") from None
+    if got != digest:
+        raise _digest_mismatch(path, compressed)
+
+
+def read_verified(path: str, digest: str, compressed: bool = False) -> bytes:
+    """The file's bytes, verified against `digest` as they are read (one pass: what torch.load then parses
+    is exactly what was hashed, so a file changed after the check before work is caught here too)."""
+    h, chunks = hashlib.sha256(), []
+    try:
+        with open(path, 'rb') as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+                chunks.append(block)
+    except OSError as e:
+        raise UsageError(f"cannot read expert buffer {path} ({e.strerror or e}); fix its permissions or re-run "
+                         f"buffer.py") from None
+    if h.hexdigest() != digest:
+        raise _digest_mismatch(path, compressed)
+    return b''.join(chunks)
+
+
+def sidecar_beside(path: str) -> dict | None:
+    """sidecar_of for an expert file's path (replay_buffer_{n}.pt), or None."""
+    m = re.fullmatch(r'replay_buffer_(\d+)\.pt', os.path.basename(path))
+    return sidecar_of(os.path.dirname(path), int(m.group(1))) if m else None
+
+
+def verified_source(path: str, compressed: bool = False):
+    """What torch.load should read for `path`: its verified bytes where the sidecar records a digest,
+    else the path itself (MTT's own files, older sidecars: checked in full by validate_buffers)."""
+    digest = recorded_digest(sidecar_beside(path), compressed)
+    return io.BytesIO(read_verified(path, digest, compressed)) if digest else path
 
 
 # ---------------------------------------------------------------- read
@@ -136,9 +215,11 @@ def _load(path: str, mmap: bool):
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def load_trajectories(path: str, mmap: bool = False) -> list[list[list[torch.Tensor]]]:
+def load_trajectories(path: str, mmap: bool = False, verify: bool = False) -> list[list[list[torch.Tensor]]]:
+    """Every trajectory of an MTT file. verify: against the digest its sidecar records, as it is read (no mmap)."""
+    source = verified_source(path) if verify else path
     try:
-        data = _load(path, mmap)
+        data = _load(source, mmap and source is path)
     except Exception as e:  # truncated, foreign, or a pickle weights_only refuses (never loaded unsafely)
         raise UsageError(f"cannot read expert buffer {path} ({type(e).__name__}); delete it and re-run "
                          f"buffer.py") from None
@@ -187,15 +268,19 @@ class Trajectory:
 
     @classmethod
     def load_file(cls, path: str) -> list['Trajectory']:
-        """Every trajectory of an MTT file."""
-        return [cls.from_snapshots(t) for t in load_trajectories(path)]
+        """Every trajectory of an MTT file, verified against its sidecar's digest as it is read."""
+        return [cls.from_snapshots(t) for t in load_trajectories(path, verify=True)]
 
     @classmethod
     def epochs_on_disk(cls, path: str, meta: dict | None, *, model: str, param_shapes: list) -> int:
-        """Cheap where the sidecar agrees with the file on disk (same byte size as when it was written);
-        otherwise a full read (torch.load weights_only, mmap: the structure and every shape, not the numbers)."""
+        """Where the sidecar records a digest: the file's bytes are verified against it (read in chunks), and
+        the sidecar's shapes and length are trusted where it describes the file (its byte size). Otherwise
+        (MTT's own files, older sidecars) a full read: torch.load weights_only, the structure, every shape,
+        and every number finite."""
         wanted = [tuple(s) for s in param_shapes]
-        if meta is not None:
+        digest = recorded_digest(meta)
+        if digest:
+            check_digest(path, digest)
             shapes, n = meta.get('param_shapes'), meta.get('num_snapshots')
             if (isinstance(n, int) and not isinstance(n, bool) and n >= 2
                     and meta.get('pt_bytes') == os.path.getsize(path)
@@ -210,6 +295,9 @@ class Trajectory:
                              f"these buffers were made for another model or dataset")
         if min(len(t) for t in trajs) < 2:
             raise UsageError(f"{path} holds a trajectory of a single snapshot; delete it and re-run buffer.py")
+        if not digest and not all(bool(torch.isfinite(x).all()) for traj in trajs for snap in traj for x in snap):
+            raise UsageError(f"{path} holds NaN or infinite weights (damaged, or a diverged expert); delete it "
+                             f"and re-run buffer.py")
         return min(len(t) for t in trajs) - 1
 
 
@@ -251,6 +339,8 @@ def expert_epochs_on_disk(path: str, meta: dict | None, *, dataset: str, model: 
         if zca is not None and isinstance(meta.get('zca'), bool) and meta['zca'] != zca:
             raise UsageError(f"{path} holds experts trained {'with' if meta['zca'] else 'without'} --zca; "
                              f"move it to the matching buffer folder")
+    if kind is not Trajectory and (digest := recorded_digest(meta, compressed=True)):
+        check_digest(path, digest, compressed=True)  # MTT verifies inside (the digest decides what it trusts)
     return kind.epochs_on_disk(path, meta, model=model, param_shapes=param_shapes)
 
 
