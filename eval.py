@@ -86,7 +86,8 @@ def check_set(images: torch.Tensor, labels: torch.Tensor, lr: float, names: tupl
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or len(labels) != len(images):
         raise UsageError(f"{names[1]}: expected {len(images)} integer labels, got {labels.dtype} {tuple(labels.shape)}")
     if not (math.isfinite(lr) and lr > 0):
-        raise UsageError(f"learning rate {lr} (from --lr or the run's lr file) must be a finite number > 0; give --lr")
+        where = f"--lr or {names[2]}" if len(names) > 2 else '--lr'
+        raise UsageError(f"learning rate {lr} (from {where}) must be a finite number > 0; give --lr")
 
 
 def read_run(args) -> tuple[torch.Tensor, torch.Tensor, float]:
