@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--num_experts', type=int, default=5)
     p.add_argument('--train_epochs', type=int, default=20, help='epochs per expert (E; E+1 snapshots)')
     p.add_argument('--lr_teacher', type=float, default=None,
-                   help="expert SGD learning rate (default: the --optim recipe's: 0.01, sgdmom_code 0.003)")
+                   help="expert learning rate (default: the --optim recipe's: sgd and sgdmom_paper 0.01, sgdmom_code and adam 0.003)")
     p.add_argument('--mom', type=float, default=0.0, help='expert SGD momentum (--optim sgd)')
     p.add_argument('--l2', type=float, default=0.0, help='expert weight decay (--optim sgd)')
     p.add_argument('--decay', action='store_true', help='lr x0.1 after epoch index E//2+1 (MTT)')
