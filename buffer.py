@@ -38,19 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--num_experts', type=int, default=5)
     p.add_argument('--train_epochs', type=int, default=20, help='epochs per expert (E; E+1 snapshots)')
     p.add_argument('--lr_teacher', type=float, default=None,
-                   help="expert SGD learning rate (default: the --optim recipe's: 0.01, sgdmom_code 0.003)")
+                   help="expert learning rate (default: the --optim recipe's: sgd and sgdmom_paper 0.01, sgdmom_code and adam 0.003)")
     p.add_argument('--mom', type=float, default=0.0, help='expert SGD momentum (--optim sgd)')
     p.add_argument('--l2', type=float, default=0.0, help='expert weight decay (--optim sgd)')
     p.add_argument('--decay', action='store_true', help='lr x0.1 after epoch index E//2+1 (MTT)')
-    # AST smooth experts (docs/method.md, section 1): paper values by default, the authors' code as the 'code' variant
-    p.add_argument('--optim', default='sgd', type=str.lower, choices=list(OPTIMS),
-                   help='sgd: MTT (--mom/--l2/--decay); sgdmom: AST paper (momentum 0.9, lr x0.5 after E//2); '
-                        'sgdmom_code: AST authors\' code, used by the AST presets (momentum 0.9, wd 1e-3, '
-                        'lr 0.003, x0.6 after E//2+1)')
-    p.add_argument('--loss_decay', nargs='?', const='paper', default=None, choices=['paper', 'code'],
-                   help='scale CE by λ_e: paper 0.5->1 over 5 epochs; code 0.5..0.95 over 10')
-    p.add_argument('--gp', nargs='?', const='paper', default=None, type=_gp_variant, choices=['paper', 'code'],
-                   help="gradient penalty on the clean batch: paper (per-sample L2, μ=1) or code (per pixel, μ=2)")
+    # AST smooth experts (docs/method.md, section 1). The AST authors' spellings (--optim SGDMOM, a bare
+    # --loss_decay, --gp True) mean what their final code does; the paper's versions are named values
+    p.add_argument('--optim', default='sgd', type=optim_name, choices=list(OPTIMS), metavar='OPTIM',
+                   help='sgd: MTT (--mom/--l2/--decay); sgdmom_code (also sgdmom, SGDMOM: the AST authors\' '
+                        'spelling; the AST presets): momentum 0.9, wd 1e-3, lr 0.003, x0.6 after E//2+1; '
+                        'sgdmom_paper: AST paper (momentum 0.9, lr x0.5 after E//2); adam (ADAM): the AST '
+                        'authors\' Adam, wd 1e-3, lr 0.003, x0.6 after E//2+1. Choices: ' + ', '.join(OPTIMS))
+    p.add_argument('--loss_decay', nargs='?', const='code', default=None, choices=['paper', 'code'],
+                   help='scale CE by λ_e: code (bare --loss_decay, the authors\') 0.5..0.95 over 10 epochs; '
+                        'paper 0.5->1 over 5')
+    p.add_argument('--gp', nargs='?', const='code', default=None, type=_gp_variant, choices=['paper', 'code'],
+                   help="gradient penalty on the clean batch: code (bare --gp or --gp True, the authors': per "
+                        "pixel, μ=2) or paper (per-sample L2, μ=1)")
     p.add_argument('--gp_mu', type=float, default=None, help='penalty weight μ (default: the variant\'s)')
     p.add_argument('--gp_k', type=float, default=1.0, help='target input-gradient norm K')
     p.add_argument('--batch_train', type=int, default=256)
@@ -65,36 +69,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# name -> (momentum, weight decay, default lr, lr factor, epoch index after which the lr changes).
-# 'sgd' takes momentum, weight decay and the decay (x0.1 after E//2+1, only with --decay) from its flags.
-# At the change the optimiser is rebuilt (momentum buffer reset), as MTT's and the AST authors' buffer.py do.
+# name -> (optimiser, momentum, weight decay, default lr, lr factor, epoch index after which the lr changes).
+# 'sgd' takes momentum, weight decay and the decay (x0.1 after E//2+1, only with --decay) from its flags; every
+# other recipe changes its lr unconditionally, as the AST authors' buffer.py does. At the change the optimiser is
+# rebuilt (momentum buffer / Adam moments reset), as MTT's and the AST authors' buffer.py do.
 OPTIMS = {
-    'sgd': (None, None, 0.01, 0.1, 'half+1'),         # MTT
-    'sgdmom': (0.9, 0.0, 0.01, 0.5, 'half'),          # AST paper Sec. V-A: lr halved at epoch 25 of 50
-    'sgdmom_code': (0.9, 1e-3, 0.003, 0.6, 'half+1'),  # AST authors' buffer.py defaults (AST presets)
+    'sgd': ('sgd', None, None, 0.01, 0.1, 'half+1'),          # MTT
+    'sgdmom_code': ('sgd', 0.9, 1e-3, 0.003, 0.6, 'half+1'),  # AST authors' buffer.py defaults (AST presets)
+    'sgdmom_paper': ('sgd', 0.9, 0.0, 0.01, 0.5, 'half'),     # AST paper Sec. V-A: lr halved at epoch 25 of 50
+    'adam': ('adam', None, 1e-3, 0.003, 0.6, 'half+1'),       # AST authors' --optim ADAM (their buffer.py:73-78)
 }
+# the AST authors' spellings (case is ignored) -> our names. 'sgdmom' meant the paper's recipe before issue 26:
+# sidecars written then say 'sgdmom' and are read as 'sgdmom_paper' (LEGACY_SIDECAR)
+OPTIM_ALIASES = {'sgdmom': 'sgdmom_code'}
+LEGACY_SIDECAR = {'optim': {'sgdmom': 'sgdmom_paper'}}
+
+
+def optim_name(value: str) -> str:
+    """--optim as typed -> the recipe's name: case ignored, the authors' SGDMOM is sgdmom_code."""
+    value = value.lower()
+    return OPTIM_ALIASES.get(value, value)
 
 
 def _gp_variant(value: str) -> str:
-    return 'paper' if value in ('True', 'true', '1') else value  # the AST README writes --gp True
+    return 'code' if value in ('True', 'true', '1') else value  # the AST README writes --gp True: their code
 
 
 def expert_lr(optim: str, lr: float | None) -> float:
     """--lr_teacher, or the --optim recipe's default lr where it is unset."""
-    return OPTIMS[optim][2] if lr is None else lr
+    return OPTIMS[optim_name(optim)][3] if lr is None else lr
 
 
 def expert_schedule(optim: str, lr: float | None, mom: float, l2: float, decay: bool,
                     epochs: int) -> list[SGDSettings | None]:
     """The --optim recipe as training.step_schedule: per epoch, the SGD built before it (or None). lr None =
     the recipe's default."""
-    momentum, wd, _, factor, when = OPTIMS[optim]
+    optim = optim_name(optim)
+    kind, momentum, wd, _, factor, when = OPTIMS[optim]
     if optim == 'sgd':
         momentum, wd = mom, l2
     change_after = epochs // 2 if when == 'half' else epochs // 2 + 1
     if optim == 'sgd' and not decay:
         change_after = None
-    return step_schedule(epochs, SGDSettings(expert_lr(optim, lr), momentum, wd), change_after=change_after,
+    momentum = 0.0 if momentum is None else momentum  # Adam: unused
+    return step_schedule(epochs, SGDSettings(expert_lr(optim, lr), momentum, wd, kind), change_after=change_after,
                          lr_factor=factor, momentum_after=momentum)
 
 
@@ -108,6 +126,7 @@ def recipe_clash(folder: str, done: list[int], args: dict) -> str | None:
         saved = (sidecar_of(folder, i) or {}).get('args')
         if not isinstance(saved, dict):
             continue  # no readable record of how it was trained; check_experts_on_disk checks the file itself
+        saved = {k: LEGACY_SIDECAR.get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in saved.items()}
         diff = [k for k in RECIPE if k in saved and saved[k] != args.get(k)]
         if diff:
             return (f"expert {i} in {folder} was trained with other settings ({', '.join(diff)}); "
@@ -212,12 +231,14 @@ def check_experts_on_disk(args, data, folder: str, indices: list[int], param_sha
     return rebuilt
 
 
-def check_parallel_experts(parallel: int, *, gp: bool, model: str, net: torch.nn.Module) -> None:
+def check_parallel_experts(parallel: int, *, gp: bool, model: str, net: torch.nn.Module, optim: str = 'sgd') -> None:
     """--parallel_experts must be >= 1, and > 1 only for what stacked.py can train (net: one `model`)."""
     if parallel < 1:
         raise UsageError(f"--parallel_experts {parallel}: give 1 or more")
     if parallel > 1 and gp:
         raise UsageError("--gp is not vectorised (it differentiates an input gradient); use --parallel_experts 1")
+    if parallel > 1 and OPTIMS[optim][0] != 'sgd':
+        raise UsageError(f"--optim {optim} is not vectorised (stacked experts train with SGD); use --parallel_experts 1")
     if parallel > 1 and not stackable(net):
         raise UsageError(f"{model} has BatchNorm running statistics, which cannot be stacked; "
                          f"use --parallel_experts 1")
@@ -249,7 +270,7 @@ def main(argv=None):
         net = get_network(args.model, data.channel, data.num_classes, data.im_size)  # fail early on a bad size
     except ValueError as e:
         raise UsageError(f"--model {args.model}: {e}") from None
-    check_parallel_experts(args.parallel_experts, gp=bool(args.gp), model=args.model, net=net)
+    check_parallel_experts(args.parallel_experts, gp=bool(args.gp), model=args.model, net=net, optim=args.optim)
     d, device = init_distributed(device)
     if d.is_main:  # before the listing is shared: no other rank writes yet
         remove_stray_temps(folder)

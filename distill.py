@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from trajmatch.accel import accel_for, add_accel_flags
-from trajmatch.ast_components import balance_weight, intermediate_betas, intermediate_steps, perturb_start
+from trajmatch.ast_components import (KMEANS_FEATURES, MIDDLE_STEPS, balance_weight, intermediate_betas,
+                                      intermediate_steps, perturb_start)
 from trajmatch.checkpoint import LoopState, load_checkpoint, rank_streams, restore, resume_command, save_checkpoint
 from trajmatch.cli import (EPOCHS, EPOCHS_MAX, ITERATIONS, MOMENTUM, NETWORKS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED,
                            STEPS, CliParser, Diverged, UsageError, check_flags, check_saved_flags, cli_entry,
@@ -34,7 +35,7 @@ from trajmatch.memplan import (RunShape, choose_unroll, describe_choice, describ
 from networks import MODELS, get_network
 from reparam_module import ReparamModule
 from trajmatch.runlog import (ARGS_FILE, CHECKPOINT_FILE, FINAL_FILE, GRID_NAME, WANDB_MODES, RunLog, latest_run_dir,
-                    load_args, new_run_dir, run_file, save_args, save_best)
+                    load_args, new_run_dir, run_file, save_args, save_best, save_final)
 from trajmatch.synthetic import SyntheticSet, final_expert_net, init_synthetic
 from trajmatch.trajectory_io import ExpertCursor, ExpertTrajectory, buffer_dir, read_meta, validate_buffers
 from trajmatch.files import atomic_write_json, check_writable, remove_stray_temps, remove_stray_temps_under
@@ -53,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     # synthetic set
     a('--ipc', type=int, default=10, help='synthetic images per class')
     a('--pix_init', default='real', choices=['real', 'noise', 'kmeans', 'avg'],
-      help="real: random real images; kmeans (AST's avg): real images nearest K-Means centroids of expert features")
+      help="real: random real images; kmeans / avg (the AST authors' spelling): real images nearest K-Means "
+           "centroids of an expert's features (see --kmeans_features)")
+    a('--kmeans_features', default=None, choices=KMEANS_FEATURES,
+      help="what K-Means clusters: penultimate (the paper's features; default with --pix_init kmeans) or logits "
+           "(the expert's output, as the authors' distill.py; default with --pix_init avg, the AST presets)")
     # trajectory matching
     a('--Iteration', type=int, default=500, help='outer (image update) iterations')
     a('--syn_steps', type=int, default=20, help='N: student steps on the synthetic set per iteration')
@@ -75,14 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     # AST components (docs/method.md, section 2), each independent of the others
     a('--balance_loss', action='store_true', help='AST: scale the inner CE by ν(t)')
     a('--balance_base', type=float, default=5.0, help='log base of ν (authors\' code: 5)')
-    a('--agg_middle_loss', action='store_true', help='AST: add intermediate matching terms θ*_{t+i} at step floor(iN/M)')
+    a('--agg_middle_loss', action='store_true', help='AST: add intermediate matching terms θ*_{t+i} (see --middle_steps)')
+    a('--middle_steps', default='code', choices=MIDDLE_STEPS,
+      help="student step of the i-th intermediate term: code (the authors' distill.py, the AST presets) (N // M) * i; "
+           "paper floor(i N / M)")
     a('--adaptive_middle_loss', action='store_true',
       help='AST: intermediate matching with β_i = i/M instead of 1 (switches intermediate matching on by itself)')
     a('--weight_perturb', action='store_true', help='AST: perturb the student\'s start θ*_t (see --perturb_variant)')
     a('--perturb_rho', type=float, default=0.1, help='ρ of the paper variant (the code variant has none)')
-    a('--perturb_variant', default='paper', choices=['paper', 'code'],
-      help='paper: θ + ρ d, d per-filter normalised, every weight; code (the authors\' code, AST presets): '
-           'θ + d ⊙ θ on 4-D weights, d/||d||_F, loss denominators from the perturbed start')
+    a('--perturb_variant', default='code', choices=['paper', 'code'],
+      help='code (the authors\' code, what --weight_perturb does there; AST presets): θ + d ⊙ θ on 4-D weights, '
+           'd/||d||_F, loss denominators from the perturbed start; paper: θ + ρ d, d per-filter normalised, every weight')
     # MCT (docs/method.md, MCT)
     a('--mct', action='store_true', help='read compressed buffers ({buffer}/mct{K}, compress_buffers.py) and '
                                         'sample real-valued start epochs')
@@ -122,7 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     args.model = args.model or DEFAULT_MODEL[args.dataset]
     args.eval_mode = args.eval_mode or [args.model]
+    if args.kmeans_features is None:  # the authors' spelling (avg) means the authors' features
+        args.kmeans_features = 'logits' if args.pix_init == 'avg' else 'penultimate'
     return args
+
+
+# flags whose default changed (issue 26): a run whose args.json predates them ran with these, and resumes so
+LEGACY_DEFAULTS = {'middle_steps': 'paper', 'kmeans_features': 'penultimate', 'perturb_variant': 'paper'}
 
 
 # flag -> allowed values; checked before any work and before a run folder is made (on --resume: the run's
@@ -174,6 +188,7 @@ def resume_args(parser: argparse.ArgumentParser, argv, given_resume: str, run_ro
     saved, record = split_record(load_args(run_dir))
     check_saved_flags(parser, saved, run_file(run_dir, ARGS_FILE))
     merged = vars(parser.parse_args([]))  # defaults for flags newer than the run
+    merged.update(LEGACY_DEFAULTS)        # ... as they were when the run was made
     merged.update(saved)
     changes = {k: (merged.get(k), v) for k, v in explicit_flags(parser, argv).items()
                if k not in ('resume', 'run_dir') and v != merged.get(k)}
@@ -242,12 +257,12 @@ def sample_start(max_start_epoch: int, continuous: bool, generator: torch.Genera
 
 
 def expert_targets(trajectory: ExpertTrajectory, t, *, syn_steps: int, expert_epochs: int, middle: bool,
-                   adaptive: bool) -> Targets:
+                   adaptive: bool, rule: str = 'paper') -> Targets:
     """θ*_t, θ*_{t+M} and, with AST's intermediate matching, (n_i, θ*_{t+i}, β_i) for i = 1..M-1 (θ*(s): a
     stored snapshot, or MCT's convexified θ(s) for real s)."""
     mids = []
     if middle:
-        steps, betas = intermediate_steps(syn_steps, expert_epochs), intermediate_betas(expert_epochs, adaptive)
+        steps, betas = intermediate_steps(syn_steps, expert_epochs, rule), intermediate_betas(expert_epochs, adaptive)
         mids = [(n, trajectory.at(t + i), beta) for i, (n, beta) in enumerate(zip(steps, betas), start=1)]
     return Targets(trajectory.at(t), trajectory.at(t + expert_epochs), mids)
 
@@ -273,6 +288,7 @@ class Matching:
     max_start_epoch: int
     middle: bool              # AST intermediate matching
     adaptive: bool            # ... with β_i = i/M
+    middle_rule: str          # ... at the steps of this rule (ast_components.intermediate_steps)
     perturb: bool
     perturb_variant: str
     perturb_rho: float
@@ -288,7 +304,7 @@ class Matching:
                         att_metric=args.att_metric)
         return cls(unroll=unroll, expert_epochs=args.expert_epochs, max_start_epoch=args.max_start_epoch,
                    middle=args.agg_middle_loss or args.adaptive_middle_loss,
-                   adaptive=args.adaptive_middle_loss, perturb=args.weight_perturb,
+                   adaptive=args.adaptive_middle_loss, middle_rule=args.middle_steps, perturb=args.weight_perturb,
                    perturb_variant=args.perturb_variant, perturb_rho=args.perturb_rho, balance=args.balance_loss,
                    balance_base=args.balance_base, max_loss=args.max_loss)
 
@@ -308,7 +324,7 @@ def iteration(syn: SyntheticSet, student: ReparamModule, trajectory: ExpertTraje
     """Sample a start, unroll the student on the set, match the expert, and step the set (all ranks together)."""
     t = sample_start(m.max_start_epoch, trajectory.continuous_time, gen)  # MCT: real-valued
     targets = expert_targets(trajectory, t, syn_steps=m.unroll.syn_steps, expert_epochs=m.expert_epochs,
-                             middle=m.middle, adaptive=m.adaptive)
+                             middle=m.middle, adaptive=m.adaptive, rule=m.middle_rule)
     w0, targets = student_start(targets, student.param_shapes, perturb=m.perturb, variant=m.perturb_variant,
                                 rho=m.perturb_rho, generator=gen)
     nu = balance_weight(t, m.max_start_epoch, base=m.balance_base) if m.balance else 1.0
@@ -414,9 +430,16 @@ class Evaluation:
                    nrow=args.ipc if args.ipc > 1 else data.num_classes)
 
 
-def evaluate(it: int, syn: SyntheticSet, ev: Evaluation, state: LoopState, log: RunLog, run_dir: str) -> None:
+def best_key(ev: 'Evaluation') -> str:
+    """What images_best.pt is selected on: the validation split where the run has one (--valid N), else the
+    test set (MTT's statistic), and the name says which."""
+    return 'best_mean_selected_on_val' if ev.val is not None else 'best_mean_selected_on_test'
+
+
+def evaluate(it: int, syn: SyntheticSet, ev: Evaluation, state: LoopState, log: RunLog, run_dir: str) -> list:
     """Train ev.num_eval fresh networks per model on the set, log their test accuracy and the picture, and
-    keep the set if the first model's mean is the best so far (selected on the test set: labelled so)."""
+    keep the set if the first model's mean is the best so far: on the validation split with --valid N, else
+    on the test set (MTT's statistic; labelled so). Returns the results."""
     results = evaluate_set(ev.models, ev.data_shape, syn.images, syn.labels, ev.test_x, ev.test_y,
                            lr=syn.lr.item(), epochs=ev.epochs, num_eval=ev.num_eval, seed=ev.seed * 1000 + it,
                            lr_decay=ev.lr_decay, parallel=ev.parallel, accel=ev.accel, val=ev.val)
@@ -429,12 +452,14 @@ def evaluate(it: int, syn: SyntheticSet, ev: Evaluation, state: LoopState, log: 
             maxes = r.max_acc_selected_on_test
             metrics[f'eval/{r.model}_max_selected_on_test'] = sum(maxes) / len(maxes)
         tqdm.write(f"it {it}: {r}")
-    if results[0].mean > state.best_acc and syn.finite():  # eval.py refuses non-finite images: never kept
-        state.best_acc, state.best_it = results[0].mean, it
+    score = results[0].val_mean if ev.val is not None else results[0].mean
+    if score > state.best_acc and syn.finite():  # eval.py refuses non-finite images: never kept
+        state.best_acc, state.best_it = score, it
         save_best(run_dir, syn.images, syn.labels, syn.lr)
-    metrics['eval/best_mean_selected_on_test'] = state.best_acc
+    metrics[f'eval/{best_key(ev)}'] = state.best_acc
     log.log(it, **metrics)
     log.save_grid(ev.to_pixels(syn.images.detach().cpu()), ev.nrow, GRID_NAME, it)
+    return results
 
 
 # ---------------------------------------------------------------- main
@@ -472,7 +497,7 @@ def run_shape(args: argparse.Namespace, data=None) -> RunShape:
     else:
         channel, classes, im_size, tests = dataset_meta(args.dataset, args.subset, args.res)
     uses_middle = args.agg_middle_loss or args.adaptive_middle_loss  # either flag switches the terms on
-    middle = tuple(intermediate_steps(args.syn_steps, args.expert_epochs)) if uses_middle else ()
+    middle = tuple(intermediate_steps(args.syn_steps, args.expert_epochs, args.middle_steps)) if uses_middle else ()
     return RunShape(model=args.model or DEFAULT_MODEL[args.dataset], channel=channel, im_size=im_size,
                     num_classes=classes, ipc=args.ipc, batch_syn=args.batch_syn or classes * args.ipc,
                     syn_steps=args.syn_steps, middle_steps=middle, auto_steps=args.auto_steps, syn_mom=args.syn_mom,
@@ -511,7 +536,8 @@ def setup(args: argparse.Namespace, run_dir: str | None, device: torch.device, r
     if args.pix_init in ('kmeans', 'avg'):
         net = get_network(args.model, data.channel, data.num_classes, data.im_size)
         expert_net = final_expert_net(files, args.mct, net).to(device)
-    images, labels = init_synthetic(data, args.ipc, args.pix_init, gen, expert_net=expert_net, seed=args.seed)
+    images, labels = init_synthetic(data, args.ipc, args.pix_init, gen, expert_net=expert_net, seed=args.seed,
+                                    features=args.kmeans_features)
     # the same start on every rank even if K-Means or the device differed; averaged steps keep it so
     syn = SyntheticSet(broadcast_(images.to(device)), labels.to(device), args.lr_teacher, lr_img=args.lr_img,
                        lr_lr=args.lr_lr)
@@ -591,14 +617,16 @@ def finish(r: Run, args: argparse.Namespace, state: LoopState, log: RunLog | Non
     iterations = args.Iteration
     if not r.syn.finite():  # never a final.json (or a last checkpoint) over NaN pixels
         raise divergence_advice(r, args, run_dir, iterations, 'nonfinite_set')
-    if r.d.is_main:
-        evaluate(iterations, r.syn, r.evaluation, state, log, run_dir)
+    results = evaluate(iterations, r.syn, r.evaluation, state, log, run_dir) if r.d.is_main else None
     save_checkpoint(run_dir, r.d, r.syn, state, r.cursor, r.gen, log.wandb_id if log else None)
     if r.d.is_main:
-        summary = {'best_mean_selected_on_test': state.best_acc, 'best_it': state.best_it,
-                   'skipped_steps': state.skipped, 'syn_lr': r.syn.lr.item()}
+        save_final(run_dir, r.syn.images, r.syn.labels, r.syn.lr)  # before final.json: a crash between resumes here
+        key = best_key(r.evaluation)
+        summary = {'final_mean': results[0].mean, 'final_model': results[0].model, key: state.best_acc,
+                   'best_it': state.best_it, 'skipped_steps': state.skipped, 'syn_lr': r.syn.lr.item()}
         atomic_write_json(summary, run_file(run_dir, FINAL_FILE))
-        print(f"done: best {100 * state.best_acc:.2f}% at it {state.best_it} (selected on test); {run_dir}")
+        print(f"done: final set {100 * results[0].mean:.2f}% ({results[0].model}); best {100 * state.best_acc:.2f}% "
+              f"at it {state.best_it} ({key.replace('best_mean_', '').replace('_', ' ')}); {run_dir}")
         log.finish()
 
 

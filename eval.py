@@ -1,6 +1,7 @@
 """Score a distilled set, or a baseline, by training fresh networks on it (docs/method.md, section 3).
 
     python eval.py --run runs/000-Digits-ipc10-ConvNetD2 --eval_mode ConvNetD2 AlexNet --num_eval 5
+    python eval.py --run latest --which best   # the set MTT reports: best evaluation, selected on the test set
     python eval.py --baseline random --dataset Digits --ipc 10
     python eval.py --baseline full --dataset Digits --epoch_eval_train 300
 Prints a mean ± std table and writes JSON (--out).
@@ -15,7 +16,7 @@ from trajmatch.accel import accel_for, add_accel_flags
 from trajmatch.data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, load_dataset
 from trajmatch.evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set, markdown_table, random_real
 from networks import MODELS, get_network
-from trajmatch.runlog import ARGS_FILE, BEST_FILES, EVAL_FILE, latest_run_dir, load_args, run_file
+from trajmatch.runlog import ARGS_FILE, BEST_FILES, EVAL_FILE, FINAL_FILES, latest_run_dir, load_args, run_file
 from trajmatch.cli import (EPOCHS, NETWORKS, POSITIVE, POSITIVE_INT, SEED, CliParser, UsageError, check_flags,
                            check_saved_flags, cli_entry)
 from trajmatch.files import atomic_write_json, check_writable, remove_stray_temps
@@ -26,10 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument('--run', help="a distill.py run folder, or 'latest' in --run_dir (uses images_best.pt, labels_best.pt, lr_best.pt)")
+    src.add_argument('--run', help="a distill.py run folder, or 'latest' in --run_dir: scores its final set "
+                                   "(images_final.pt, labels_final.pt, lr_final.pt), or with --which best its best")
     src.add_argument('--images', help='a tensor file of synthetic images (with --labels and --lr)')
     src.add_argument('--baseline', choices=['random', 'full'], help='random real images per class, or the full train set')
     a('--labels', help='labels tensor file for --images')
+    a('--which', default='final', choices=list(RUN_SETS),
+      help="--run's set: final (after the last iteration; the headline) or best (images_best.pt: the best "
+           "in-loop evaluation, selected on the test set, MTT's statistic, or on the validation split if the "
+           "run had --valid N)")
     a('--run_dir', default='runs', help="where --run latest looks, and baselines write by default")
     add_data_flags(p)  # --dataset/--subset/--res/--zca/--valid are taken from the run's args.json with --run
     a('--ipc', type=int, default=1, help='images per class for --baseline random')
@@ -55,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 FLAG_DOMAINS = {'ipc': POSITIVE_INT, 'lr': POSITIVE.or_none("the run's learned lr, else 0.01"),
                 'num_eval': NETWORKS, 'epoch_eval_train': EPOCHS, 'seed': SEED,
                 **DATA_FLAG_DOMAINS}
-RUN_FILES = BEST_FILES
+RUN_SETS = {'final': FINAL_FILES, 'best': BEST_FILES}  # --which -> the run's three files
 
 
 def result_bytes(args) -> int:
@@ -86,16 +92,18 @@ def check_set(images: torch.Tensor, labels: torch.Tensor, lr: float, names: tupl
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or len(labels) != len(images):
         raise UsageError(f"{names[1]}: expected {len(images)} integer labels, got {labels.dtype} {tuple(labels.shape)}")
     if not (math.isfinite(lr) and lr > 0):
-        raise UsageError(f"learning rate {lr} (from --lr or lr_best.pt) must be a finite number > 0; give --lr")
+        where = f"--lr or {names[2]}" if len(names) > 2 else '--lr'
+        raise UsageError(f"learning rate {lr} (from {where}) must be a finite number > 0; give --lr")
 
 
 def read_run(args) -> tuple[torch.Tensor, torch.Tensor, float]:
     """--run: the run's flags (into args), images, labels and lr; everything is checked, nothing trained."""
+    files = RUN_SETS[args.which]
     if args.run == 'latest':
-        args.run = latest_run_dir(args.run_dir, holding=RUN_FILES[0])
+        args.run = latest_run_dir(args.run_dir, holding=files[0])
         if args.run is None:
-            raise UsageError(f"--run latest: no run folder in {args.run_dir} holds {RUN_FILES[0]}; "
-                             f"run distill.py first (it saves the set at each evaluation)")
+            raise UsageError(f"--run latest: no run folder in {args.run_dir} holds {files[0]}; run distill.py first "
+                             f"(it saves the best set at each evaluation and the final set when it finishes)")
     if not os.path.isdir(args.run):
         raise UsageError(f"--run {args.run}: no such folder; give a distill.py run folder or 'latest'")
     run_args = load_args(args.run)
@@ -110,15 +118,26 @@ def read_run(args) -> tuple[torch.Tensor, torch.Tensor, float]:
         if key in run_args:
             setattr(args, key, run_args[key])
     args.eval_mode = args.eval_mode or [run_args['model']]
-    paths = [os.path.join(args.run, f) for f in RUN_FILES]
+    args.run_valid = run_args.get('valid', 0)
+    paths = [os.path.join(args.run, f) for f in files]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
-        raise UsageError(f"{missing[0]} not found; the run has not evaluated yet (see --eval_it) or is not a "
-                         f"distill.py run")
+        why = ("the run has not finished (or finished before final sets were saved: give --which best)"
+               if args.which == 'final' else "the run has not evaluated yet (see --eval_it)")
+        raise UsageError(f"{missing[0]} not found; {why}, or it is not a distill.py run")
     images, labels, lr = (load_tensor(p, 'run file') for p in paths)
     if lr.numel() != 1 or not lr.is_floating_point():
         raise UsageError(f"{paths[2]}: expected one learning rate, got {lr.dtype} {tuple(lr.shape)}")
     return images, labels, args.lr if args.lr is not None else float(lr)
+
+
+def run_set_name(args) -> str:
+    """How --run's set is named in the table and the JSON: which set, and for best what it was selected on."""
+    run = os.path.basename(os.path.normpath(args.run))
+    if args.which == 'final':
+        return f'{run} final set'
+    on = 'the validation split' if args.run_valid else "the test set: MTT's statistic"
+    return f'{run} best set (selected on {on})'
 
 
 def read_set(args) -> tuple[tuple | None, str]:
@@ -130,7 +149,7 @@ def read_set(args) -> tuple[tuple | None, str]:
         return None, 'full' if args.baseline == 'full' else f'random_ipc{args.ipc}'
     if args.run:
         images, labels, lr = read_run(args)
-        name, files = os.path.basename(os.path.normpath(args.run)), [os.path.join(args.run, f) for f in RUN_FILES]
+        name, files = run_set_name(args), [os.path.join(args.run, f) for f in RUN_SETS[args.which]]
     else:
         if not args.labels:
             raise UsageError('--images needs --labels (and usually --lr)')
@@ -166,8 +185,9 @@ def main(argv=None):
     device = pick_device(args.device)
     set_deterministic(args.deterministic)
     loaded, name = read_set(args)
-    out = args.out or (run_file(args.run, EVAL_FILE) if args.run else os.path.join(args.run_dir, 'baselines',
-                                                                                   f'eval_{name}.json'))
+    run_out = EVAL_FILE if args.which == 'final' else EVAL_FILE.replace('.json', f'_{args.which}.json')
+    out = args.out or (run_file(args.run, run_out) if args.run else os.path.join(args.run_dir, 'baselines',
+                                                                                 f'eval_{name}.json'))
     out_folder = os.path.dirname(os.path.abspath(out))
     # the probe writes as many bytes as the result can take (with room): a disk too full for it fails now,
     # not after the evaluation
@@ -190,7 +210,8 @@ def main(argv=None):
                            val=None if data.images_val is None else (data.images_val.to(device),
                                                                      data.labels_val.to(device)))
     print(markdown_table(results, f'{name} ({args.dataset}, lr {lr:.4g})'))
-    atomic_write_json({'source': name, 'dataset': args.dataset, 'lr': lr, 'epochs': args.epoch_eval_train,
+    atomic_write_json({'source': name, **({'which': args.which} if args.run else {}),
+                       'dataset': args.dataset, 'lr': lr, 'epochs': args.epoch_eval_train,
                        'num_images': int(images.shape[0]),
                        'results': {r.model: {'accs': r.accs, 'mean': r.mean, 'std': r.std,
                                              # --lr_decay ast only: the authors' max over checks, chosen on test

@@ -70,33 +70,93 @@ for _subset in ('imagenette', 'imagewoof', 'imagefruit', 'imagemeow', 'imagesqua
     SOURCES[f'{_subset}_ipc1'] = SOURCES[f'{_subset}_ipc10'] = MTT_IMAGENET
 
 # AST rows: the authors' commands, flag for flag. Their distill.py's student momentum (--mom) defaults to 0.9,
-# their weight perturbation is the 'code' variant, and their evaluation is ours with --lr_decay ast.
-AST_AUTHORS = {'syn_mom': 0.9, 'perturb_variant': 'code', 'lr_decay': 'ast', 'buffer_path': 'buffers/ast'}
+# their weight perturbation is the 'code' variant, their intermediate terms sit at student step (N // M) * i
+# ('code', distill.py:493), their K-Means clusters the expert's logits (distill.py:155; --pix_init avg), and
+# their evaluation is ours with --lr_decay ast. Line numbers: their distill.sh at HEAD (8030869).
+AST_AUTHORS = {'syn_mom': 0.9, 'perturb_variant': 'code', 'middle_steps': 'code', 'lr_decay': 'ast',
+               'buffer_path': 'buffers/ast'}
+AST_KMEANS = {'pix_init': 'avg', 'kmeans_features': 'logits'}  # their `--pix_init avg`
+# Their experts: README's command (AST_EXPERTS). Their distill.sh lines read folders (buffer_flat1, buffer_flat2,
+# buffer_cifa10_flat, buffer) that no script of their repository makes; every AST row here uses the one recipe
+# they document, the README's ("We used 50 epochs with the default learning rate for all of our experts").
+AST_EXPERT_NOTE = ("; experts: the README's buffer.py command (their distill.sh reads the folder `{folder}`, "
+                   "which no script in their repository makes)")
 DISTILL['cifar100_ipc1_ast'] = {
-    **_mtt('CIFAR100', 1, 20, 3, 20, 1000, 1e-5, 0.01, None, True), **AST_AUTHORS,
-    'pix_init': 'kmeans', 'weight_perturb': True, 'agg_middle_loss': True, 'balance_loss': True}
+    **_mtt('CIFAR100', 1, 20, 3, 20, 1000, 1e-5, 0.01, None, True), **AST_AUTHORS, **AST_KMEANS,
+    'weight_perturb': True, 'agg_middle_loss': True, 'balance_loss': True}
 SOURCES['cifar100_ipc1_ast'] = ("AST README's distill command: `--ipc=1 --pix_init avg --weight_perturb "
                                 "--agg_middle_loss --balance_loss --syn_steps=20 --expert_epochs=3 --max_start_epoch=20 "
-                                "--zca --lr_img=1000 --lr_lr=1e-05 --lr_teacher=0.01`")
+                                "--zca --lr_img=1000 --lr_lr=1e-05 --lr_teacher=0.01`; experts: the README's "
+                                "buffer.py command")
 DISTILL['cifar100_ipc10_ast'] = {
-    **_mtt('CIFAR100', 10, 20, 2, 30, 1000, 1e-5, 0.01, 128, False), **AST_AUTHORS,
-    'pix_init': 'kmeans', 'weight_perturb': True, 'agg_middle_loss': True}
-SOURCES['cifar100_ipc10_ast'] = ("the authors' distill.sh, its active CIFAR-100 ipc-10 line: `--pix_init avg "
-                                 "--weight_perturb --agg_middle_loss --lr_img=1000 --lr_teacher 0.01 --lr_lr=1e-05 "
-                                 "--batch_syn 128 --syn_steps=20 --expert_epochs=2 --max_start_epoch=30` "
-                                 "(no --zca, no --balance_loss)")
+    **_mtt('CIFAR100', 10, 20, 2, 30, 1000, 1e-5, 0.01, 128, False), **AST_AUTHORS, **AST_KMEANS,
+    'weight_perturb': True, 'agg_middle_loss': True, 'epoch_eval_train': 300}
+SOURCES['cifar100_ipc10_ast'] = ("the authors' distill.sh:14, its active CIFAR-100 ipc-10 line: `--epoch_eval_train "
+                                 "300 --pix_init avg --weight_perturb --agg_middle_loss --lr_img=1000 --lr_teacher 0.01 "
+                                 "--lr_lr=1e-05 --batch_syn 128 --syn_steps=20 --expert_epochs=2 --max_start_epoch=30` "
+                                 "(no --zca, no --balance_loss)" + AST_EXPERT_NOTE.format(folder='buffer_flat2'))
+DISTILL['cifar100_ipc50_ast'] = {
+    **_mtt('CIFAR100', 50, 80, 2, 40, 1000, 1e-5, 0.01, 700, False), **AST_AUTHORS, **AST_KMEANS}
+SOURCES['cifar100_ipc50_ast'] = ("the authors' distill.sh:21, its CIFAR-100 ipc-50 line: `--pix_init avg "
+                                 "--lr_img=1000 --lr_teacher 0.01 --lr_lr=1e-05 --batch_syn 700 --syn_steps=80 "
+                                 "--expert_epochs=2 --max_start_epoch=40` (no --zca, --weight_perturb, "
+                                 "--agg_middle_loss or --balance_loss)" + AST_EXPERT_NOTE.format(folder='buffer_flat1'))
 DISTILL['cifar10_ipc10_ast'] = {
     **_mtt('CIFAR10', 10, 30, 2, 20, 100, 1e-6, 0.01, None, True), **AST_AUTHORS,
     'weight_perturb': True, 'agg_middle_loss': True, 'balance_loss': True}
-SOURCES['cifar10_ipc10_ast'] = ("the authors' distill.sh, its CIFAR-10 ipc-10 line on smooth experts "
+SOURCES['cifar10_ipc10_ast'] = ("the authors' distill.sh:16, its CIFAR-10 ipc-10 line on smooth experts "
                                 "(buffer_cifa10_flat): `--weight_perturb --zca --balance_loss --agg_middle_loss "
                                 "--lr_img=100 --lr_teacher 0.01 --lr_lr=1e-06 --syn_steps=30 --expert_epochs=2 "
-                                "--max_start_epoch=20` (real-image init: no --pix_init avg)")
-DISTILL['digits_ipc1_ast'] = {**DISTILL['digits_ipc1'], **AST_AUTHORS, 'lr_lr': 1e-6, 'pix_init': 'kmeans',
+                                "--max_start_epoch=20` (real-image init: no --pix_init avg)"
+                                + AST_EXPERT_NOTE.format(folder='buffer_cifa10_flat'))
+DISTILL['tiny_ipc1_ast'] = {
+    **_mtt('Tiny', 1, 10, 2, 10, 1e4, 1e-4, 0.01, None, False), 'model': 'ConvNetD4', **AST_AUTHORS,
+    'weight_perturb': True, 'agg_middle_loss': True}
+SOURCES['tiny_ipc1_ast'] = ("the authors' distill.sh:24, its Tiny ImageNet ipc-1 line: `--weight_perturb "
+                            "--agg_middle_loss --lr_img=10000 --lr_teacher 0.01 --lr_lr=1e-04 --model ConvNetD4 "
+                            "--syn_steps=10 --expert_epochs=2 --max_start_epoch=10` (real-image init, no --zca)"
+                            + AST_EXPERT_NOTE.format(folder='buffer'))
+DISTILL['digits_ipc1_ast'] = {**DISTILL['digits_ipc1'], **AST_AUTHORS, **AST_KMEANS, 'lr_lr': 1e-6,
                               'weight_perturb': True, 'agg_middle_loss': True, 'balance_loss': True}
 SOURCES['digits_ipc1_ast'] = ('ours: digits_ipc1 with every AST component as in cifar100_ipc1_ast; lr_lr 1e-6 '
                               '(1e-5 diverged on AST experts, docs/studies.md)')
 EXPERT_RECIPE = {name: AST_EXPERTS for name in DISTILL if name.endswith('_ast')}
+
+# ---------------------------------------------------------------- what a GPU user compares with
+
+# preset -> published test accuracy (%, ConvNet). MTT rows: the MTT paper (Table 1: CIFAR and Tiny; Table 2:
+# ImageNet subsets), mean ± std. AST rows: AST Table III (means).
+PUBLISHED = {
+    'cifar10_ipc1': '46.3 ± 0.8', 'cifar10_ipc10': '65.3 ± 0.7', 'cifar10_ipc50': '71.6 ± 0.2',
+    'cifar100_ipc1': '24.3 ± 0.3', 'cifar100_ipc10': '40.1 ± 0.4', 'cifar100_ipc50': '47.7 ± 0.2',
+    'tiny_ipc1': '8.8 ± 0.3', 'tiny_ipc10': '23.2 ± 0.2', 'tiny_ipc50': '28.0 ± 0.3',
+    'imagenette_ipc1': '47.7 ± 0.9', 'imagenette_ipc10': '63.0 ± 1.3',
+    'imagewoof_ipc1': '28.6 ± 0.8', 'imagewoof_ipc10': '35.8 ± 1.8',
+    'imagefruit_ipc1': '26.6 ± 0.8', 'imagefruit_ipc10': '40.3 ± 1.3',
+    'imagemeow_ipc1': '30.7 ± 1.6', 'imagemeow_ipc10': '40.4 ± 2.2',
+    'imagesquawk_ipc1': '39.4 ± 1.5', 'imagesquawk_ipc10': '52.3 ± 1.0',
+    'imageyellow_ipc1': '45.2 ± 0.8', 'imageyellow_ipc10': '60.0 ± 1.5',
+    'cifar100_ipc1_ast': '26.6', 'cifar100_ipc10_ast': '44.4', 'cifar100_ipc50_ast': '51.7',
+    'cifar10_ipc10_ast': '67.1', 'tiny_ipc1_ast': '13.7',
+}
+# paper -> (where its number is from, the statistic behind it, the logged key of ours that is that statistic)
+STATISTICS = {
+    'MTT': ('MTT paper', 'the best in-loop evaluation (mean over its networks of the final-epoch test accuracy), '
+            'selected on the test set', '`eval/best_mean_selected_on_test` (metrics.jsonl; final.json '
+            '`best_mean_selected_on_test`); `eval.py --run R --which best` scores that set again'),
+    'AST': ('AST Table III', 'the maximum test accuracy over checks every 20 epochs of each evaluation network, '
+            'and the maximum over in-loop evaluations (their `--num_eval 1`): selected on the test set twice',
+            'the maximum over iterations of `eval/<model>_max_selected_on_test` (metrics.jsonl, logged with '
+            '`--lr_decay ast`: per evaluation, the mean over networks of each one\'s maximum over checks)'),
+}
+HEADLINE = ('`eval/<model>_mean` at the last iteration (final.json `final_mean`), and `eval.py --run R` (the final '
+            'set, `images_final.pt`, on fresh networks): the final-epoch test accuracy of the final set, '
+            'selected on nothing')
+
+
+def paper_of(name: str) -> str:
+    return 'AST' if name.endswith('_ast') else 'MTT'
+
 
 DEFAULT = 'digits_ipc1'  # what buffer.sh / distill.sh run with no preset
 BUFFER_KEYS = ('dataset', 'subset', 'res', 'model', 'zca', 'buffer_path')
@@ -197,7 +257,8 @@ def markdown_doc() -> str:
         'buffer folder), so `bash buffer.sh NAME && bash distill.sh NAME` always finds its experts. '
         "`lr_teacher` is the initial (learnable) student lr; MTT experts train at lr 0.01. The `*_ast` rows are "
         "the AST authors' runs flag for flag: their expert recipe, their student (`--syn_mom 0.9 "
-        "--perturb_variant code`) and their evaluation (`--lr_decay ast`). Where a paper and its authors' code "
+        "--perturb_variant code --middle_steps code`, K-Means on the expert's logits with `--pix_init avg`) and "
+        "their evaluation (`--lr_decay ast`). Where a paper and its authors' code "
         'disagree, presets follow the code and the paper\'s version is a flag value '
         '([method.md](method.md), section 4). Memory each preset needs: [memory.md](memory.md).',
         '',
@@ -222,6 +283,20 @@ def markdown_doc() -> str:
     for label, flags in recipes.items():
         shown = ' '.join(to_flags(flags))
         out.append(f"| {label} | {f'`{shown}`' if shown else '(buffer.py defaults: SGD, lr 0.01, momentum 0, no weight decay, no lr decay)'} |")
+    out += ['', '## What to compare with', '',
+            'Published numbers are not our headline statistic. Our headline, for every preset: ' + HEADLINE + '. '
+            'The published number beside it, the statistic behind it and the key of ours that is the same '
+            'statistic:', '',
+            '| paper | statistic behind its number | our key for that statistic |', '| --- | --- | --- |']
+    out += [f'| {paper} ({where}) | {what} | {key} |' for paper, (where, what, key) in STATISTICS.items()]
+    out += ['', '| preset | published (%) | from | compare with our |', '| --- | --- | --- | --- |']
+    for name in DISTILL:
+        if name in PUBLISHED:
+            paper = paper_of(name)
+            key = 'max over it of `eval/<model>_max_selected_on_test`' if paper == 'AST' else \
+                '`eval/best_mean_selected_on_test`'
+            out.append(f'| `{name}` | {PUBLISHED[name]} | {STATISTICS[paper][0]} | {key} (headline: final set) |')
+    out += ['', 'Presets without a row (`digits_*`) have no published number.']
     out += ['', '## Sources', '']
     out += [f'{i}. {note}' for i, note in enumerate(notes, 1)]
     return '\n'.join(out) + '\n'

@@ -44,7 +44,10 @@ AST_STUDENT = ['--syn_mom', '0.9', '--perturb_variant', 'code']    # the AST aut
 AST_ALL = ['--pix_init', 'kmeans', '--balance_loss', '--agg_middle_loss', '--weight_perturb']  # every AST component
 
 EXPERTS = ['--num_experts', '10', '--train_epochs', '20']          # Digits: per expert recipe
-RECIPES = {                                                          # buffer.py flags (docs/method.md, section 1)
+# buffer.py flags (docs/method.md, section 1), as the cells' keys hold them: written before issue 26, when
+# `--optim sgdmom`, a bare `--gp` and a bare `--loss_decay` meant the paper's versions. The keys stay (so
+# results/cells stays valid) and buffer_command spells them as buffer.py reads them now.
+RECIPES = {
     'SGD (MTT)': [],
     'SGD + momentum': ['--optim', 'sgdmom'],
     'SGD + momentum + gp + loss decay (AST paper)': ['--optim', 'sgdmom', '--gp', '--loss_decay'],
@@ -53,6 +56,19 @@ RECIPES = {                                                          # buffer.py
 }
 BASE = ['--syn_steps', '20', '--expert_epochs', '2', '--max_start_epoch', '10', '--lr_img', '30',
         '--lr_lr', '1e-6', '--lr_teacher', '0.01']  # digits_ipc1's flags but lr_lr 1e-6: at 1e-5 every AST-expert run diverged
+
+
+def buffer_command(flags: list[str]) -> list[str]:
+    """A recipe's flags as written in the cell keys -> the same recipe in today's buffer.py spelling: `sgdmom`
+    -> `sgdmom_paper`, a bare `--gp` / `--loss_decay` -> `paper` (before issue 26 those meant the paper's)."""
+    out = []
+    for i, flag in enumerate(flags):
+        if flag == 'sgdmom' and i and flags[i - 1] == '--optim':
+            flag = 'sgdmom_paper'
+        out.append(flag)
+        if flag in ('--gp', '--loss_decay') and (i + 1 == len(flags) or flags[i + 1].startswith('--')):
+            out.append('paper')
+    return out
 
 
 def digest(key: list) -> str:
@@ -234,7 +250,7 @@ class Study:
         key = ['experts', recipe, s.dataset, s.model, list(s.data), list(s.recipes[recipe]), list(s.experts)]
 
         def train():
-            buffer.main(['--dataset', s.dataset, '--model', s.model, *s.data, *s.recipes[recipe], *s.experts,
+            buffer.main(['--dataset', s.dataset, '--model', s.model, *s.data, *buffer_command(s.recipes[recipe]), *s.experts,
                          '--buffer_path', self.buffers(recipe)])
         return Cell(key, train, lambda: self.experts_ready(recipe))
 

@@ -37,7 +37,7 @@ import torch
 import buffer
 import compress_buffers
 from studies import fmnist
-from studies.cells import (AST_ALL, AST_STUDENT, DIGITS, MISSING, RECIPES, Cell, Study, compute_missing, fmt,
+from studies.cells import (AST_ALL, AST_STUDENT, MISSING, RECIPES, Cell, Study, compute_missing, fmt,
                            missing_cells, remove_study_temps, run_one)
 from trajmatch.cli import ITERATIONS, NETWORKS, CliParser, check_flags, cli_entry
 

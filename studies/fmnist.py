@@ -87,13 +87,6 @@ def setting(data_path: str, experts: list[str] = EXPERTS, eval_epochs: int = EVA
                    data_path=data_path, curve_points=CURVE_POINTS, eval_seed_stride=EVAL_SEED_STRIDE)
 
 
-def setting(data_path: str, experts: list[str] = EXPERTS, eval_epochs: int = EVAL_EPOCHS,
-            valid: int = VALID) -> Setting:
-    return Setting('FashionMNIST', 'ConvNetW32', data=('--data_path', data_path, '--valid', str(valid)),
-                   experts=tuple(experts), recipes=RECIPES, eval_epochs=eval_epochs, valid=valid,
-                   data_path=data_path, curve_points=CURVE_POINTS, eval_seed_stride=EVAL_SEED_STRIDE)
-
-
 # ---------------------------------------------------------------- hyper-parameters on validation
 
 def grid_points(grid: dict) -> list[list[str]]:

@@ -102,7 +102,32 @@ def test_end_to_end_buffer_distill_eval_with_wandb_offline(buffers, tmp_path, mo
     result = json.load(open(out))
     assert set(result['results']) == {MODEL, 'ConvNetD2'}
     assert all(len(r['accs']) == 2 and 0 <= r['mean'] <= 1 for r in result['results'].values())
-    assert result['lr'] == pytest.approx(torch.load(os.path.join(run_dir, 'lr_best.pt'), weights_only=True).item())
+    # the final set by default (before issue 26: images_best.pt, the set selected on the test set)
+    assert result['lr'] == pytest.approx(torch.load(os.path.join(run_dir, 'lr_final.pt'), weights_only=True).item())
+
+
+def test_final_set_is_saved_and_eval_scores_it_by_default(buffers, tmp_path):
+    """Every finished run keeps its final set (images_final.pt, labels_final.pt, lr_final.pt: the checkpoint's
+    last set); eval.py --run scores it by default, and --which best scores MTT's set, named as such."""
+    run_dir = run_distill(buffers, tmp_path / 'runs', '--Iteration', '3', '--eval_it', '1', '--wandb', 'disabled',
+                          '--lr_img', '1000')
+    ckpt = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
+    final = {n: torch.load(os.path.join(run_dir, f'{n}_final.pt'), weights_only=True) for n in ('images', 'labels', 'lr')}
+    assert torch.equal(final['images'], ckpt['images']) and torch.equal(final['labels'], ckpt['labels'])
+    assert torch.equal(final['lr'], ckpt['syn_lr'])
+    summary = json.load(open(os.path.join(run_dir, 'final.json')))
+    last = [r for r in metrics(run_dir) if f'eval/{MODEL}_mean' in r][-1]
+    assert last['it'] == 3 and summary['final_mean'] == last[f'eval/{MODEL}_mean']
+    assert 'best_mean_selected_on_test' in summary
+    flags = ['--num_eval', '1', '--epoch_eval_train', '2']
+    eval_script.main(['--run', run_dir, *flags])
+    scored = json.load(open(os.path.join(run_dir, 'eval.json')))
+    assert scored['which'] == 'final' and scored['source'].endswith('final set')
+    assert scored['lr'] == pytest.approx(final['lr'].item())
+    eval_script.main(['--run', run_dir, '--which', 'best', *flags])
+    best = json.load(open(os.path.join(run_dir, 'eval_best.json')))
+    assert best['which'] == 'best' and "selected on the test set: MTT's statistic" in best['source']
+    assert best['lr'] == pytest.approx(torch.load(os.path.join(run_dir, 'lr_best.pt'), weights_only=True).item())
 
 
 def test_a_run_left_open_by_a_crash_does_not_capture_the_next_one(tmp_path, monkeypatch):
@@ -242,11 +267,18 @@ def test_valid_split_runs_end_to_end_and_reports_validation_accuracy(tmp_path_fa
     run_dir = run_distill(buffers_valid, tmp_path, '--valid', '200', '--wandb', 'disabled', '--max_experts', '1')
     evals = [r for r in metrics(run_dir) if f'eval/{MODEL}_mean' in r]
     assert len(evals) >= 2 and all(0 <= r[f'eval/{MODEL}_val_mean'] <= 1 for r in evals)
+    # the best set is selected on the validation split, and named so
+    assert all('eval/best_mean_selected_on_test' not in r for r in evals)
+    assert [r['eval/best_mean_selected_on_val'] for r in evals] == \
+        [max(e[f'eval/{MODEL}_val_mean'] for e in evals[:k + 1]) for k in range(len(evals))]
+    assert 'best_mean_selected_on_val' in json.load(open(os.path.join(run_dir, 'final.json')))
     import eval as eval_script
     out = tmp_path / 'eval.json'
     eval_script.main(['--run', run_dir, '--num_eval', '1', '--epoch_eval_train', '5', '--out', str(out)])
     scored = json.load(open(out))['results'][MODEL]
     assert len(scored['val_accs']) == 1 and 0 <= scored['val_mean'] <= 1
+    eval_script.main(['--run', run_dir, '--which', 'best', '--num_eval', '1', '--epoch_eval_train', '2', '--out', str(out)])
+    assert 'selected on the validation split' in json.load(open(out))['source']
 
 
 def test_mct_run_samples_real_valued_start_epochs(buffers, tmp_path):

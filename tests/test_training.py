@@ -24,16 +24,17 @@ _ = None
     # E = 6: E//2 = 3, E//2+1 = 4
     (6, {'sgd': [S(0.01, 0.5, 1e-4), _, _, _, _, _],
          'sgd --decay': [S(0.01, 0.5, 1e-4), _, _, _, _, S(0.01 * 0.1, 0.5, 1e-4)],
-         'sgdmom': [S(0.01, 0.9, 0.0), _, _, _, S(0.01 * 0.5, 0.9, 0.0), _],
-         'sgdmom_code': [S(0.003, 0.9, 1e-3), _, _, _, _, S(0.003 * 0.6, 0.9, 1e-3)]}),
+         'sgdmom_paper': [S(0.01, 0.9, 0.0), _, _, _, S(0.01 * 0.5, 0.9, 0.0), _],
+         'sgdmom_code': [S(0.003, 0.9, 1e-3), _, _, _, _, S(0.003 * 0.6, 0.9, 1e-3)],
+         'adam': [S(0.003, 0.0, 1e-3, 'adam'), _, _, _, _, S(0.003 * 0.6, 0.0, 1e-3, 'adam')]}),
     # E = 7: E//2 = 3, E//2+1 = 4
     (7, {'sgd': [S(0.01, 0.5, 1e-4), _, _, _, _, _, _],
          'sgd --decay': [S(0.01, 0.5, 1e-4), _, _, _, _, S(0.01 * 0.1, 0.5, 1e-4), _],
-         'sgdmom': [S(0.01, 0.9, 0.0), _, _, _, S(0.01 * 0.5, 0.9, 0.0), _, _],
+         'sgdmom_paper': [S(0.01, 0.9, 0.0), _, _, _, S(0.01 * 0.5, 0.9, 0.0), _, _],
          'sgdmom_code': [S(0.003, 0.9, 1e-3), _, _, _, _, S(0.003 * 0.6, 0.9, 1e-3), _]}),
     # E = 1 or 2: the change would come after the last epoch
-    (1, {'sgd --decay': [S(0.01, 0.5, 1e-4)], 'sgdmom': [S(0.01, 0.9, 0.0)]}),
-    (2, {'sgd --decay': [S(0.01, 0.5, 1e-4), _], 'sgdmom': [S(0.01, 0.9, 0.0), _]}),
+    (1, {'sgd --decay': [S(0.01, 0.5, 1e-4)], 'sgdmom_paper': [S(0.01, 0.9, 0.0)]}),
+    (2, {'sgd --decay': [S(0.01, 0.5, 1e-4), _], 'sgdmom_paper': [S(0.01, 0.9, 0.0), _]}),
 ])
 def test_expert_recipes_written_out(epochs, want):
     """--mom 0.5 --l2 1e-4 reach only --optim sgd; the recipes' default lrs (no --lr_teacher)."""
@@ -42,6 +43,8 @@ def test_expert_recipes_written_out(epochs, want):
         assert expert_schedule(optim, None, 0.5, 1e-4, decay, epochs) == schedule, name
     assert expert_schedule('sgdmom_code', 0.004, 0.5, 1e-4, False, 6)[::5] == [S(0.004, 0.9, 1e-3),
                                                                               S(0.004 * 0.6, 0.9, 1e-3)]
+    # the AST authors' spelling SGDMOM (sgdmom) is their code's recipe, not the paper's (before issue 26: the paper's)
+    assert expert_schedule('sgdmom', None, 0.5, 1e-4, False, 6) == expert_schedule('sgdmom_code', None, 0, 0, False, 6)
 
 
 @pytest.mark.parametrize('epochs,want', [

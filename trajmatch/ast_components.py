@@ -8,10 +8,10 @@ The expert-training and distillation loops compose these behind flags
 * distillation:    ``balance_weight`` (``--balance_loss``),
   ``intermediate_steps`` / ``intermediate_betas`` (``--agg_middle_loss``,
   ``--adaptive_middle_loss``), ``perturb_start`` (``--weight_perturb``) and
-  ``kmeans_init`` (``--pix_init kmeans``, AST's 'avg').
+  ``kmeans_init`` (``--pix_init kmeans``, and the authors' ``avg``).
 
-Where the paper and the authors' code disagree, ``variant='paper'`` (default)
-follows the paper and ``variant='code'`` the code.
+Where the paper and the authors' code disagree, ``variant='paper'`` follows the
+paper and ``variant='code'`` the code; the scripts' flags choose (docs/method.md).
 """
 from __future__ import annotations
 
@@ -109,8 +109,13 @@ def balance_weight(t: int, max_start_epoch: int, base: float = 5.0,
 # Intermediate matching (docs/method.md, section 2; AST paper Sec. IV-D1)
 # --------------------------------------------------------------------------
 
-def intermediate_steps(syn_steps: int, expert_epochs: int) -> list[int]:
-    """Student steps n_i = floor(i N / M), i = 1..M-1, matched to θ*_{t+i}.
+MIDDLE_STEPS = ('code', 'paper')  # --middle_steps: the authors' rule (AST presets, the default) and the paper's
+
+
+def intermediate_steps(syn_steps: int, expert_epochs: int, rule: str = 'paper') -> list[int]:
+    """Student steps n_i, i = 1..M-1, matched to θ*_{t+i}: paper floor(i N / M) (AST Sec. IV-D1); code
+    (N // M) * i, the authors' distill.py. They differ only where M does not divide N (N 20, M 3: paper
+    6, 13; code 6, 12).
 
     With N < M some n_i repeat or are 0 (the start itself); the caller decides
     whether that configuration makes sense.
@@ -118,6 +123,10 @@ def intermediate_steps(syn_steps: int, expert_epochs: int) -> list[int]:
     if syn_steps < 1 or expert_epochs < 1:
         raise ValueError(f"syn_steps and expert_epochs must be >= 1, got "
                          f"{syn_steps} and {expert_epochs}")
+    if rule not in MIDDLE_STEPS:
+        raise ValueError(f"unknown rule {rule!r}; expected one of {MIDDLE_STEPS}")
+    if rule == 'code':
+        return [(syn_steps // expert_epochs) * i for i in range(1, expert_epochs)]
     return [i * syn_steps // expert_epochs for i in range(1, expert_epochs)]
 
 
@@ -192,12 +201,20 @@ def perturb_start(flat: Tensor, param_shapes: Sequence[torch.Size], rho: float =
 # Representative (K-Means) initialisation of the synthetic set (AST paper Sec. IV-C1)
 # --------------------------------------------------------------------------
 
-def _features(net: nn.Module, images: Tensor, batch_size: int) -> np.ndarray:
-    """Penultimate features of ``images`` as a float64 numpy array, computed where ``net`` is: each batch
-    is moved to the network's device (the images may stay on the CPU, where the dataset keeps them)."""
+KMEANS_FEATURES = ('penultimate', 'logits')  # --kmeans_features: the paper's feature space, the authors' code's
+
+
+def _features(net: nn.Module, images: Tensor, batch_size: int, space: str = 'penultimate') -> np.ndarray:
+    """Features of ``images`` as a float64 numpy array, computed where ``net`` is: each batch is moved to the
+    network's device (the images may stay on the CPU, where the dataset keeps them). ``space``: penultimate
+    (``net.embed``, the input of the last linear layer: the paper's features) or logits (``net(x)``, the
+    network's output: what the authors' distill.py clusters)."""
+    if space not in KMEANS_FEATURES:
+        raise ValueError(f"unknown feature space {space!r}; expected one of {KMEANS_FEATURES}")
     device = next(net.parameters()).device
+    fn = net.embed if space == 'penultimate' else net
     with torch.no_grad():
-        feats = [net.embed(images[s:s + batch_size].to(device)).flatten(1).cpu()
+        feats = [fn(images[s:s + batch_size].to(device)).flatten(1).cpu()
                  for s in range(0, len(images), batch_size)]
     return torch.cat(feats).double().numpy()
 
@@ -237,8 +254,9 @@ def _pick_nearest_distinct(feats: np.ndarray, centroids: np.ndarray,
 
 def kmeans_init(net: nn.Module, images: Tensor, labels: Tensor, num_classes: int,
                 ipc: int, seed: int, batch_size: int = 512,
-                per_class: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """ipc real images per class nearest the K-Means centroids of their features.
+                per_class: list[Tensor] | None = None, features: str = 'penultimate') -> tuple[Tensor, Tensor]:
+    """ipc real images per class nearest the K-Means centroids of their features (``features``: see
+    ``_features``; penultimate is the paper's, logits the authors' code's).
 
     ``net`` is an expert at its final snapshot, already in eval mode (train-mode
     BatchNorm would update its running stats), on any device: features are
@@ -268,7 +286,7 @@ def kmeans_init(net: nn.Module, images: Tensor, labels: Tensor, num_classes: int
     quotas = _cluster_quotas(ipc)
     chosen: list[Tensor] = []
     for idx in per_class:
-        feats = _features(net, images[idx], batch_size)
+        feats = _features(net, images[idx], batch_size, features)
         km = KMeans(n_clusters=len(quotas), n_init=10, random_state=seed).fit(feats)
         rows = _pick_nearest_distinct(feats, km.cluster_centers_, quotas)
         chosen.append(idx[torch.as_tensor(rows, dtype=torch.long, device=idx.device)])

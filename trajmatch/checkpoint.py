@@ -57,7 +57,7 @@ def restore_rank_state(ckpt: dict, d: Dist, cursor: ExpertCursor, gen: torch.Gen
 class LoopState:
     """The loop's counters; saved in the checkpoint as a plain dict."""
     it: int = 0               # iterations done
-    best_acc: float = -1.0    # best mean accuracy of the first --eval_mode so far (selected on the test set)
+    best_acc: float = -1.0    # best mean accuracy of the first --eval_mode so far (on the test set; --valid: validation)
     best_it: int = -1
     skipped: int = 0          # steps refused so far (see SKIP_WORDS)
     skips_in_row: int = 0

@@ -21,18 +21,30 @@ METRICS_FILE = 'metrics.jsonl'      # one JSON object per logged iteration
 CHECKPOINT_FILE = 'checkpoint.pt'   # everything --resume needs
 FINAL_FILE = 'final.json'           # written last: the run has finished
 GRID_NAME = 'synthetic_images'      # <name>.png, the latest evaluated images
-EVAL_FILE = 'eval.json'             # eval.py --run's scores
+EVAL_FILE = 'eval.json'             # eval.py --run's scores of the final set (eval_best.json: --which best)
 BEST_FILES = ('images_best.pt', 'labels_best.pt', 'lr_best.pt')  # the set at the best evaluation so far
+FINAL_FILES = ('images_final.pt', 'labels_final.pt', 'lr_final.pt')  # the set after the last iteration
 
 
 def run_file(run_dir: str, name: str) -> str:
     return os.path.join(run_dir, name)
 
 
-def save_best(run_dir: str, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor) -> None:
-    """The set at the best evaluation so far (what eval.py --run reads)."""
-    for tensor, name in zip((images, labels, lr), BEST_FILES):
+def _save_set(run_dir: str, tensors, names) -> None:
+    for tensor, name in zip(tensors, names):
         atomic_torch_save(tensor.detach().cpu(), run_file(run_dir, name))
+
+
+def save_best(run_dir: str, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor) -> None:
+    """The set at the best evaluation so far (selected on the test set, or on --valid's split; eval.py --run
+    --which best reads it)."""
+    _save_set(run_dir, (images, labels, lr), BEST_FILES)
+
+
+def save_final(run_dir: str, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor) -> None:
+    """The set after the last iteration (what eval.py --run scores by default). Each file is written atomically;
+    a resumed run that crashed while writing them writes them again before final.json."""
+    _save_set(run_dir, (images, labels, lr), FINAL_FILES)
 
 
 # ---------------------------------------------------------------- run folders

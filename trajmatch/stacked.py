@@ -68,6 +68,8 @@ class NetStack:
         pass  # a functional call has no module mode; stackable networks hold no running statistics
 
     def sgd(self, s: SGDLike) -> 'StackedSGD':
+        if getattr(s, 'kind', 'sgd') != 'sgd':
+            raise ValueError(f"a stacked group trains with SGD only, not {s.kind}: train one network at a time")
         return StackedSGD(self.params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
     def batch_loss(self, clean: list[torch.Tensor], augmented: list[torch.Tensor], targets: list[torch.Tensor], *,

@@ -12,12 +12,13 @@ from trajmatch.trajectory_io import expert_loader
 
 
 def init_synthetic(data, ipc: int, pix_init: str, generator: torch.Generator, *, expert_net=None,
-                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                   seed: int = 0, features: str = 'penultimate') -> tuple[torch.Tensor, torch.Tensor]:
+    """pix_init real / noise / kmeans or avg (K-Means on the expert's `features`: penultimate or logits)."""
     if pix_init == 'real':
         return random_real(data, ipc, generator)
     if pix_init in ('kmeans', 'avg'):
         return kmeans_init(expert_net.eval(), data.images_train, data.labels_train, data.num_classes, ipc, seed,
-                           per_class=data.indices_per_class())
+                           per_class=data.indices_per_class(), features=features)
     labels = torch.arange(data.num_classes).repeat_interleave(ipc)
     return torch.randn(len(labels), data.channel, *data.im_size, generator=generator), labels
 

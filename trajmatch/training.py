@@ -21,21 +21,24 @@ from trajmatch.stacked import NetStack
 
 @dataclass(frozen=True)
 class SGDSettings:
+    """A fresh optimiser: SGD (the default), or Adam (kind 'adam': the AST authors' --optim ADAM experts;
+    momentum unused, default betas)."""
     lr: float
     momentum: float
     weight_decay: float
+    kind: str = 'sgd'
 
 
 def step_schedule(epochs: int, first: SGDSettings, *, change_after: int | None, lr_factor: float,
                   momentum_after: float) -> list[SGDSettings | None]:
     """Per trained epoch 0..epochs-1: the settings of a fresh SGD built before it, or None (keep the optimiser).
     The first is built before epoch 0; after epoch index change_after (None: never) a fresh one with lr x
-    lr_factor and momentum_after (the same weight decay)."""
+    lr_factor and momentum_after (the same weight decay and kind of optimiser)."""
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     builds = {0: first}
     if change_after is not None:
-        builds[change_after + 1] = SGDSettings(first.lr * lr_factor, momentum_after, first.weight_decay)
+        builds[change_after + 1] = SGDSettings(first.lr * lr_factor, momentum_after, first.weight_decay, first.kind)
     return [builds.get(ep) for ep in range(epochs)]
 
 
@@ -71,7 +74,9 @@ class OneNet:
     def train(self) -> None:
         self.net.train()
 
-    def sgd(self, s: SGDSettings) -> torch.optim.SGD:
+    def sgd(self, s: SGDSettings) -> torch.optim.Optimizer:
+        if s.kind == 'adam':
+            return torch.optim.Adam(self.net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         return torch.optim.SGD(self.net.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
     def batch_loss(self, clean, augmented, targets, *, loss_scale: float,
