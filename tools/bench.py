@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from trajmatch.allocator import OPT_OUT, tune_malloc
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # children run as python -m tools.bench from here
 
 # ---------------------------------------------------------------- what is measured
@@ -82,10 +84,15 @@ def distill_child(unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
     if dev.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     sec = _median_time(step, TIMED_ITERS)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     peak = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20 if dev.type == 'cuda' else peak_rss_mib() - base
+    per_iter = TIMED_ITERS + 1  # the warm-up iteration is inside the rusage window
     return {'unroll': unroll, 'syn_steps': syn_steps, 'ipc': ipc, 'sec_per_iter': sec, 'peak_mib': peak,
-            'device': device}
+            'sys_sec_per_iter': (after.ru_stime - before.ru_stime) / per_iter,
+            'minor_faults_per_iter': (after.ru_minflt - before.ru_minflt) / per_iter,
+            'malloc': os.environ.get(OPT_OUT, 'tuned'), 'device': device}
 
 
 def bench_distill(device: str) -> list[dict]:
@@ -98,7 +105,8 @@ def bench_distill(device: str) -> list[dict]:
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 r = rows[-1]
                 print(f"distill ipc {ipc:>2} {unroll:>9} syn_steps {steps:>2}: {r['sec_per_iter']:.3f} s/it, "
-                      f"peak +{r['peak_mib']:.1f} MiB", flush=True)
+                      f"peak +{r['peak_mib']:.1f} MiB, sys {r['sys_sec_per_iter']:.3f} s/it, "
+                      f"{r['minor_faults_per_iter']:.0f} faults/it (malloc {r['malloc']})", flush=True)
     return rows
 
 
@@ -167,7 +175,7 @@ def bench_memplan(device: str) -> list[dict]:
     from trajmatch.memplan import MiB, RunShape, free_bytes, make_plan
     # freed tensors go back to the OS at once; one thread: on a shared CPU, OpenMP's spinning threads made a
     # cell 15x slower (same peak), and only memory is measured here
-    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536', 'OMP_NUM_THREADS': '1'}
+    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536', 'OMP_NUM_THREADS': '1', OPT_OUT: 'default'}
     rows = []
     for case, (model, channel, classes, im_size) in MEMPLAN_CASES.items():
         for ipc in IPCS:
@@ -365,6 +373,7 @@ def main(argv=None):
     p.add_argument('--memplan_child', nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
+        tune_malloc()  # as the entry points do (TRAJMATCH_MALLOC=default in the environment: glibc's own)
         unroll, steps, ipc, device = args.child
         print(json.dumps(distill_child(unroll, int(steps), int(ipc), device)))
         return

@@ -10,6 +10,8 @@ import math
 import struct
 import sys
 
+from trajmatch.allocator import tune_malloc
+
 
 # ---------------------------------------------------------------- errors (one design for every script)
 
@@ -42,6 +44,7 @@ def cli_entry(main):
     Anything else is a bug and keeps its traceback."""
     @functools.wraps(main)
     def entry(argv=None):
+        tune_malloc()  # before the first large allocation (allocator.py: speed only, values unchanged)
         try:
             return main(argv)
         except CliError as e:
