@@ -507,8 +507,11 @@ ROWS = [
     ('e-lr-rounds-to-0', 'eval', lambda e, w: eval_flags(e, w, '--lr', '1e-46'), 2, '--lr'),
     ('e-num_eval-1e20', 'eval', lambda e, w: eval_flags(e, w, '--num_eval', str(10**20)), 2, '--num_eval'),
     ('e-epochs-1e9', 'eval', lambda e, w: eval_flags(e, w, '--epoch_eval_train', str(10**9)), 2, '--epoch_eval_train'),
+    ('e-lr_final-inf', 'eval', lambda e, w: eval_run(  # --run scores the final set by default
+        e, w, lambda r, _: torch.save(torch.tensor(float('inf')), r / 'lr_final.pt')), 2, 'lr_final.pt'),
     ('e-lr_best-inf', 'eval', lambda e, w: eval_run(
-        e, w, lambda r, _: torch.save(torch.tensor(float('inf')), r / 'lr_best.pt')), 2, 'lr_best.pt'),
+        e, w, lambda r, _: torch.save(torch.tensor(float('inf')), r / 'lr_best.pt'), '--which', 'best'), 2,
+     'lr_best.pt'),
 ]
 SCRIPTS = {'distill': distill.main, 'buffer': buffer.main, 'eval': eval_script.main, 'compress': compress_buffers.main,
            'studies': studies_main.main}
