@@ -115,6 +115,24 @@ MEMPLAN_CASES = {'Digits': ('ConvNetD2', 1, 10, (8, 8)), '32x32x3': ('ConvNet', 
 MEMPLAN_RAM_SHARE = 0.4  # run a cell only if its predicted growth is below this share of the free RAM
 
 
+def random_cell(case: str, ipc: int, dev: torch.device):
+    """A MEMPLAN_CASES cell on random images (time and memory do not depend on the values): the student,
+    images, labels, syn_lr, w0, targets and the generator, seeded 0."""
+    from trajmatch.matching import Targets
+    from networks import get_network
+    from reparam_module import ReparamModule
+    model, channel, classes, im_size = MEMPLAN_CASES[case]
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(classes * ipc, channel, *im_size, generator=gen).to(dev).requires_grad_(True)
+    labels = torch.arange(classes).repeat_interleave(ipc).to(dev)
+    syn_lr = torch.tensor(0.01, device=dev, requires_grad=True)
+    student = ReparamModule(get_network(model, channel, classes, im_size).to(dev))
+    w0 = student.flat_param()
+    targets = Targets(w0, w0 + 0.01 * torch.randn(w0.shape, generator=gen).to(dev))
+    return student, images, labels, syn_lr, w0, targets, gen
+
+
 def _vm_hwm_mib() -> float:
     with open('/proc/self/status') as f:
         return next(int(line.split()[1]) for line in f if line.startswith('VmHWM:')) / 1024
@@ -126,19 +144,9 @@ def memplan_child(case: str, unroll: str, syn_steps: int, ipc: int, device: str)
     the optimisers' momentum are not the iteration's). CPU: VmHWM reset through /proc/self/clear_refs;
     the parent runs this with glibc's mmap threshold fixed, so freed tensors leave the RSS, as they
     leave CUDA's max_memory_allocated."""
-    from trajmatch.matching import Targets, Unroll, match_and_backward
-    from networks import get_network
-    from reparam_module import ReparamModule
-    model, channel, classes, im_size = MEMPLAN_CASES[case]
+    from trajmatch.matching import Unroll, match_and_backward
     dev = torch.device(device)
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(classes * ipc, channel, *im_size, generator=gen).to(dev).requires_grad_(True)
-    labels = torch.arange(classes).repeat_interleave(ipc).to(dev)
-    syn_lr = torch.tensor(0.01, device=dev, requires_grad=True)
-    student = ReparamModule(get_network(model, channel, classes, im_size).to(dev))
-    w0 = student.flat_param()
-    targets = Targets(w0, w0 + 0.01 * torch.randn(w0.shape, generator=gen).to(dev))
+    student, images, labels, syn_lr, w0, targets, gen = random_cell(case, ipc, dev)
     opts = [torch.optim.SGD([images], lr=1.0, momentum=0.5), torch.optim.SGD([syn_lr], lr=1e-5, momentum=0.5)]
 
     def iteration(steps: int):

@@ -557,20 +557,11 @@ def bench_cell(unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
     """One benchmark cell at CIFAR shape, in this (fresh) process: ConvNet (width 128) on random 32x32x3
     images, 10 classes, batch_syn = the whole set; seconds per iteration (median of tools.bench.TIMED_ITERS
     after a warm-up) and the peak memory growth, as tools.bench.distill_child measures them."""
-    from tools.bench import MEMPLAN_CASES, TIMED_ITERS, _median_time, current_rss_mib, peak_rss_mib
-    from trajmatch.matching import Targets, Unroll, match_and_backward
-    from networks import get_network
-    from reparam_module import ReparamModule
+    from tools.bench import MEMPLAN_CASES, TIMED_ITERS, _median_time, current_rss_mib, peak_rss_mib, random_cell
+    from trajmatch.matching import Unroll, match_and_backward
     model, channel, classes, im_size = MEMPLAN_CASES[CIFAR_CASE]
     dev = torch.device(device)
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(classes * ipc, channel, *im_size, generator=gen).to(dev).requires_grad_(True)
-    labels = torch.arange(classes).repeat_interleave(ipc).to(dev)
-    syn_lr = torch.tensor(0.01, device=dev, requires_grad=True)
-    student = ReparamModule(get_network(model, channel, classes, im_size).to(dev))
-    w0 = student.flat_param()
-    targets = Targets(w0, w0 + 0.01 * torch.randn(w0.shape, generator=gen).to(dev))
+    student, images, labels, syn_lr, w0, targets, gen = random_cell(CIFAR_CASE, ipc, dev)
     u = Unroll(syn_steps=syn_steps, batch_syn=images.shape[0], mode=unroll)
 
     def step():
