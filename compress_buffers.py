@@ -5,6 +5,7 @@
 Writes {folder}/mct{k}/replay_buffer_{n}.pt; re-running skips files already compressed.
 """
 import argparse
+import hashlib
 import os
 
 import torch
@@ -12,8 +13,8 @@ import torch
 from trajmatch.data import DATA_FLAG_DOMAINS, DATASETS, DEFAULT_MODEL, SUBSETS
 from trajmatch.mct import compress, compressed_dir
 from networks import MODELS
-from trajmatch.trajectory_io import (DIGEST_KEY, Trajectory, buffer_dir, expert_files, load_trajectories,
-                                     read_meta)
+from trajmatch.trajectory_io import (DIGEST_KEY, Trajectory, buffer_dir, expert_files, expert_index,
+                                     load_trajectories, meta_path, read_meta)
 from trajmatch.cli import EPOCHS_MAX, CliParser, UsageError, check_flags, cli_entry, integer
 from trajmatch.files import (atomic_write_bytes, atomic_write_json, check_writable, remove_stray_temps,
                              sha256_file, torch_bytes)
@@ -34,20 +35,21 @@ def compress_file(path: str, k: int) -> list[dict]:
     return compressed
 
 
-def write_sidecar(path: str, out: str, k: int) -> None:
+def write_sidecar(path: str, out: str, k: int, digest: str | None = None) -> None:
     """The MTT sidecar (the dataset/model checks use it) with the compressed file's size and sha256 (what
-    readers verify it by) and 'compressed' (so a reader knows the digest is this file's). A sidecar that is
-    not a JSON object is copied as it is (distill.py then reads the file in full)."""
-    sidecar = path[:-len('.pt')] + '.json'
+    readers verify it by; digest: of the bytes just written, else read from `out`) and 'compressed' (so a
+    reader knows the digest is this file's). A sidecar that is not a JSON object is copied as it is
+    (distill.py then reads the file in full)."""
+    folder, index = os.path.dirname(path), expert_index(path)
+    sidecar, out_sidecar = meta_path(folder, index), meta_path(os.path.dirname(out), index)
     if not os.path.exists(sidecar):
         return
-    out_sidecar = out[:-len('.pt')] + '.json'
-    meta = read_meta(os.path.dirname(path), int(os.path.basename(path)[len('replay_buffer_'):-len('.pt')]))
+    meta = read_meta(folder, index)
     if meta is None:
         with open(sidecar, 'rb') as f:
             atomic_write_bytes(f.read(), out_sidecar)
         return
-    atomic_write_json({**meta, 'pt_bytes': os.path.getsize(out), DIGEST_KEY: sha256_file(out),
+    atomic_write_json({**meta, 'pt_bytes': os.path.getsize(out), DIGEST_KEY: digest or sha256_file(out),
                        'compressed': {'k': k, 'source_sha256': meta.get(DIGEST_KEY)}}, out_sidecar)
 
 
@@ -76,8 +78,10 @@ def compress_buffer_folder(folder: str, k: int = 4, out_folder: str | None = Non
     remove_stray_temps(out_folder, shared=True)  # every input is good; study cells running at once may share it
     for path in files:
         if path in todo:
-            atomic_write_bytes(torch_bytes(ready.pop(path, None) or compress_file(path, k)), outs[path])
-        if path in todo or not os.path.exists(outs[path][:-len('.pt')] + '.json'):
+            data = torch_bytes(ready.pop(path, None) or compress_file(path, k))
+            atomic_write_bytes(data, outs[path])
+            write_sidecar(path, outs[path], k, digest=hashlib.sha256(data).hexdigest())
+        elif not os.path.exists(meta_path(out_folder, expert_index(path))):
             write_sidecar(path, outs[path], k)
     bytes_full = sum(os.path.getsize(p) for p in files)
     bytes_compressed = sum(os.path.getsize(outs[p]) for p in files)

@@ -203,7 +203,7 @@ def resume_args(parser: argparse.ArgumentParser, argv, given_resume: str, run_ro
 
 SKIP_WORDS = {'nonfinite': 'non-finite loss or gradient', 'max_loss': 'loss above --max_loss',
               'syn_lr': 'the step would have made syn_lr <= 0 or non-finite', 'other_rank': 'skipped on another process',
-              'nonfinite_set': 'a step left NaN or infinite images'}  # the last: stops the run at once
+              'nonfinite_set': 'a step left NaN or infinite images'}  # the last stops the run at once
 
 
 # ---------------------------------------------------------------- setup (all checks before long work)
@@ -376,7 +376,7 @@ def trial_recovers(r: 'Run', args: argparse.Namespace, run_dir: str, steps: dict
 def divergence_advice(r: 'Run', args: argparse.Namespace, run_dir: str, it: int, skip: str) -> Diverged:
     """The error after --max_skips skips in a row (or a set gone non-finite): the smallest change of --lr_img
     and --lr_lr that a trial from the checkpoint shows to recover, or, where none does, says so: a guess."""
-    head = (f"a step left NaN or infinite images (it {it})" if skip == 'nonfinite_set' else
+    head = (f"{SKIP_WORDS[skip]} (it {it})" if skip == 'nonfinite_set' else
             f"{args.max_skips} steps in a row were skipped (it {it}; last: {SKIP_WORDS[skip]})")
     if not os.path.isfile(run_file(run_dir, CHECKPOINT_FILE)):
         return Diverged(f"{head}, before the first checkpoint; start the run again with a smaller --lr_img "
@@ -453,7 +453,7 @@ def evaluate(it: int, syn: SyntheticSet, ev: Evaluation, state: LoopState, log: 
             metrics[f'eval/{r.model}_max_selected_on_test'] = sum(maxes) / len(maxes)
         tqdm.write(f"it {it}: {r}")
     score = results[0].val_mean if ev.val is not None else results[0].mean
-    if score > state.best_acc and syn.finite():  # eval.py refuses non-finite images: never kept
+    if score > state.best_acc:  # the set is finite: distill_loop stops at a step that leaves it otherwise
         state.best_acc, state.best_it = score, it
         save_best(run_dir, syn.images, syn.labels, syn.lr)
     metrics[f'eval/{best_key(ev)}'] = state.best_acc
@@ -611,12 +611,10 @@ def distill_loop(r: Run, args: argparse.Namespace, state: LoopState, log: RunLog
             save_checkpoint(run_dir, d, r.syn, state, r.cursor, r.gen, wandb_id)
 
 
-def finish(r: Run, args: argparse.Namespace, state: LoopState, log: RunLog | None, run_dir: str) -> None:
+def finish(r: Run, state: LoopState, log: RunLog | None, run_dir: str, iterations: int) -> None:
     """The last evaluation, checkpoint and final.json. A crash after the last checkpoint but before
-    final.json resumes here and finishes."""
-    iterations = args.Iteration
-    if not r.syn.finite():  # never a final.json (or a last checkpoint) over NaN pixels
-        raise divergence_advice(r, args, run_dir, iterations, 'nonfinite_set')
+    final.json resumes here and finishes. The set is finite here: distill_loop stops at a step that is not,
+    restore refuses such a checkpoint, and save_checkpoint (before final.json) asserts it."""
     results = evaluate(iterations, r.syn, r.evaluation, state, log, run_dir) if r.d.is_main else None
     save_checkpoint(run_dir, r.d, r.syn, state, r.cursor, r.gen, log.wandb_id if log else None)
     if r.d.is_main:
@@ -653,7 +651,7 @@ def main(argv=None):
     if r.d.is_main:
         announce(run_dir, log, r.d, resumed, overrides)
     distill_loop(r, args, state, log, run_dir)
-    finish(r, args, state, log, run_dir)
+    finish(r, state, log, run_dir, args.Iteration)
     cleanup()
     return run_dir
 

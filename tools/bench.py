@@ -74,25 +74,36 @@ def distill_child(unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
     target = w0 + 0.01 * torch.randn(w0.shape, generator=gen).to(dev)  # matching cost does not depend on the values
     targets = Targets(w0, target)
 
+    u = Unroll(syn_steps=syn_steps, batch_syn=images.shape[0], mode=unroll)
+
     def step():
         images.grad = syn_lr.grad = None
-        match_and_backward(student, images, labels, syn_lr, w0, targets, Unroll(syn_steps=syn_steps, batch_syn=images.shape[0], mode=unroll), generator=gen)
+        match_and_backward(student, images, labels, syn_lr, w0, targets, u, generator=gen)
+
+    return {'unroll': unroll, 'syn_steps': syn_steps, 'ipc': ipc, **time_step(step, dev), 'device': device}
+
+
+def time_step(step, dev: torch.device) -> dict:
+    """Median seconds of step() over TIMED_ITERS after a warm-up, the peak memory growth over it (CUDA:
+    max_memory_allocated; CPU: peak RSS), and per iteration the system time and minor page faults (the
+    allocator's cost: allocator.py) with the malloc settings in force."""
+    def synced():
+        step()
         if dev.type == 'cuda':
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(dev)
 
     base = current_rss_mib()
     if dev.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-        base_cuda = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_cuda = torch.cuda.memory_allocated(dev)
     before = resource.getrusage(resource.RUSAGE_SELF)
-    sec = _median_time(step, TIMED_ITERS)
+    sec = _median_time(synced, TIMED_ITERS)
     after = resource.getrusage(resource.RUSAGE_SELF)
-    peak = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20 if dev.type == 'cuda' else peak_rss_mib() - base
+    peak = (torch.cuda.max_memory_allocated(dev) - base_cuda) / 2**20 if dev.type == 'cuda' else peak_rss_mib() - base
     per_iter = TIMED_ITERS + 1  # the warm-up iteration is inside the rusage window
-    return {'unroll': unroll, 'syn_steps': syn_steps, 'ipc': ipc, 'sec_per_iter': sec, 'peak_mib': peak,
-            'sys_sec_per_iter': (after.ru_stime - before.ru_stime) / per_iter,
+    return {'sec_per_iter': sec, 'peak_mib': peak, 'sys_sec_per_iter': (after.ru_stime - before.ru_stime) / per_iter,
             'minor_faults_per_iter': (after.ru_minflt - before.ru_minflt) / per_iter,
-            'malloc': os.environ.get(OPT_OUT, 'tuned'), 'device': device}
+            'malloc': os.environ.get(OPT_OUT, 'tuned')}
 
 
 def bench_distill(device: str) -> list[dict]:
@@ -183,7 +194,7 @@ def bench_memplan(device: str) -> list[dict]:
     from trajmatch.memplan import MiB, RunShape, free_bytes, make_plan
     # freed tensors go back to the OS at once; one thread: on a shared CPU, OpenMP's spinning threads made a
     # cell 15x slower (same peak), and only memory is measured here
-    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536', 'OMP_NUM_THREADS': '1', OPT_OUT: 'default'}
+    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536', 'OMP_NUM_THREADS': '1'}
     rows = []
     for case, (model, channel, classes, im_size) in MEMPLAN_CASES.items():
         for ipc in IPCS:

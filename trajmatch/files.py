@@ -54,9 +54,7 @@ def _atomic(path: str, data: bytes) -> None:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = _new_temp(folder, os.path.basename(path))
         _lock(fd)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        _write_all(fd, data)
         os.fsync(fd)
         os.replace(tmp, path)  # still locked: renamed, not removed by a cleaner
     except OSError as e:
@@ -67,8 +65,8 @@ def _atomic(path: str, data: bytes) -> None:
     finally:
         if fd is not None:
             os.close(fd)
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp is not None:
+            _remove_quietly(tmp)
 
 
 def torch_bytes(obj) -> bytes:
@@ -194,13 +192,20 @@ def check_writable(folder: str, what: str, need_bytes: int = 0) -> None:
                          f"folder, free disk space or fix its permissions") from None
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is out (one call may write fewer)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _fill(fd: int, n: int) -> None:
     """Write n bytes and fsync them: the blocks are then really allocated (or ENOSPC). Random bytes: a
     compressing file system would store zeros in next to no space."""
-    block = os.urandom(min(n, 1 << 16))
-    while n > 0:
-        n -= os.write(fd, block[:n])
-    if block:
+    block = os.urandom(min(n, 1 << 16))  # one 64 KiB block, written again: memory stays small for any n
+    for start in range(0, n, len(block) or 1):
+        _write_all(fd, block[:n - start])
+    if n > 0:
         os.fsync(fd)
 
 

@@ -97,12 +97,8 @@ def meta_path(folder: str, index: int) -> str:
 
 def expert_files(folder: str) -> list[str]:
     """replay_buffer_{n}.pt files sorted by n."""
-    found = []
-    for path in glob.glob(os.path.join(folder, 'replay_buffer_*.pt')):
-        m = re.fullmatch(r'replay_buffer_(\d+)\.pt', os.path.basename(path))
-        if m:
-            found.append((int(m.group(1)), path))
-    return [p for _, p in sorted(found)]
+    found = [(expert_index(path), path) for path in glob.glob(os.path.join(folder, 'replay_buffer_*.pt'))]
+    return [p for n, p in sorted(f for f in found if f[0] is not None)]
 
 
 # ---------------------------------------------------------------- write
@@ -161,26 +157,17 @@ def _digest_mismatch(path: str, compressed: bool) -> UsageError:
                       f".json and re-run {again}")
 
 
-def check_digest(path: str, digest: str, compressed: bool = False) -> None:
-    """The file's bytes hash to `digest` (read in chunks), else a UsageError naming the file and the fix."""
-    try:
-        got = sha256_file(path)
-    except OSError as e:
-        raise UsageError(f"cannot read expert buffer {path} ({e.strerror or e}); fix its permissions or re-run "
-                         f"buffer.py") from None
-    if got != digest:
-        raise _digest_mismatch(path, compressed)
-
-
-def read_verified(path: str, digest: str, compressed: bool = False) -> bytes:
+def read_verified(path: str, digest: str, compressed: bool = False, keep: bool = True) -> bytes:
     """The file's bytes, verified against `digest` as they are read (one pass: what torch.load then parses
-    is exactly what was hashed, so a file changed after the check before work is caught here too)."""
+    is exactly what was hashed, so a file changed after the check before work is caught here too).
+    keep=False: only the check (memory stays one chunk; returns b'')."""
     h, chunks = hashlib.sha256(), []
     try:
         with open(path, 'rb') as f:
             while block := f.read(1 << 20):
                 h.update(block)
-                chunks.append(block)
+                if keep:
+                    chunks.append(block)
     except OSError as e:
         raise UsageError(f"cannot read expert buffer {path} ({e.strerror or e}); fix its permissions or re-run "
                          f"buffer.py") from None
@@ -189,10 +176,21 @@ def read_verified(path: str, digest: str, compressed: bool = False) -> bytes:
     return b''.join(chunks)
 
 
+def check_digest(path: str, digest: str, compressed: bool = False) -> None:
+    """The file's bytes hash to `digest` (read in chunks), else a UsageError naming the file and the fix."""
+    read_verified(path, digest, compressed, keep=False)
+
+
+def expert_index(path: str) -> int | None:
+    """n of an expert file's path (replay_buffer_{n}.pt, expert_path's inverse), else None."""
+    m = re.fullmatch(r'replay_buffer_(\d+)\.pt', os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
 def sidecar_beside(path: str) -> dict | None:
     """sidecar_of for an expert file's path (replay_buffer_{n}.pt), or None."""
-    m = re.fullmatch(r'replay_buffer_(\d+)\.pt', os.path.basename(path))
-    return sidecar_of(os.path.dirname(path), int(m.group(1))) if m else None
+    index = expert_index(path)
+    return None if index is None else sidecar_of(os.path.dirname(path), index)
 
 
 def verified_source(path: str, compressed: bool = False):
