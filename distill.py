@@ -3,11 +3,14 @@
     python distill.py --dataset Digits --ipc 10                 # a new numbered folder under runs/
     python distill.py --resume runs/003-Digits-ipc10-ConvNetD2  # continue it to the same --Iteration
     torchrun --nproc_per_node=K distill.py ...                  # K trajectories per iteration
+    python distill.py --trajectories K ...                      # K trajectories per iteration, one device
 Defaults are the Digits quickstart; buffer.sh / distill.sh presets set the paper's rows.
 
 Under torchrun every process holds the same synthetic set; each samples its own expert, start epoch
 and augmentations, and the image and syn_lr gradients are averaged before the step. Rank 0 alone
-writes the run folder and evaluates. One process is the plain run, bit for bit.
+writes the run folder and evaluates. One process is the plain run, bit for bit. --trajectories K
+matches K trajectories in one vectorised unroll, with the streams of K such processes (per process,
+under torchrun); 1, the default, is the plain run.
 """
 import argparse
 import dataclasses
@@ -20,7 +23,8 @@ from tqdm import tqdm
 from trajmatch.accel import accel_for, add_accel_flags
 from trajmatch.ast_components import (KMEANS_FEATURES, MIDDLE_STEPS, balance_weight, intermediate_betas,
                                       intermediate_steps, perturb_start)
-from trajmatch.checkpoint import LoopState, load_checkpoint, rank_streams, restore, resume_command, save_checkpoint
+from trajmatch.checkpoint import (LoopState, load_checkpoint, restore, resume_command, save_checkpoint,
+                                  student_streams)
 from trajmatch.cli import (EPOCHS, EPOCHS_MAX, ITERATIONS, MOMENTUM, NETWORKS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED,
                            STEPS, CliParser, Diverged, UsageError, check_flags, check_saved_flags, cli_entry,
                            explicit_flags, integer, real)
@@ -40,6 +44,7 @@ from trajmatch.synthetic import SyntheticSet, final_expert_net, init_synthetic
 from trajmatch.trajectory_io import ExpertCursor, ExpertTrajectory, buffer_dir, read_meta, validate_buffers
 from trajmatch.files import atomic_write_json, check_writable, remove_stray_temps, remove_stray_temps_under
 from trajmatch.runtime import pick_device, seed_everything, set_deterministic
+from trajmatch.stacked import stackable
 
 
 # ---------------------------------------------------------------- flags (defaults: Digits quickstart)
@@ -95,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     a('--mct', action='store_true', help='read compressed buffers ({buffer}/mct{K}, compress_buffers.py) and '
                                         'sample real-valued start epochs')
     a('--mct_k', type=int, default=4, help='waypoints of the compressed buffers')
+    a('--trajectories', type=int, default=1,
+      help='K: trajectories matched per iteration (per process under torchrun) in one vectorised unroll, the '
+           'update the mean of their K gradients, as K torchrun processes; memory x K (not with --auto_steps '
+           'or a BatchNorm model)')
     a('--max_experts', type=int, default=None, help='use only the first K expert files')
     a('--expert_cache_mib', type=float, default=2048, help='keep loaded expert files in memory up to this (MiB)')
     a('--max_skips', type=int, default=10, help='stop (exit 3) after this many skipped steps in a row')
@@ -139,6 +148,10 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
 LEGACY_DEFAULTS = {'middle_steps': 'paper', 'kmeans_features': 'penultimate', 'perturb_variant': 'paper'}
 
 
+# --trajectories: students stacked on one device; more is a typo (memory grows K-fold; torchrun adds devices)
+TRAJECTORIES_MAX = 64
+
+
 # flag -> allowed values; checked before any work and before a run folder is made (on --resume: the run's
 # args.json with the flags given)
 FLAG_DOMAINS = {
@@ -146,13 +159,22 @@ FLAG_DOMAINS = {
     'max_start_epoch': EPOCHS, 'lr_img': POSITIVE, 'lr_lr': NON_NEGATIVE, 'lr_teacher': POSITIVE,
     'batch_syn': POSITIVE_INT.or_none('the whole set'), 'syn_mom': MOMENTUM,
     'perturb_rho': NON_NEGATIVE, 'mct_k': integer(2, EPOCHS_MAX + 1), 'max_experts': POSITIVE_INT.or_none('all'),
-    'max_skips': POSITIVE_INT, 'eval_it': POSITIVE_INT,
+    'max_skips': POSITIVE_INT, 'eval_it': POSITIVE_INT, 'trajectories': integer(1, TRAJECTORIES_MAX),
     'num_eval': NETWORKS, 'epoch_eval_train': EPOCHS, 'seed': SEED, 'save_every': POSITIVE_INT,
     # used by Python alone (float64): the loss's .item(), the cache's byte count, ν's math.log
     'max_loss': real(0.0, float32=False), 'expert_cache_mib': real(0.0, strict=False, float32=False),
     'balance_base': real(1.0, float32=False),
     **DATA_FLAG_DOMAINS,
 }
+
+
+def check_trajectories(args: argparse.Namespace) -> None:
+    """What K > 1 students cannot do (the BatchNorm check needs the model: prepare)."""
+    if args.trajectories > 1 and args.auto_steps:
+        raise UsageError(f"--trajectories {args.trajectories} with --auto_steps: ATT matches each trajectory at its "
+                         f"own N_opt, which one stacked unroll does not do; drop one of them (torchrun gives ATT K "
+                         f"trajectories per iteration)")
+
 
 # flags a --resume may change: step sizes, stopping rules, logging; never what the matching, the evaluation
 # protocol (best is selected by it) or the random streams depend on
@@ -231,6 +253,10 @@ def prepare(args):
                 for m in [args.model] + args.eval_mode]
     except ValueError as e:
         raise UsageError(f"--model/--eval_mode: {e}") from None
+    if args.trajectories > 1 and not stackable(nets[0]):
+        raise UsageError(f"--trajectories {args.trajectories}: {args.model} has BatchNorm running statistics, which K "
+                         f"students in one vectorised unroll cannot keep apart; use a model without BatchNorm, or "
+                         f"torchrun with --trajectories 1")
     data.check_ipc(args.ipc)
     if args.batch_syn is not None and args.batch_syn > args.ipc * data.num_classes:
         raise UsageError(f"--batch_syn {args.batch_syn} is larger than the synthetic set "
@@ -319,21 +345,52 @@ class Step:
     skip: str | None   # why the step was refused (a SKIP_WORDS key), None if it was taken
 
 
-def iteration(syn: SyntheticSet, student: ReparamModule, trajectory: ExpertTrajectory, gen: torch.Generator,
-              m: Matching) -> Step:
-    """Sample a start, unroll the student on the set, match the expert, and step the set (all ranks together)."""
+def sample_student(trajectory: ExpertTrajectory, gen: torch.Generator, m: Matching,
+                   param_shapes) -> tuple[float | int, torch.Tensor, Targets, float]:
+    """One student's draws before its unroll, in this order from `gen`: the start epoch t, then AST's
+    perturbation of w_0. Returns (t, w_0, targets, ν)."""
     t = sample_start(m.max_start_epoch, trajectory.continuous_time, gen)  # MCT: real-valued
     targets = expert_targets(trajectory, t, syn_steps=m.unroll.syn_steps, expert_epochs=m.expert_epochs,
                              middle=m.middle, adaptive=m.adaptive, rule=m.middle_rule)
-    w0, targets = student_start(targets, student.param_shapes, perturb=m.perturb, variant=m.perturb_variant,
+    w0, targets = student_start(targets, param_shapes, perturb=m.perturb, variant=m.perturb_variant,
                                 rho=m.perturb_rho, generator=gen)
     nu = balance_weight(t, m.max_start_epoch, base=m.balance_base) if m.balance else 1.0
+    return t, w0, targets, nu
+
+
+def stack_students(samples: list[tuple], like: torch.Tensor) -> tuple[torch.Tensor, Targets, torch.Tensor]:
+    """K students' (t, w_0, targets, ν) as one stacked unroll takes them: w_0 and every target [K, P] (the
+    intermediate steps n_i and β_i are the same for all: they depend on the flags alone), ν a [K] tensor
+    of the images' dtype on their device (one copy per iteration, not one per step)."""
+    targets = [s[2] for s in samples]
+    middle = [(n, torch.stack([tg.middle[i][1] for tg in targets]), beta)
+              for i, (n, _, beta) in enumerate(targets[0].middle)]
+    stacked = Targets(torch.stack([tg.start for tg in targets]), torch.stack([tg.final for tg in targets]), middle)
+    nus = torch.tensor([s[3] for s in samples], dtype=like.dtype, device=like.device)
+    return torch.stack([s[1] for s in samples]), stacked, nus
+
+
+def iteration(syn: SyntheticSet, student: ReparamModule, trajectory: ExpertTrajectory | list, gen: torch.Generator,
+              m: Matching) -> Step:
+    """Sample a start, unroll the student on the set, match the expert, and step the set (all ranks together).
+    --trajectories K > 1: `trajectory` is one per student and `gen` a GeneratorGroup; the K students unroll
+    together and the step is the mean of their gradients (t and ν logged are the first student's)."""
+    if isinstance(trajectory, list):
+        samples = [sample_student(tr, g, m, student.param_shapes) for tr, g in zip(trajectory, gen.generators)]
+        t, nu = samples[0][0], samples[0][3]
+        w0, targets, weight = stack_students(samples, syn.images)
+        generator = gen.generators
+    else:
+        t, w0, targets, nu = sample_student(trajectory, gen, m, student.param_shapes)
+        weight, generator = nu, gen
     syn.zero_grad()
-    loss, info = match_and_backward(student, syn.images, syn.labels, syn.lr, w0, targets, m.unroll, generator=gen,
-                                    loss_weight=nu)
-    loss_value = loss.item()  # one host sync for both checks
-    finite = math.isfinite(loss_value) and syn.grads_finite()
-    bounded = finite and loss_value <= m.max_loss
+    loss, info = match_and_backward(student, syn.images, syn.labels, syn.lr, w0, targets, m.unroll,
+                                    generator=generator, loss_weight=weight)
+    # K students: --max_loss bounds each one's loss, as it bounds each rank's under torchrun
+    per_student = info.pop('loss_students', None)
+    losses = [loss.item()] if per_student is None else per_student.tolist()  # one host sync for both checks
+    finite = all(math.isfinite(v) for v in losses) and syn.grads_finite()
+    bounded = finite and max(losses) <= m.max_loss
     # agreed first: every rank then skips or steps together, and a skipped step needs no all-reduce.
     # A non-finite or exploding loss or gradient (on any rank), or a step that would take syn_lr out
     # of (0, inf) (the same on every rank: the averaged gradient), never reaches the images
@@ -470,8 +527,8 @@ class Run:
     d: Dist
     syn: SyntheticSet
     student: ReparamModule
-    cursor: ExpertCursor
-    gen: torch.Generator
+    cursor: ExpertCursor     # --trajectories K > 1: a CursorGroup (one trajectory per student) ...
+    gen: torch.Generator     # ... and a GeneratorGroup (student_streams)
     matching: Matching
     evaluation: Evaluation
     ckpt: dict | None   # the checkpoint to resume from
@@ -502,7 +559,8 @@ def run_shape(args: argparse.Namespace, data=None) -> RunShape:
                     num_classes=classes, ipc=args.ipc, batch_syn=args.batch_syn or classes * args.ipc,
                     syn_steps=args.syn_steps, middle_steps=middle, auto_steps=args.auto_steps, syn_mom=args.syn_mom,
                     dsa=args.dsa == 'True', weight_perturb=args.weight_perturb, num_test=tests,
-                    eval_networks=1 if args.parallel_eval == 'loop' else args.num_eval)
+                    eval_networks=1 if args.parallel_eval == 'loop' else args.num_eval,
+                    trajectories=args.trajectories)
 
 
 def resolve_unroll(args: argparse.Namespace, earlier: dict, data, files: list[str], device: torch.device,
@@ -541,7 +599,7 @@ def setup(args: argparse.Namespace, run_dir: str | None, device: torch.device, r
     # the same start on every rank even if K-Means or the device differed; averaged steps keep it so
     syn = SyntheticSet(broadcast_(images.to(device)), labels.to(device), args.lr_teacher, lr_img=args.lr_img,
                        lr_lr=args.lr_lr)
-    gen, cursor = rank_streams(args.seed, d.rank, gen, files, args.mct, args.expert_cache_mib)
+    gen, cursor = student_streams(args.seed, d.rank, args.trajectories, gen, files, args.mct, args.expert_cache_mib)
     evaluation = Evaluation.from_args(args, data, device)
     student = ReparamModule(get_network(args.model, data.channel, data.num_classes, data.im_size).to(device))
     matching = Matching.from_args(args, len(syn), resolved['unroll'])
@@ -576,9 +634,11 @@ def start_or_resume(r: Run, args: argparse.Namespace, run_dir: str | None,
     return state, log, run_dir
 
 
-def announce(run_dir: str, log: RunLog, d: Dist, resumed: bool, overrides: dict) -> None:
+def announce(run_dir: str, log: RunLog, d: Dist, resumed: bool, overrides: dict, trajectories: int = 1) -> None:
     print(f"{'resuming' if resumed else 'run folder:'} {run_dir}  (wandb: {log.mode})"
           + (f"  ({d.world_size} processes)" if d.world_size > 1 else '')
+          + (f"  ({trajectories} trajectories per iteration{' per process' if d.world_size > 1 else ''})"
+             if trajectories > 1 else '')
           + ('' if not resumed else f"; its {ARGS_FILE} flags are used"
              + (f", with {', '.join(f'--{k} {new}' for k, (_, new) in overrides.items())}" if overrides else '')))
 
@@ -636,6 +696,7 @@ def main(argv=None):
               + (f" (ignored: {', '.join('--' + k for k in overrides)})" if overrides else ''))
         return run_dir
     check_flags(args, FLAG_DOMAINS)  # every check runs before any work and before a run folder is made
+    check_trajectories(args)
     device = pick_device(args.device)
     set_deterministic(args.deterministic)
     if args.plan:  # needs no data, buffers or run folder: the dataset's shape is known
@@ -649,7 +710,7 @@ def main(argv=None):
     resumed = r.ckpt is not None
     state, log, run_dir = start_or_resume(r, args, run_dir, overrides)
     if r.d.is_main:
-        announce(run_dir, log, r.d, resumed, overrides)
+        announce(run_dir, log, r.d, resumed, overrides, args.trajectories)
     distill_loop(r, args, state, log, run_dir)
     finish(r, state, log, run_dir, args.Iteration)
     cleanup()

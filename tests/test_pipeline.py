@@ -11,7 +11,7 @@ import torch
 import distill
 import eval as eval_script
 from trajmatch import matching
-from conftest import tiny_buffers
+from conftest import kill_at_unroll, tiny_buffers
 
 MODEL = 'ConvNetW32'
 TINY = ['--model', MODEL, '--ipc', '2', '--syn_steps', '3', '--expert_epochs', '1', '--max_start_epoch', '2',
@@ -159,16 +159,7 @@ def test_resume_continues_to_the_same_result(buffers, tmp_path, monkeypatch):
     common = ['--Iteration', '6', '--eval_it', '3', '--save_every', '2', '--wandb', 'disabled']
     straight = run_distill(buffers, tmp_path / 'a', *common)
 
-    calls = {'n': 0}
-    real = matching.match_and_backward
-
-    def dies_at_iteration_5(*args, **kwargs):
-        calls['n'] += 1
-        if calls['n'] == 5:
-            raise KeyboardInterrupt  # as if the job were killed during iteration 4
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(distill, 'match_and_backward', dies_at_iteration_5)
+    real = kill_at_unroll(monkeypatch, 5)  # as if the job were killed during iteration 4
     with pytest.raises(KeyboardInterrupt):
         run_distill(buffers, tmp_path / 'b', *common)
     interrupted = glob.glob(str(tmp_path / 'b' / '000-*'))[0]

@@ -44,25 +44,29 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _median_time(fn, repeats: int) -> float:
-    """Median wall time of fn over `repeats` calls, after one warm-up call."""
-    fn()  # warm-up
+def _times(fn, repeats: int) -> list[float]:
+    """Wall times of `repeats` calls of fn (no warm-up)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
-def distill_child(unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
-    """One configuration, in this (fresh) process."""
+def _median_time(fn, repeats: int) -> float:
+    """Median wall time of fn over `repeats` calls, after one warm-up call."""
+    fn()  # warm-up
+    return statistics.median(_times(fn, repeats))
+
+
+def digits_cell(ipc: int, dev: torch.device):
+    """The distill and trajectories children's cell: real Digits images (ipc per class, a leaf), their labels,
+    syn_lr, the ConvNetD2 student and the generator that drew the images, seeded 0."""
     from trajmatch.data import load_dataset
     from trajmatch.evaluation import random_real
-    from trajmatch.matching import Targets, Unroll, match_and_backward
     from networks import get_network
     from reparam_module import ReparamModule
-    dev = torch.device(device)
     torch.manual_seed(0)
     data = load_dataset('Digits')
     gen = torch.Generator().manual_seed(0)
@@ -70,6 +74,14 @@ def distill_child(unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
     images, labels = images.to(dev).requires_grad_(True), labels.to(dev)
     syn_lr = torch.tensor(0.01, device=dev, requires_grad=True)
     student = ReparamModule(get_network('ConvNetD2', data.channel, data.num_classes, data.im_size).to(dev))
+    return student, images, labels, syn_lr, gen
+
+
+def distill_child(unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
+    """One configuration, in this (fresh) process."""
+    from trajmatch.matching import Targets, Unroll, match_and_backward
+    dev = torch.device(device)
+    student, images, labels, syn_lr, gen = digits_cell(ipc, dev)
     w0 = student.flat_param()
     target = w0 + 0.01 * torch.randn(w0.shape, generator=gen).to(dev)  # matching cost does not depend on the values
     targets = Targets(w0, target)
@@ -83,10 +95,12 @@ def distill_child(unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
     return {'unroll': unroll, 'syn_steps': syn_steps, 'ipc': ipc, **time_step(step, dev), 'device': device}
 
 
-def time_step(step, dev: torch.device) -> dict:
-    """Median seconds of step() over TIMED_ITERS after a warm-up, the peak memory growth over it (CUDA:
-    max_memory_allocated; CPU: peak RSS), and per iteration the system time and minor page faults (the
-    allocator's cost: allocator.py) with the malloc settings in force."""
+def time_step(step, dev: torch.device, iters: int = TIMED_ITERS) -> dict:
+    """Median seconds of step() over `iters` calls after a warm-up (each call's seconds in 'times'), the
+    peak memory growth over all of them (CUDA: max_memory_allocated; CPU: peak RSS), and per timed call
+    the system time and minor page faults (the allocator's cost: allocator.py) with the malloc settings
+    in force. The warm-up's first touch of fresh memory is outside the rusage window: the figures are
+    the steady state a long run sees."""
     def synced():
         step()
         if dev.type == 'cuda':
@@ -96,13 +110,14 @@ def time_step(step, dev: torch.device) -> dict:
     if dev.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(dev)
         base_cuda = torch.cuda.memory_allocated(dev)
+    synced()  # warm-up
     before = resource.getrusage(resource.RUSAGE_SELF)
-    sec = _median_time(synced, TIMED_ITERS)
+    times = _times(synced, iters)
     after = resource.getrusage(resource.RUSAGE_SELF)
     peak = (torch.cuda.max_memory_allocated(dev) - base_cuda) / 2**20 if dev.type == 'cuda' else peak_rss_mib() - base
-    per_iter = TIMED_ITERS + 1  # the warm-up iteration is inside the rusage window
-    return {'sec_per_iter': sec, 'peak_mib': peak, 'sys_sec_per_iter': (after.ru_stime - before.ru_stime) / per_iter,
-            'minor_faults_per_iter': (after.ru_minflt - before.ru_minflt) / per_iter,
+    return {'sec_per_iter': statistics.median(times), 'times': times, 'peak_mib': peak,
+            'sys_sec_per_iter': (after.ru_stime - before.ru_stime) / iters,
+            'minor_faults_per_iter': (after.ru_minflt - before.ru_minflt) / iters,
             'malloc': os.environ.get(OPT_OUT, 'tuned')}
 
 
@@ -111,9 +126,7 @@ def bench_distill(device: str) -> list[dict]:
     for ipc in IPCS:
         for unroll in UNROLL_MODES:
             for steps in SYN_STEPS:
-                out = subprocess.run([sys.executable, '-m', 'tools.bench', '--child', unroll, str(steps), str(ipc), device],
-                                     capture_output=True, text=True, check=True, cwd=REPO)
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                rows.append(run_child('distill', unroll, steps, ipc, device))
                 r = rows[-1]
                 print(f"distill ipc {ipc:>2} {unroll:>9} syn_steps {steps:>2}: {r['sec_per_iter']:.3f} s/it, "
                       f"peak +{r['peak_mib']:.1f} MiB, sys {r['sys_sec_per_iter']:.3f} s/it, "
@@ -122,7 +135,8 @@ def bench_distill(device: str) -> list[dict]:
 
 
 # memplan cells: (model, channels, image size, classes); random images (memory does not depend on the values)
-MEMPLAN_CASES = {'Digits': ('ConvNetD2', 1, 10, (8, 8)), '32x32x3': ('ConvNet', 3, 10, (32, 32))}
+MEMPLAN_CASES = {'Digits': ('ConvNetD2', 1, 10, (8, 8)), '32x32x3': ('ConvNet', 3, 10, (32, 32)),
+                 '28x28x1': ('ConvNetW32', 1, 10, (28, 28))}
 MEMPLAN_RAM_SHARE = 0.4  # run a cell only if its predicted growth is below this share of the free RAM
 
 
@@ -208,9 +222,7 @@ def bench_memplan(device: str) -> list[dict]:
                         row['skipped'] = f"predicted {row['predicted_mib']:.0f} MiB > {MEMPLAN_RAM_SHARE:.0%} of " \
                                          f"{free / MiB:.0f} MiB free"
                     else:
-                        out = subprocess.run([sys.executable, '-m', 'tools.bench', '--memplan_child', case, unroll, str(steps),
-                                              str(ipc), device], capture_output=True, text=True, check=True, env=env, cwd=REPO)
-                        row.update(json.loads(out.stdout.strip().splitlines()[-1]))
+                        row.update(run_child('memplan', case, unroll, steps, ipc, device, env=env))
                         row['error'] = row['predicted_mib'] / row['measured_mib'] - 1
                     rows.append(row)
                     print(memplan_line(row), flush=True)
@@ -379,26 +391,314 @@ def bench_loop(device: str, buffer_path: str, iters: int = 20) -> dict:
     return r
 
 
-PARTS = ['distill', 'loop', 'reparam', 'expert', 'eval', 'cross', 'memplan']
+# ---------------------------------------------------------------- trajectories per iteration (--trajectories K)
+#
+# python -m tools.bench --only trajectories: trajectories matched per second with K students in one
+# vectorised unroll (distill.py --trajectories K), K = 1, 2, 4, 8 at ipc 1 and 10, each cell in a fresh
+# process (distill_child's cell: Digits, ConvNetD2, batch_syn = the whole set, syn_steps 20, bptt). K = 1
+# is the plain unroll, what --trajectories 1 runs.
+
+TRAJECTORIES = (1, 2, 4, 8)
+TRAJECTORY_STEPS = 20  # the Digits quickstart's syn_steps
+
+
+def trajectories_child(k: int, ipc: int, device: str, unroll: str = 'bptt') -> dict:
+    """One cell in this (fresh) process: seconds per iteration of K students from K different starts,
+    each with its own generator, and the peak memory as distill_child measures it."""
+    from trajmatch.matching import Targets, Unroll, match_and_backward
+    dev = torch.device(device)
+    student, images, labels, syn_lr, gen = digits_cell(ipc, dev)
+    w = student.flat_param()
+    starts = [w + 0.01 * torch.randn(w.shape, generator=gen).to(dev) for _ in range(k)]
+    finals = [s + 0.01 * torch.randn(w.shape, generator=gen).to(dev) for s in starts]
+    gens = [torch.Generator().manual_seed(s) for s in range(k)]
+    w0, targets = ((starts[0], Targets(starts[0], finals[0])) if k == 1 else
+                   (torch.stack(starts), Targets(torch.stack(starts), torch.stack(finals))))
+    u = Unroll(syn_steps=TRAJECTORY_STEPS, batch_syn=images.shape[0], mode=unroll)
+
+    def step():
+        images.grad = syn_lr.grad = None
+        match_and_backward(student, images, labels, syn_lr, w0, targets, u, generator=gens[0] if k == 1 else gens)
+
+    r = time_step(step, dev)
+    return {'trajectories': k, 'ipc': ipc, 'unroll': unroll, 'syn_steps': TRAJECTORY_STEPS, **r,
+            'trajectories_per_sec': k / r['sec_per_iter'], 'device': device}
+
+
+def bench_trajectories(device: str) -> list[dict]:
+    rows = []
+    for ipc in IPCS:
+        for k in TRAJECTORIES:
+            rows.append(run_child('trajectories', k, ipc, device))
+            r, one = rows[-1], rows[-1 - TRAJECTORIES.index(k)]
+            print(f"trajectories ipc {ipc:>2} K {k}: {r['sec_per_iter']:.3f} s/it, {r['trajectories_per_sec']:.2f} "
+                  f"trajectories/s (x{r['trajectories_per_sec'] / one['trajectories_per_sec']:.2f} of K = 1), peak "
+                  f"+{r['peak_mib']:.1f} MiB", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- against MTT's own iteration
+#
+# python -m tools.bench --only versus: our unroll against MTT's iteration, written here as its paper and
+# code describe it (mtt_iteration), on the four cells of issue 27: ConvNet-128 on 32x32x3 and ConvNetW32 on
+# 28x28x1, ipc 1 and 10, syn_steps 20, DSA, every image in every step, one thread, random data. Each
+# implementation runs in its own fresh process (one at a time: an ipc-10 32x32x3 bptt child holds 8 GiB),
+# VERSUS_ROUNDS rounds in alternating order, each a warm-up and VERSUS_ITERS timed iterations; the table
+# gives the median over all timed iterations, the peak memory growth, system time and page faults, and
+# ours / MTT. 'mtt' runs with glibc's malloc settings, as MTT's code runs; 'bptt_glibc' is our bptt with
+# them too (TRAJMATCH_MALLOC=default: the allocator's share), 'mtt_tuned' MTT's loop with ours.
+# For the ipc-10 cells a 'rate' child counts the FLOPs of one iteration and of one first-order training
+# step of the same network (torch.utils.flop_counter) and times the latter: the unroll's FLOP rate over
+# the first-order rate.
+
+VERSUS_CELLS = (('32x32x3', 1), ('32x32x3', 10), ('28x28x1', 1), ('28x28x1', 10))
+IMPLS = {'mtt': 'default', 'bptt': 'tuned', 'recompute': 'tuned', 'bptt_glibc': 'default', 'recompute_glibc': 'default',
+         'mtt_tuned': 'tuned'}
+VERSUS_IMPLS = ('mtt', 'bptt', 'recompute')  # run by default; the others: --impls
+VERSUS_STEPS = 20
+VERSUS_ROUNDS, VERSUS_ITERS = 2, 3           # median of 6 timed iterations per implementation and cell
+FIRST_ORDER_ITERS = 10
+
+
+def mtt_iteration(model: str, shape: tuple, images, labels, syn_lr, start, target, *, syn_steps: int,
+                  batch_syn: int, generator: torch.Generator, use_dsa: bool = True) -> torch.Tensor:
+    """One iteration of MTT's distill.py loop, its way: a fresh functional student, a list of flat
+    parameter tensors grown by one autograd.grad(create_graph=True) step at a time, batches popped from
+    chunks of a fresh permutation, DSA drawn and applied in the step, the normalised distance, backward.
+    Accumulates into images.grad and syn_lr.grad; returns the loss."""
+    from networks import get_network
+    from reparam_module import ReparamModule
+    from trajmatch.augment import dsa
+    student = ReparamModule(get_network(model, *shape).to(images.device))
+    params = [start.clone().requires_grad_(True)]
+    chunks = []
+    for _ in range(syn_steps):
+        if not chunks:
+            chunks = list(torch.randperm(len(images), generator=generator).split(batch_syn))
+        idx = chunks.pop()
+        x = dsa(images[idx], generator=generator) if use_dsa else images[idx]
+        loss = torch.nn.functional.cross_entropy(student(x, params[-1]), labels[idx])
+        grad = torch.autograd.grad(loss, params[-1], create_graph=True)[0]
+        params.append(params[-1] - syn_lr * grad)
+    num = start.numel()
+    dist = torch.nn.functional.mse_loss(params[-1], target, reduction='sum') / num
+    dist_start = torch.nn.functional.mse_loss(start, target, reduction='sum') / num
+    loss = dist / dist_start
+    loss.backward()
+    return loss.detach()
+
+
+def versus_child(case: str, ipc: str, impl: str, device: str, iters: str) -> dict:
+    """One implementation on one cell in this fresh process (malloc as the parent's environment says)."""
+    from trajmatch.matching import Unroll, match_and_backward
+    dev = torch.device(device)
+    student, images, labels, syn_lr, w0, targets, gen = random_cell(case, int(ipc), dev)
+    model, channel, classes, im_size = MEMPLAN_CASES[case]
+    kind = impl.split('_')[0]
+
+    def step():
+        images.grad = syn_lr.grad = None
+        if kind == 'mtt':
+            mtt_iteration(model, (channel, classes, im_size), images, labels, syn_lr, targets.start, targets.final,
+                          syn_steps=VERSUS_STEPS, batch_syn=images.shape[0], generator=gen)
+        else:
+            match_and_backward(student, images, labels, syn_lr, w0, targets,
+                               Unroll(syn_steps=VERSUS_STEPS, batch_syn=images.shape[0], mode=kind), generator=gen)
+
+    return {'case': case, 'ipc': int(ipc), 'impl': impl, **time_step(step, dev, int(iters)), 'device': device,
+            'threads': torch.get_num_threads()}
+
+
+def count_flops(fn) -> int:
+    """FLOPs of fn() by torch.utils.flop_counter's registry (matmuls and convolutions, forward and backward,
+    double backward included). Its FlopCounterMode cannot be used here: its module tracker's hooks refuse
+    torch.autograd.grad, which the unroll calls every step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            count = flop_registry.get(func._overloadpacket)
+            if count is not None:
+                Count.total += count(*args, **(kwargs or {}), out_val=out)
+            return out
+
+    with Count():
+        fn()
+    return Count.total
+
+
+def rate_child(case: str, ipc: str, device: str) -> dict:
+    """FLOPs of one bptt iteration and of one first-order training step (forward and backward of the same
+    network on the same DSA-augmented batch, SGD step), and the first-order step's median seconds."""
+    from networks import get_network
+    from trajmatch.augment import dsa
+    from trajmatch.matching import Unroll, match_and_backward
+    dev = torch.device(device)
+    student, images, labels, syn_lr, w0, targets, gen = random_cell(case, int(ipc), dev)
+    model, channel, classes, im_size = MEMPLAN_CASES[case]
+    unroll_flops = count_flops(lambda: match_and_backward(student, images, labels, syn_lr, w0, targets,
+                                                          Unroll(syn_steps=VERSUS_STEPS, batch_syn=images.shape[0]),
+                                                          generator=gen))
+    net = get_network(model, channel, classes, im_size).to(dev)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    x = images.detach()
+
+    def first_order():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(dsa(x, generator=gen)), labels).backward()
+        opt.step()
+
+    first_order_flops = count_flops(first_order)
+    r = time_step(first_order, dev, FIRST_ORDER_ITERS)
+    return {'case': case, 'ipc': int(ipc), 'unroll_flops': unroll_flops, 'first_order_flops': first_order_flops,
+            'first_order_sec': r['sec_per_iter'], 'device': device, 'threads': torch.get_num_threads()}
+
+
+def phases_child(case: str, ipc: str, device: str) -> dict:
+    """Where recompute's time goes: median seconds of one step of each of its phases (matching.py) on this
+    cell, and how many of each an iteration runs: the graph-free forward (record_steps: N free steps),
+    the segments' regeneration (free steps again), the per-step re-taping (forward and create_graph
+    backward) and the vector-Jacobian / Hessian-vector product of the backward walk."""
+    from trajmatch.matching import _free_step, checkpoint_every, inner_loss, plan_steps
+    dev = torch.device(device)
+    student, images, labels, syn_lr, w0, targets, gen = random_cell(case, int(ipc), dev)
+    plan = plan_steps(images, images.shape[0], VERSUS_STEPS, gen, True)
+    idx, aug = plan.batches[0], plan.augs[0]
+    x, y = images.detach()[idx], labels[idx]
+
+    def free():
+        _free_step(student, w0, None, x, y, syn_lr.detach(), aug, syn_mom=0.0, loss_weight=1.0)
+
+    def taped():
+        w = w0.clone().requires_grad_(True)
+        return w, torch.autograd.grad(inner_loss(student, w, images[idx], y, aug=aug), w, create_graph=True)[0]
+
+    def taped_and_products():
+        w, g = taped()
+        torch.autograd.grad(g, [w, images], grad_outputs=torch.ones_like(g))
+
+    sec = {name: time_step(fn, dev, 5)['sec_per_iter'] for name, fn in
+           (('free_step', free), ('taped_step', taped), ('taped_and_products', taped_and_products))}
+    sec['products'] = sec.pop('taped_and_products') - sec['taped_step']
+    n, every = VERSUS_STEPS, checkpoint_every(VERSUS_STEPS)
+    counts = {'record': n, 'regenerate': sum(min(s + every, n) - s - 1 for s in range(0, n, every)), 'retape': n,
+              'products': n}
+    per_phase = {'record': counts['record'] * sec['free_step'], 'regenerate': counts['regenerate'] * sec['free_step'],
+                 'retape': n * sec['taped_step'], 'products': n * sec['products']}
+    return {'case': case, 'ipc': int(ipc), 'step_sec': sec, 'steps': counts, 'phase_sec': per_phase,
+            'predicted_sec': sum(per_phase.values()), 'malloc': os.environ.get(OPT_OUT, 'tuned'), 'device': device}
+
+
+def bench_versus(device: str, cells=VERSUS_CELLS, impls=VERSUS_IMPLS) -> list[dict]:
+    rows = []
+    one_thread = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
+    for case, ipc in cells:
+        runs = {impl: [] for impl in impls}
+        for r in range(VERSUS_ROUNDS):
+            for impl in (impls if r % 2 == 0 else impls[::-1]):
+                env = {**one_thread, OPT_OUT: 'default'} if IMPLS[impl] == 'default' else one_thread
+                runs[impl].append(run_child('versus', case, ipc, impl, device, VERSUS_ITERS, env=env))
+        model = MEMPLAN_CASES[case][0]
+        for impl, got in runs.items():
+            times = [t for g in got for t in g['times']]
+            rows.append({'case': case, 'model': model, 'ipc': ipc, 'impl': impl, 'malloc': IMPLS[impl],
+                         'sec_per_iter': statistics.median(times), 'times': times,
+                         'peak_mib': max(g['peak_mib'] for g in got),
+                         'sys_sec_per_iter': statistics.mean(g['sys_sec_per_iter'] for g in got),
+                         'minor_faults_per_iter': statistics.mean(g['minor_faults_per_iter'] for g in got),
+                         'device': device})
+        cell = {r['impl']: r for r in rows[-len(impls):]}
+        for r in cell.values():
+            if 'mtt' in cell:
+                r['vs_mtt_time'] = r['sec_per_iter'] / cell['mtt']['sec_per_iter']
+                r['vs_mtt_peak'] = r['peak_mib'] / cell['mtt']['peak_mib']
+            if 'bptt' in cell:
+                r['vs_bptt_time'] = r['sec_per_iter'] / cell['bptt']['sec_per_iter']
+            print(versus_line(r), flush=True)
+        if ipc >= 10 and 'bptt' in cell:
+            rate = run_child('rate', case, ipc, device, env=one_thread)
+            unroll_rate = rate['unroll_flops'] / cell['bptt']['sec_per_iter']
+            first_rate = rate['first_order_flops'] / rate['first_order_sec']
+            cell['bptt'].update(rate=rate, unroll_gflops_per_sec=unroll_rate / 1e9,
+                                first_order_gflops_per_sec=first_rate / 1e9, of_first_order_rate=unroll_rate / first_rate)
+            print(f"{case} ipc {ipc}: bptt unroll {rate['unroll_flops'] / 1e9:.0f} GFLOP per iteration, "
+                  f"{unroll_rate / 1e9:.1f} GFLOP/s = {unroll_rate / first_rate:.2f} of the first-order rate "
+                  f"({first_rate / 1e9:.1f} GFLOP/s, {rate['first_order_flops'] / 1e9:.1f} GFLOP per step)", flush=True)
+        for impl in [i for i in cell if i.startswith('recompute')] if ipc >= 10 else []:
+            env = {**one_thread, OPT_OUT: 'default'} if IMPLS[impl] == 'default' else one_thread
+            ph = run_child('phases', case, ipc, device, env=env)
+            cell[impl]['phases'] = ph
+            print(f"{case} ipc {ipc} {impl} phases (s per iteration, from one step each): " +
+                  ', '.join(f"{k} {v:.2f} ({ph['steps'][k]} steps)" for k, v in ph['phase_sec'].items()) +
+                  f"; sum {ph['predicted_sec']:.2f} vs measured {cell[impl]['sec_per_iter']:.2f}", flush=True)
+    return rows
+
+
+def versus_line(r: dict) -> str:
+    line = f"versus {r['model']:>10} {r['case']} ipc {r['ipc']:>2} {r['impl']:>10}: {r['sec_per_iter']:7.2f} s/it"
+    if 'vs_mtt_time' in r:
+        line += f" ({r['vs_mtt_time']:.2f}x MTT)"
+    line += f", peak +{r['peak_mib']:.0f} MiB"
+    if 'vs_mtt_peak' in r:
+        line += f" ({r['vs_mtt_peak']:.2f}x)"
+    line += f", sys {r['sys_sec_per_iter']:.2f} s/it, {r['minor_faults_per_iter'] / 1e3:.0f} k faults/it, malloc {r['malloc']}"
+    if r['impl'] != 'bptt' and 'vs_bptt_time' in r:
+        line += f"; {r['vs_bptt_time']:.2f}x bptt"
+    return line
+
+
+# ---------------------------------------------------------------- children: one cell per fresh process
+
+def _distill(unroll, steps, ipc, device):
+    return distill_child(unroll, int(steps), int(ipc), device)
+
+
+def _memplan(case, unroll, steps, ipc, device):
+    return memplan_child(case, unroll, int(steps), int(ipc), device)
+
+
+def _trajectories(k, ipc, device):
+    return trajectories_child(int(k), int(ipc), device)
+
+
+# name: (function of the command line's strings, whether the child tunes malloc as the entry points do);
+# memplan's children measure RSS with glibc's mmap threshold fixed instead (bench_memplan)
+CHILDREN = {'distill': (_distill, True), 'memplan': (_memplan, False), 'trajectories': (_trajectories, True),
+            'versus': (versus_child, True), 'rate': (rate_child, True), 'phases': (phases_child, True)}
+
+
+def run_child(name: str, *args, env: dict | None = None) -> dict:
+    """python -m tools.bench --child NAME ARGS... in a fresh process; its last line's JSON."""
+    out = subprocess.run([sys.executable, '-m', 'tools.bench', '--child', name, *map(str, args)],
+                         capture_output=True, text=True, check=True, env=env, cwd=REPO)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+PARTS = ['distill', 'loop', 'reparam', 'expert', 'eval', 'cross', 'trajectories', 'versus', 'memplan']
+LONG = ('versus', 'memplan')  # not run by default: half an hour and more on a 2-core CPU
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--only', nargs='+', default=PARTS[:-1], choices=PARTS, help='default: all but memplan (long)')
+    p.add_argument('--only', nargs='+', default=[p for p in PARTS if p not in LONG], choices=PARTS,
+                   help=f'default: all but {" and ".join(LONG)} (long)')
     p.add_argument('--buffer_path', default='buffers', help="experts for 'loop' (bash buffer.sh makes them)")
     p.add_argument('--device', default='auto')
     p.add_argument('--out', default=os.path.join('tools', 'bench.json'))
-    p.add_argument('--child', nargs=4, help=argparse.SUPPRESS)
-    p.add_argument('--memplan_child', nargs=5, help=argparse.SUPPRESS)
+    p.add_argument('--impls', nargs='+', default=list(VERSUS_IMPLS), choices=list(IMPLS), help="'versus': what runs")
+    p.add_argument('--cells', nargs='+', default=[f'{c}:{i}' for c, i in VERSUS_CELLS], help="'versus': CASE:IPC")
+    p.add_argument('--child', nargs='+', help=argparse.SUPPRESS)  # NAME ARGS...: one cell in this fresh process
     args = p.parse_args(argv)
     if args.child:
-        tune_malloc()  # as the entry points do (TRAJMATCH_MALLOC=default in the environment: glibc's own)
-        unroll, steps, ipc, device = args.child
-        print(json.dumps(distill_child(unroll, int(steps), int(ipc), device)))
-        return
-    if args.memplan_child:
-        case, unroll, steps, ipc, device = args.memplan_child
-        print(json.dumps(memplan_child(case, unroll, int(steps), int(ipc), device)))
+        name, *child_args = args.child
+        fn, tuned = CHILDREN[name]
+        if tuned:
+            tune_malloc()  # as the entry points do (TRAJMATCH_MALLOC=default in the environment: glibc's own)
+        print(json.dumps(fn(*child_args)))
         return
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device
     result = {'device': torch.cuda.get_device_name() if device == 'cuda' else f'cpu ({torch.get_num_threads()} threads)',
@@ -425,6 +725,11 @@ def main(argv=None):
         result['cross'] = bench_cross(device)
     if 'memplan' in args.only:
         result['memplan'] = bench_memplan(device)
+    if 'trajectories' in args.only:
+        result['trajectories'] = bench_trajectories(device)
+    if 'versus' in args.only:
+        cells = [(c.split(':')[0], int(c.split(':')[1])) for c in args.cells]
+        result['versus'] = bench_versus(device, cells, tuple(args.impls))
     if os.path.exists(args.out):  # the parts not run keep their last results
         with open(args.out) as f:
             result = {**json.load(f), **result}

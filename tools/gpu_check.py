@@ -541,7 +541,7 @@ def check_memplan(ctx: Ctx) -> dict:
         shape = RunShape(model, channel, classes, im_size, ipc, classes * ipc, steps)
         predicted = make_plan(shape).growth(unroll) / MiB
         step = f'memplan-{case}-ipc{ipc}-{unroll}-{steps}'
-        run_command(ctx, step, [sys.executable, '-m', 'tools.bench', '--memplan_child', case, unroll, str(steps),
+        run_command(ctx, step, [sys.executable, '-m', 'tools.bench', '--child', 'memplan', case, unroll, str(steps),
                                 str(ipc), ctx.device], env=env)
         row = {**json_tail(os.path.join(ctx.logs, f'{step}.log')), 'predicted_mib': predicted}
         row['error'] = predicted / row['measured_mib'] - 1

@@ -36,6 +36,63 @@ def rank_streams(seed: int, rank: int, init_gen: torch.Generator, files: list[st
     return gen, ExpertCursor(files, rank_seed(seed, rank), loader=expert_loader(mct), cache_mib=cache_mib)
 
 
+def student_streams(seed: int, rank: int, trajectories: int, init_gen: torch.Generator, files: list[str],
+                    mct: bool, cache_mib: float = 2048):
+    """The streams of one rank's `trajectories` students (distill.py --trajectories K).
+
+    K = 1: rank_streams, the plain generator and cursor (the run is the one before --trajectories, bit
+    for bit). K > 1: student k of rank r is virtual rank v = r K + k and draws what torchrun rank v of a
+    K = 1 run draws: the generator and cursor of rank_seed(seed, v) (v = 0: the generator that drew the
+    images). The process's global RNGs stay as --seed set them (no iteration draws from them), and the
+    K cursors read the files through one cache. Returns (GeneratorGroup, CursorGroup).
+    """
+    if trajectories == 1:
+        return rank_streams(seed, rank, init_gen, files, mct, cache_mib)
+    ranks = range(rank * trajectories, (rank + 1) * trajectories)
+    gens = [init_gen if v == 0 else torch.Generator().manual_seed(rank_seed(seed, v)) for v in ranks]
+    first = ExpertCursor(files, rank_seed(seed, ranks[0]), loader=expert_loader(mct), cache_mib=cache_mib)
+    others = [ExpertCursor(files, rank_seed(seed, v), loader=first.loader, cache_mib=0, shared=first)
+              for v in ranks[1:]]
+    return GeneratorGroup(gens), CursorGroup([first] + others)
+
+
+class GeneratorGroup:
+    """K students' generators where one generator goes (the checkpoint's 'generator': a [K, state] tensor)."""
+
+    def __init__(self, generators: list[torch.Generator]):
+        self.generators = generators
+
+    def get_state(self) -> torch.Tensor:
+        return torch.stack([g.get_state() for g in self.generators])
+
+    def set_state(self, state: torch.Tensor) -> None:
+        if not (torch.is_tensor(state) and state.dim() == 2 and len(state) == len(self.generators)):
+            raise ValueError(f"generator states of shape {tuple(getattr(state, 'shape', ()))}, this run has "
+                             f"{len(self.generators)} students")
+        for g, s in zip(self.generators, state):
+            g.set_state(s.clone())  # a row is a view at an offset: torch 2.14's set_state crashed on one (segfault)
+
+
+class CursorGroup:
+    """K students' expert cursors where one cursor goes: next() is one trajectory per student."""
+
+    def __init__(self, cursors: list[ExpertCursor]):
+        self.cursors = cursors
+
+    def next(self) -> list:
+        return [c.next() for c in self.cursors]
+
+    def state_dict(self) -> dict:
+        return {'students': [c.state_dict() for c in self.cursors]}
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state.get('students') if isinstance(state, dict) else None
+        if not (isinstance(states, list) and len(states) == len(self.cursors)):
+            raise ValueError(f"the checkpoint's cursors are not {len(self.cursors)} students'")
+        for c, s in zip(self.cursors, states):
+            c.load_state_dict(s)
+
+
 def rank_state(cursor: ExpertCursor, gen: torch.Generator, device: torch.device) -> dict:
     """What one rank needs to continue its own random streams after --resume (its own device's only)."""
     return {'cursor': cursor.state_dict(), 'generator': gen.get_state(), 'rng': rng_state(device)}

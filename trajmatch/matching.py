@@ -10,15 +10,21 @@ the images S and α. Two ways to get that gradient, equal up to float rounding:
   (graph memory of one step; O(sqrt(N)) parameter vectors).
 Every random choice of an iteration (batches, augmentations) is drawn before the unroll (plan_steps) and
 reaches the device in one copy; recompute replays steps from that plan.
+
+K students at once (distill.py --trajectories K, the last section): w is [K, P], one row per student,
+the plan is each student's own (one generator each), and one vmapped call steps all K; both unroll
+modes run unchanged on it, and the loss is the mean of the K students' losses.
 """
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.func import vmap
 
 from trajmatch.accel import fp32_unroll
 from trajmatch.augment import Draw, apply_draw, draw, to_device
+from trajmatch.stacked import stackable
 
 UNROLLS = ('bptt', 'recompute')
 ATT_METRICS = ('l1', 'l2')
@@ -35,7 +41,10 @@ class Targets:
 
 
 def param_distance_ratio(w: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """||w - target||² / ||start - target||²: 1 means no progress, 0 lands on the expert."""
+    """||w - target||² / ||start - target||²: 1 means no progress, 0 lands on the expert. K students
+    (rows of [K, P]): each row's own ratio, a [K] tensor."""
+    if w.dim() == 2:
+        return (w - target).pow(2).sum(1) / (start - target).pow(2).sum(1)
     return (w - target).pow(2).sum() / (start - target).pow(2).sum()
 
 
@@ -54,13 +63,18 @@ def final_step(ws: list[torch.Tensor], target: torch.Tensor, auto_steps: bool, m
 
 
 def loss_terms(states: dict[int, torch.Tensor], targets: Targets, n_final: int) -> tuple[torch.Tensor, dict]:
-    """L = ratio(w_{n_final}) + Σ β_i ratio_i(w_{n_i}); also returns each term for logging."""
+    """L = ratio(w_{n_final}) + Σ β_i ratio_i(w_{n_i}); also returns each term for logging. K students
+    ([K, P] states): L is the mean of their K losses, so its gradient is the mean of theirs; each term is
+    logged as its mean over the students, and info['loss_students'] holds each student's own L."""
     loss = param_distance_ratio(states[n_final], targets.start, targets.final)
     info = {'loss_final': loss.detach()}
     for i, (n, theta, beta) in enumerate(targets.middle, start=1):
         term = param_distance_ratio(states[n], targets.start, theta)
         info[f'loss_mid{i}'] = term.detach()
         loss = loss + beta * term
+    if loss.dim():  # K students
+        info = {**{k: v.mean() for k, v in info.items()}, 'loss_students': loss.detach()}
+        loss = loss.mean()
     return loss, info
 
 
@@ -89,7 +103,10 @@ class StepPlan:
 def plan_steps(syn_images: torch.Tensor, batch_syn: int, syn_steps: int, generator: torch.Generator,
                use_dsa: bool) -> StepPlan:
     """The batches, then each step's DSA draw in step order (the order the generator always drew them
-    in), moved to the images' device in one copy: on CUDA one non-blocking transfer per iteration."""
+    in), moved to the images' device in one copy: on CUDA one non-blocking transfer per iteration.
+    A list of K generators: K students' plans (stacked_plan)."""
+    if isinstance(generator, (list, tuple)):
+        return stacked_plan(syn_images, batch_syn, syn_steps, generator, use_dsa)
     batches = syn_batches(syn_images.shape[0], batch_syn, syn_steps, generator)
     per_image = tuple(syn_images.shape[1:])
     augs = [draw((len(idx), *per_image), generator=generator) if use_dsa else Draw(None) for idx in batches]
@@ -99,6 +116,8 @@ def plan_steps(syn_images: torch.Tensor, batch_syn: int, syn_steps: int, generat
 
 def inner_loss(student, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, aug: Draw,
                loss_weight: float = 1.0) -> torch.Tensor:
+    if w.dim() == 2:  # K students, one row of w each
+        return stacked_inner_loss(student, w, x, y, aug=aug, loss_weight=loss_weight)
     return F.cross_entropy(student(apply_draw(x, aug), w), y) * loss_weight
 
 
@@ -245,7 +264,11 @@ def match_and_backward(student, syn_images, syn_labels, syn_lr, w0: torch.Tensor
                        generator: torch.Generator, loss_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Unroll from w0 as `u` says, take the matching loss, and accumulate its gradient into syn_images.grad
     and syn_lr.grad. Returns (detached loss, info with the loss terms and the step the loss used).
-    Always fp32: autocast is switched off here whatever the caller's context (accel.py)."""
+    Always fp32: autocast is switched off here whatever the caller's context (accel.py).
+    K students (--trajectories K): w0 [K, P], targets' tensors [K, P], one generator per student,
+    loss_weight one number or a [K] tensor; the loss is their mean (loss_terms)."""
+    if w0.dim() == 2:
+        check_students(student, u)
     device = syn_images.device
     with fp32_unroll(device):
         targets = Targets(targets.start.to(device), targets.final.to(device),
@@ -271,3 +294,52 @@ def match_and_backward(student, syn_images, syn_labels, syn_lr, w0: torch.Tensor
                                    syn_mom=u.syn_mom, loss_weight=loss_weight)
         info['n_final'] = n_final
         return loss.detach(), info
+
+
+# ---------------------------------------------------------------- K students at once (--trajectories K)
+#
+# K trajectories matched in one unroll: w is [K, P], row k student k's flat weights, and every step runs
+# the K students as one vmapped call on their K batches. The loops above run unchanged on it (a step is
+# w - α b on the whole [K, P]; their autograd calls and adjoints are [K, P] too): the K-student pieces
+# are the plan (stacked_plan), the inner loss (stacked_inner_loss) and the loss's mean (loss_terms).
+# Student k draws its batches and augmentations from its own generator, in the order one student alone
+# draws them, so its unroll is the one a run (or a torchrun rank) with that generator makes.
+
+def check_students(student, u: Unroll) -> None:
+    """ValueError for what K stacked students cannot do: ATT chooses one N_opt per unroll (each student
+    would need its own), and running statistics (BatchNorm) cannot be updated per student under vmap."""
+    if u.auto_steps:
+        raise ValueError("ATT (auto_steps) matches each trajectory at its own N_opt: not supported for K stacked "
+                         "students; match one trajectory per unroll")
+    if not stackable(student):
+        raise ValueError("networks with buffers (BatchNorm running statistics) cannot be stacked as K students; "
+                         "match one trajectory per unroll")
+
+
+def stacked_plan(syn_images: torch.Tensor, batch_syn: int, syn_steps: int, generators: list[torch.Generator],
+                 use_dsa: bool) -> StepPlan:
+    """K students' plans, moved in one copy: step n's batch is [K, batch] (row k student k's indices), its
+    augmentation a tuple of K draws. Student k draws from generators[k] exactly what plan_steps draws
+    from it (the batches, then each step's DSA draw)."""
+    per_image = tuple(syn_images.shape[1:])
+    batches, augs = [], []
+    for g in generators:
+        mine = syn_batches(syn_images.shape[0], batch_syn, syn_steps, g)
+        batches.append(mine)
+        augs += [draw((len(idx), *per_image), generator=g) if use_dsa else Draw(None) for idx in mine]
+    # the K students' batches of one step have one length: same set size, batch size and step count
+    augs, steps = to_device(augs, syn_images.device, [torch.stack(step) for step in zip(*batches)])
+    per_step = [tuple(augs[k * syn_steps + n] for k in range(len(generators))) for n in range(syn_steps)]
+    return StepPlan(steps, per_step)
+
+
+def stacked_inner_loss(student, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, aug: tuple[Draw, ...],
+                       loss_weight=1.0) -> torch.Tensor:
+    """Σ_k ν_k CE_k: student k (row k of w) on its own batch x[k], y[k] under its own draw aug[k]. A sum, so
+    row k of its gradient is student k's own inner gradient. loss_weight: one number, or a [K] tensor on
+    w's device (AST's ν of each student's start epoch)."""
+    if any(d.op is not None for d in aug):
+        x = torch.stack([apply_draw(xk, d) for xk, d in zip(x, aug)])
+    out = vmap(student)(x, w)  # [K, batch, classes] in one call: the convolutions become grouped ones
+    losses = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction='none').view(y.shape).mean(1)
+    return (losses * loss_weight).sum()

@@ -8,6 +8,11 @@ parameters, the expert points, the test set on the device, the evaluation networ
 iterations) + what the unroll adds on top:
 - bptt keeps every step's graph: N x (bytes autograd saves in one inner step + the step's w_n);
 - recompute keeps (w_n, b_n) every ceil(sqrt(N)) steps, one segment's states and one step's graph.
+K students (--trajectories K) hold K times every part of the unroll (and K sets of expert points); the
+synthetic set, its gradient, the test set and the evaluation networks are there once. Their step is
+probed as it runs, vmapped (matching.stacked_inner_loss), at 2 and 3 students and extrapolated in K: vmap's
+grouped convolutions keep some activations and weights in a second layout, so a stacked student saves
+more than a student alone (a third more on the Digits and 32x32 ConvNets).
 The bytes one inner step saves come from a probe: that step, for the run's model on the run's image
 shape, under torch.autograd.graph.saved_tensors_hooks, counting each saved storage once. Which tensors
 autograd saves is fixed by the derivative formulas, not by the kernels, so the probe runs on the CPU
@@ -19,7 +24,7 @@ checks the predictions against measured peaks.
 """
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -33,6 +38,9 @@ CUDA_RESERVE = 1 * GiB             # CUDA context, cuDNN/cuBLAS workspaces: outs
 # heap keeps freed blocks: RSS measured up to 32 % over the tensor bytes (README, Memory plan)
 MARGIN = {'cuda': 0.25, 'cpu': 0.5}
 PROBE_BATCHES = (1, 2)
+# --trajectories K > 1: stacked steps of 2 and 3 students, every saved tensor affine in K from 2 on (a stack of
+# one saves as much as one student alone: vmap's layout copies are views there)
+PROBE_STUDENTS = (2, 3)
 DRAW_BYTES_PER_IMAGE = 24  # a step's DSA draw: at most a 2x3 float32 affine matrix per image (augment.py)
 EVAL_BATCH = 256            # evaluation.evaluate_set's batch
 
@@ -56,6 +64,7 @@ class RunShape:
     weight_perturb: bool = False
     num_test: int = 0                  # test images kept on the device for the evaluations
     eval_networks: int = 0             # evaluation networks trained together on the device between iterations
+    trajectories: int = 1              # --trajectories K: students unrolled together, one per trajectory
 
     @property
     def num_syn(self) -> int:
@@ -110,11 +119,13 @@ def dsa_generator(group: str | None) -> torch.Generator:
 
 
 def probe_step(student, channel: int, num_classes: int, im_size: tuple[int, int], batch: int, *,
-               group: str | None, syn_mom: float) -> tuple[int, int, int]:
+               group: str | None, syn_mom: float, students: int = 0) -> tuple[int, int, int]:
     """Bytes autograd saves in one bptt inner step (matching.unroll's body), in three phases:
-    (forward of the inner loss, its create-graph backward, the update w - α b)."""
+    (forward of the inner loss, its create-graph backward, the update w - α b). students >= 1: the step
+    of that many stacked students ([students, P] weights, each its own batch), 0: one student alone."""
     gen = torch.Generator().manual_seed(0)
-    w = student.flat_param().requires_grad_(True)
+    w = student.flat_param()
+    w = (w.repeat(students, 1) if students else w).requires_grad_(True)
     images = torch.randn(batch, channel, *im_size, generator=gen).requires_grad_(True)
     labels = torch.arange(batch) % num_classes
     alpha = torch.tensor(0.01, requires_grad=True)
@@ -123,6 +134,9 @@ def probe_step(student, channel: int, num_classes: int, im_size: tuple[int, int]
     with SavedBytes(exclude=inputs) as saved:
         idx = torch.randperm(batch, generator=gen)  # a batch is an index into the synthetic set, as syn_batches
         aug = Draw(None) if group is None else draw(images.shape, generator=dsa_generator(group))
+        if students:  # every student draws the same group: bptt's mean over groups is the mean per student
+            idx = torch.stack([idx] + [torch.randperm(batch, generator=gen) for _ in range(students - 1)])
+            aug = (aug,) * students
         loss = inner_loss(student, w, images[idx], labels[idx], aug=aug)
         forward = saved.nbytes
         g = torch.autograd.grad(loss, w, create_graph=True)[0]
@@ -134,8 +148,8 @@ def probe_step(student, channel: int, num_classes: int, im_size: tuple[int, int]
 
 @dataclass(frozen=True)
 class StepProbe:
-    """One inner step at batch_syn (bytes). bptt holds N steps: the mean over DSA groups; recompute
-    holds one: the largest group."""
+    """One inner step at batch_syn (bytes), of all the run's students. bptt holds N steps: the mean over
+    DSA groups; recompute holds one: the largest group."""
     num_params: int
     saved_bptt: float         # forward + create-graph backward + update, mean over groups
     saved_recompute: float    # forward + create-graph backward, largest group
@@ -145,16 +159,17 @@ class StepProbe:
 
 @functools.lru_cache(maxsize=None)
 def _probe_batches(model: str, channel: int, num_classes: int, im_size: tuple[int, int], dsa: bool,
-                   syn_mom: bool) -> tuple[int, dict]:
-    """{group: [(forward, backward, update) at each PROBE_BATCHES]}, and the parameter count."""
+                   syn_mom: bool, students: int = 0) -> tuple[int, dict]:
+    """{group: [(forward, backward, update) at each PROBE_BATCHES]}, and the parameter count (students:
+    probe_step's)."""
     from networks import get_network
     from reparam_module import ReparamModule
     with torch.random.fork_rng(devices=[]):  # building the network draws its init: leave the caller's RNG alone
         torch.manual_seed(0)
         student = ReparamModule(get_network(model, channel, num_classes, im_size))
     groups = parse_strategy(DSA_STRATEGY) if dsa else [None]
-    out = {g: [probe_step(student, channel, num_classes, im_size, b, group=g, syn_mom=0.9 if syn_mom else 0.0)
-               for b in PROBE_BATCHES] for g in groups}
+    out = {g: [probe_step(student, channel, num_classes, im_size, b, group=g, syn_mom=0.9 if syn_mom else 0.0,
+                          students=students) for b in PROBE_BATCHES] for g in groups}
     return student.num_params, out
 
 
@@ -164,9 +179,22 @@ def _at_batch(values: list[tuple[int, ...]], batch: int) -> tuple[float, ...]:
     return tuple(x1 + (x2 - x1) * (batch - b1) / (b2 - b1) for x1, x2 in zip(v1, v2))
 
 
+def _at_students(one: list[tuple], two: list[tuple], k: int) -> list[tuple[float, ...]]:
+    """Affine in the students (K >= 2), at each probe batch: v(K) = v(2) + (v(3) - v(2)) (K - 2)."""
+    (k1, k2), out = PROBE_STUDENTS, []
+    for v1, v2 in zip(one, two):
+        out.append(tuple(x1 + (x2 - x1) * (k - k1) / (k2 - k1) for x1, x2 in zip(v1, v2)))
+    return out
+
+
 def probe(shape: RunShape) -> StepProbe:
-    num_params, per_group = _probe_batches(shape.model, shape.channel, shape.num_classes, tuple(shape.im_size),
-                                           shape.dsa, bool(shape.syn_mom))
+    """One inner step at the run's batch, for all its students (K > 1: the stacked step)."""
+    key = (shape.model, shape.channel, shape.num_classes, tuple(shape.im_size), shape.dsa, bool(shape.syn_mom))
+    if shape.trajectories == 1:
+        num_params, per_group = _probe_batches(*key)
+    else:
+        (num_params, one), (_, two) = (_probe_batches(*key, students=s) for s in PROBE_STUDENTS)
+        per_group = {g: _at_students(one[g], two[g], shape.trajectories) for g in one}
     steps = [_at_batch(v, shape.batch) for v in per_group.values()]
     return StepProbe(num_params=num_params, saved_bptt=sum(f + b + u for f, b, u in steps) / len(steps),
                      saved_recompute=max(f + b for f, b, _ in steps), forward=max(f for f, _, _ in steps),
@@ -220,7 +248,7 @@ class Plan:
 
 def make_plan(shape: RunShape, step: StepProbe | None = None) -> Plan:
     step = step or probe(shape)
-    n, vec = shape.syn_steps, step.num_params * 4
+    n, vec, k = shape.syn_steps, step.num_params * 4, shape.trajectories
     syn = shape.num_syn * shape.image_bytes
     rec = recompute_vectors(shape)
     every = checkpoint_every(n)
@@ -231,21 +259,26 @@ def make_plan(shape: RunShape, step: StepProbe | None = None) -> Plan:
     # the student's forward activations per image stand in for the evaluation network's (the same model
     # for the first --eval_mode); held between iterations by the caching allocator, so added, not overlapped
     eval_batch = min(EVAL_BATCH, shape.num_syn)
-    evaluation = shape.eval_networks * (3 * vec + 2 * eval_batch * step.forward / shape.batch)
+    alone = step if k == 1 else probe(replace(shape, trajectories=1))  # an evaluation network is one network
+    evaluation = shape.eval_networks * (3 * vec + 2 * eval_batch * alone.forward / shape.batch)
     both = lambda name, b, held=False: Part(name, b, b, held)  # noqa: E731
+    per = f' ({k} students)' if k > 1 else ''  # K students: each part of the unroll K times (side by side)
     parts = [
         both('synthetic set, its SGD momentum, labels', 2 * syn + shape.num_syn * 8, True),
-        both(f'student + {points} expert points: {1 + points} x {step.num_params:,} parameters', (1 + points) * vec,
-             True),
+        both(f'student + {points} expert points{per}: {1 + k * points} x {step.num_params:,} parameters',
+             (1 + k * points) * vec, True),
         both(f'test set on the device ({shape.num_test:,} images)', shape.num_test * (shape.image_bytes + 8), True),
-        Part(f'saved by autograd: bptt {n} steps, recompute 1', n * step.saved_bptt, step.saved_recompute, False),
-        Part(f'student states: bptt w_1..w_{n}; recompute {rec["checkpoints"] // 2} checkpoint (every {every}) + '
-             f'{rec["segment"] // 2} segment (w, b) pairs', n * vec, (rec['checkpoints'] + rec['segment']) * vec,
-             False),
-        Part('adjoints, loss-term gradients, kept states', (2 + loss_terms) * vec, rec['walk'] * vec, False),
+        Part(f'saved by autograd{per}: bptt {n} steps, recompute 1', n * step.saved_bptt, step.saved_recompute,
+             False),  # the probe's step is all K students'
+        Part(f'student states{per}: bptt w_1..w_{n}; recompute {rec["checkpoints"] // 2} checkpoint (every {every}) + '
+             f'{rec["segment"] // 2} segment (w, b) pairs', k * n * vec,
+             k * (rec['checkpoints'] + rec['segment']) * vec, False),
+        Part(f'adjoints, loss-term gradients, kept states{per}',
+             k * (2 + loss_terms) * vec, k * rec['walk'] * vec, False),
         both('image gradient', 2 * syn),
-        both("backward working set (about one step's forward activations)", step.forward),
-        Part('index batches and DSA draws of the step plan', batches + draws, batches + draws, False),
+        both(f"backward working set (about one step's forward activations){per}", step.forward),
+        Part(f'index batches and DSA draws of the step plan{per}',
+             k * (batches + draws), k * (batches + draws), False),
         both(f'evaluation between iterations: {shape.eval_networks} network(s) x (weights, gradients, momentum) '
              f'+ batch {eval_batch} activations and their gradients', evaluation, True),
     ]
@@ -321,9 +354,11 @@ def describe(plan: Plan) -> str:
         f"memory plan of one iteration: {s.model} ({p.num_params:,} parameters) on {s.channel}x{s.im_size[0]}x"
         f"{s.im_size[1]} images, {s.num_classes} classes x ipc {s.ipc} = {s.num_syn} synthetic images, batch_syn "
         f"{s.batch}, syn_steps {s.syn_steps}, intermediate terms {len(s.middle_steps)}, "
-        f"ATT {'on' if s.auto_steps else 'off'}, syn_mom {s.syn_mom:g}, DSA {'on' if s.dsa else 'off'}",
+        f"ATT {'on' if s.auto_steps else 'off'}, syn_mom {s.syn_mom:g}, DSA {'on' if s.dsa else 'off'}"
+        + (f", {s.trajectories} trajectories per iteration" if s.trajectories > 1 else ''),
         f"probe: one inner step on the CPU at batches {PROBE_BATCHES[0]} and {PROBE_BATCHES[1]}"
-        f"{f' for each of {p.groups} DSA groups' if p.groups > 1 else ''}, bytes autograd saves extrapolated to "
+        + (f" with {PROBE_STUDENTS[0]} and {PROBE_STUDENTS[1]} stacked students" if s.trajectories > 1 else '')
+        + f"{f' for each of {p.groups} DSA groups' if p.groups > 1 else ''}, bytes autograd saves extrapolated to "
         f"batch {s.batch}: {fmt(p.saved_bptt)} per bptt step",
         '',
     ]

@@ -377,12 +377,16 @@ class ExpertCursor:
     at about 3 % of a Digits ipc-10 iteration); past the budget, files are read when visited.
     """
 
-    def __init__(self, files: list[str], seed: int, loader=None, cache_mib: float = 2048):
+    def __init__(self, files: list[str], seed: int, loader=None, cache_mib: float = 2048,
+                 shared: 'ExpertCursor | None' = None):
         self.files, self.seed = files, seed
         self.loader = loader or Trajectory.load_file
         self.epoch = self.file_pos = self.traj_pos = 0
         self.cache_bytes, self._kept, self._kept_bytes = cache_mib * 2**20, {}, 0
         self._last = (None, None)
+        # another walk over the same files reads them through `shared`'s cache (--trajectories K: the K
+        # students' cursors keep one copy of each file, within one --expert_cache_mib)
+        self.shared = shared
 
     def _perm(self, n: int, *salt: int) -> list[int]:
         g = torch.Generator().manual_seed(hash((self.seed,) + salt) % 2**62)
@@ -402,7 +406,7 @@ class ExpertCursor:
 
     def _current(self):
         file_index = self._perm(len(self.files), self.epoch)[self.file_pos]
-        trajs = self._load(file_index)
+        trajs = (self.shared or self)._load(file_index)
         return trajs, self._perm(len(trajs), self.epoch, self.file_pos)
 
     def next(self) -> ExpertTrajectory:
