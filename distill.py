@@ -32,7 +32,7 @@ from trajmatch.data import DATA_FLAG_DOMAINS, DEFAULT_MODEL, add_data_flags, che
 from trajmatch.distributed import (Dist, all_ranks_true, all_reduce_mean_, broadcast_, broadcast_object, cleanup, from_env,
                          init_distributed, mean_over_ranks)
 from trajmatch.evaluation import LR_DECAYS, PARALLEL_EVAL, evaluate_set
-from trajmatch.matching import ATT_METRICS, UNROLLS, Targets, Unroll, match_and_backward
+from trajmatch.matching import ATT_METRICS, RECOMPUTE_STATES_MIB, UNROLLS, Targets, Unroll, match_and_backward
 from trajmatch.mct import compressed_dir
 from trajmatch.memplan import (RunShape, choose_unroll, describe_choice, describe_run, expert_cache_bytes, free_bytes,
                               make_plan)
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     a('--unroll', default='auto', choices=(*UNROLLS, 'auto'),
       help='bptt keeps every step graph; recompute is exact with constant graph memory; auto: bptt when its '
            'predicted peak fits the free memory with a margin, else recompute (memplan.py)')
+    a('--recompute_states_mib', type=float, default=RECOMPUTE_STATES_MIB,
+      help="recompute keeps every step's (w_n, b_n) while the N pairs fit in this many MiB, so it regenerates "
+           "nothing; beyond it, checkpoints every ceil(sqrt(N)) steps (0: always checkpoints)")
     a('--plan', action='store_true', help='print the predicted peak memory of one iteration for bptt and '
                                           'recompute, split into parts, and exit (needs no data or buffers)')
     a('--auto_steps', action='store_true', help='ATT: match at N_opt = argmin_n ||w_n - target|| (<= syn_steps)')
@@ -163,6 +166,7 @@ FLAG_DOMAINS = {
     'num_eval': NETWORKS, 'epoch_eval_train': EPOCHS, 'seed': SEED, 'save_every': POSITIVE_INT,
     # used by Python alone (float64): the loss's .item(), the cache's byte count, ν's math.log
     'max_loss': real(0.0, float32=False), 'expert_cache_mib': real(0.0, strict=False, float32=False),
+    'recompute_states_mib': real(0.0, strict=False, float32=False),
     'balance_base': real(1.0, float32=False),
     **DATA_FLAG_DOMAINS,
 }
@@ -179,7 +183,7 @@ def check_trajectories(args: argparse.Namespace) -> None:
 # flags a --resume may change: step sizes, stopping rules, logging; never what the matching, the evaluation
 # protocol (best is selected by it) or the random streams depend on
 RESUME_OVERRIDABLE = ('lr_img', 'lr_lr', 'max_skips', 'max_loss', 'save_every', 'eval_it', 'expert_cache_mib',
-                      'parallel_eval', 'wandb', 'device')
+                      'parallel_eval', 'wandb', 'device', 'recompute_states_mib')
 
 # what args.json records beside the flags (the flags themselves never change after they are resolved):
 # 'resolved' = {'unroll': the mode --unroll auto chose, 'unroll_plan': why, 'device': where}, and
@@ -327,7 +331,7 @@ class Matching:
         """The flags, with --unroll auto resolved to `unroll_mode`."""
         unroll = Unroll(syn_steps=args.syn_steps, batch_syn=args.batch_syn or num_syn, syn_mom=args.syn_mom,
                         use_dsa=args.dsa == 'True', mode=unroll_mode, auto_steps=args.auto_steps,
-                        att_metric=args.att_metric)
+                        att_metric=args.att_metric, states_mib=args.recompute_states_mib)
         return cls(unroll=unroll, expert_epochs=args.expert_epochs, max_start_epoch=args.max_start_epoch,
                    middle=args.agg_middle_loss or args.adaptive_middle_loss,
                    adaptive=args.adaptive_middle_loss, middle_rule=args.middle_steps, perturb=args.weight_perturb,
@@ -560,7 +564,7 @@ def run_shape(args: argparse.Namespace, data=None) -> RunShape:
                     syn_steps=args.syn_steps, middle_steps=middle, auto_steps=args.auto_steps, syn_mom=args.syn_mom,
                     dsa=args.dsa == 'True', weight_perturb=args.weight_perturb, num_test=tests,
                     eval_networks=1 if args.parallel_eval == 'loop' else args.num_eval,
-                    trajectories=args.trajectories)
+                    trajectories=args.trajectories, states_mib=args.recompute_states_mib)
 
 
 def resolve_unroll(args: argparse.Namespace, earlier: dict, data, files: list[str], device: torch.device,

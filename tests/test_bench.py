@@ -50,9 +50,9 @@ def test_versus_runs_end_to_end(monkeypatch):
     system time and faults, and the FLOP-rate child's figures."""
     monkeypatch.setattr(bench, 'VERSUS_ROUNDS', 1)
     monkeypatch.setattr(bench, 'VERSUS_ITERS', 1)
-    rows = bench.bench_versus('cpu', cells=[('Digits', 10)], impls=('mtt', 'bptt', 'recompute'))
+    rows = bench.bench_versus('cpu', cells=[('Digits', 10)], impls=('mtt', 'bptt', 'recompute', 'recompute_sqrt'))
     by = {r['impl']: r for r in rows}
-    assert set(by) == {'mtt', 'bptt', 'recompute'}
+    assert set(by) == {'mtt', 'bptt', 'recompute', 'recompute_sqrt'}
     assert by['mtt']['malloc'] == 'default' and by['bptt']['malloc'] == 'tuned'
     for r in rows:
         assert r['sec_per_iter'] > 0 and len(r['times']) == 1 and r['minor_faults_per_iter'] >= 0
@@ -63,7 +63,11 @@ def test_versus_runs_end_to_end(monkeypatch):
     assert b['rate']['unroll_flops'] > 2 * bench.VERSUS_STEPS * b['rate']['first_order_flops']
     assert b['rate']['first_order_flops'] > 0 and b['of_first_order_rate'] > 0
     assert b['rate']['threads'] == 1
-    ph = by['recompute']['phases']  # recompute's phases: N free steps recorded, N re-taped, N products
-    assert ph['steps'] == {'record': 20, 'regenerate': 16, 'retape': 20, 'products': 20}
-    assert all(v > 0 for v in ph['phase_sec'].values())
-    assert math.isclose(ph['predicted_sec'], sum(ph['phase_sec'].values()))
+    # recompute's phases: N free steps recorded, N re-taped, N products; the segments regenerated only
+    # where the states do not all fit the budget (recompute_sqrt: checkpoints every 5 of 20 steps)
+    for impl, every, regenerated in (('recompute', 1, 0), ('recompute_sqrt', 5, 16)):
+        ph = by[impl]['phases']
+        assert ph['every'] == every
+        assert ph['steps'] == {'record': 20, 'regenerate': regenerated, 'retape': 20, 'products': 20}
+        assert all(v > 0 for k, v in ph['phase_sec'].items() if ph['steps'][k])
+        assert math.isclose(ph['predicted_sec'], sum(ph['phase_sec'].values()))

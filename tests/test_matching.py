@@ -86,28 +86,52 @@ def test_hypergradient_matches_central_finite_differences(use_dsa):
 
 # ---------------------------------------------------------------- recompute == bptt, ATT
 
-from trajmatch.matching import Targets, Unroll, final_step, match_and_backward, record_steps  # noqa: E402
+from trajmatch.matching import (RECOMPUTE_STATES_MIB, Targets, Unroll, checkpoint_every, final_step,  # noqa: E402
+                                match_and_backward, record_steps, state_pair_bytes)
 
 
-def grads_of(mode, *, syn_mom=0.0, auto_steps=False, middle=True, loss_weight=1.0, use_dsa=True):
+def grads_of(mode, *, syn_mom=0.0, auto_steps=False, middle=True, loss_weight=1.0, use_dsa=True,
+             states_mib=RECOMPUTE_STATES_MIB):
     _, student, images, labels, start, target = tiny_problem()
     imgs = images.clone().requires_grad_(True)
     alpha = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
     mid = [(2, start + 0.5 * (target - start), 1.0)] if middle else []
-    loss, info = match_and_backward(student, imgs, labels, alpha, start, Targets(start, target, mid), Unroll(syn_steps=5, batch_syn=4, syn_mom=syn_mom, use_dsa=use_dsa, mode=mode, auto_steps=auto_steps), generator=torch.Generator().manual_seed(2), loss_weight=loss_weight)
+    loss, info = match_and_backward(student, imgs, labels, alpha, start, Targets(start, target, mid), Unroll(syn_steps=5, batch_syn=4, syn_mom=syn_mom, use_dsa=use_dsa, mode=mode, auto_steps=auto_steps, states_mib=states_mib), generator=torch.Generator().manual_seed(2), loss_weight=loss_weight)
     return loss, info, imgs.grad, alpha.grad
 
 
+# recompute's two schedules: every state kept (the default budget, these tiny problems fit) and
+# checkpoints every ceil(sqrt(N)) steps with the segments regenerated (budget 0)
+SCHEDULES = [RECOMPUTE_STATES_MIB, 0.0]
+
+
+@pytest.mark.parametrize('states_mib', SCHEDULES)
 @pytest.mark.parametrize('syn_mom', [0.0, 0.9])
 @pytest.mark.parametrize('auto_steps', [False, True])
-def test_recompute_equals_bptt(syn_mom, auto_steps):
+def test_recompute_equals_bptt(syn_mom, auto_steps, states_mib):
     lb, ib, gb, ab = grads_of('bptt', syn_mom=syn_mom, auto_steps=auto_steps, loss_weight=1.3)
-    lr_, ir, gr, ar = grads_of('recompute', syn_mom=syn_mom, auto_steps=auto_steps, loss_weight=1.3)
+    lr_, ir, gr, ar = grads_of('recompute', syn_mom=syn_mom, auto_steps=auto_steps, loss_weight=1.3,
+                               states_mib=states_mib)
     assert ib['n_final'] == ir['n_final']
     torch.testing.assert_close(lr_, lb, rtol=1e-10, atol=0)
     assert gb.abs().sum() > 0 and ab.abs() > 0
     torch.testing.assert_close(gr, gb, rtol=1e-5, atol=1e-12)
     torch.testing.assert_close(ar, ab, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize('syn_mom', [0.0, 0.9])
+def test_recompute_schedules_agree(syn_mom):
+    """Keeping every state and regenerating segments from checkpoints replay the same free steps: the
+    same gradients (float64), and the budget picks the schedule."""
+    start = tiny_problem()[4]
+    pair = state_pair_bytes(start)
+    assert checkpoint_every(5, pair, 5 * pair) == 1 and checkpoint_every(5, pair, 5 * pair - 1) == 3
+    assert checkpoint_every(5, pair, 0) == 3 and checkpoint_every(16, pair, 0) == 4
+    (l1, _, g1, a1), (l2, _, g2, a2) = (grads_of('recompute', syn_mom=syn_mom, states_mib=m) for m in SCHEDULES)
+    assert g1.abs().sum() > 0
+    torch.testing.assert_close(l2, l1, rtol=1e-13, atol=0)
+    torch.testing.assert_close(g2, g1, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(a2, a1, rtol=1e-12, atol=1e-15)
 
 
 def test_bptt_with_every_term_matches_finite_differences():
@@ -120,16 +144,17 @@ def test_bptt_with_every_term_matches_finite_differences():
     nu = balance_weight(3, 20)
     assert not torch.equal(w0, start) and nu != 1.0
 
-    def loss_at(imgs, alpha, grad=False, mode='bptt'):
+    def loss_at(imgs, alpha, grad=False, mode='bptt', states_mib=RECOMPUTE_STATES_MIB):
         imgs = imgs.clone().requires_grad_(grad)
         a = torch.tensor(alpha, dtype=torch.float64, requires_grad=grad)
-        loss, _ = match_and_backward(student, imgs, labels, a, w0, Targets(start, target, mid), Unroll(syn_steps=4, batch_syn=4, syn_mom=0.9, mode=mode), generator=torch.Generator().manual_seed(4), loss_weight=nu)
+        loss, _ = match_and_backward(student, imgs, labels, a, w0, Targets(start, target, mid), Unroll(syn_steps=4, batch_syn=4, syn_mom=0.9, mode=mode, states_mib=states_mib), generator=torch.Generator().manual_seed(4), loss_weight=nu)
         return loss, imgs.grad, a.grad
 
     _, g_img, g_lr = loss_at(images, 0.05, grad=True)
-    _, g_img_rc, g_lr_rc = loss_at(images, 0.05, grad=True, mode='recompute')
-    torch.testing.assert_close(g_img_rc, g_img, rtol=1e-5, atol=1e-12)
-    torch.testing.assert_close(g_lr_rc, g_lr, rtol=1e-5, atol=1e-12)
+    for states_mib in SCHEDULES:
+        _, g_img_rc, g_lr_rc = loss_at(images, 0.05, grad=True, mode='recompute', states_mib=states_mib)
+        torch.testing.assert_close(g_img_rc, g_img, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(g_lr_rc, g_lr, rtol=1e-5, atol=1e-12)
     eps = 1e-6
     d = torch.randn_like(images)
     fd = (loss_at(images + eps * d, 0.05)[0] - loss_at(images - eps * d, 0.05)[0]) / (2 * eps)

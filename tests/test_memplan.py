@@ -16,9 +16,10 @@ from torch.utils._pytree import tree_flatten
 import distill
 from trajmatch import memplan
 from trajmatch.augment import DSA_STRATEGY, draw_group, parse_strategy
-from trajmatch.matching import (Targets, Unroll, checkpoint_every, match_and_backward, record_steps, syn_batches,
-                                unroll)
-from trajmatch.memplan import (RunShape, SavedBytes, choose_unroll, make_plan, probe_step, recompute_vectors)
+from trajmatch.matching import (RECOMPUTE_STATES_MIB, Targets, Unroll, checkpoint_every, match_and_backward,
+                                record_steps, state_pair_bytes, syn_batches, unroll)
+from trajmatch.memplan import (RunShape, SavedBytes, choose_unroll, make_plan, probe_step, recompute_every,
+                               recompute_vectors)
 from networks import get_network
 from reparam_module import ReparamModule
 from conftest import tiny_buffers
@@ -79,7 +80,7 @@ def test_probe_extrapolates_exactly_from_batches_1_and_2(group):
 
 def test_bptt_grows_linearly_in_syn_steps_and_recompute_like_its_square_root():
     steps = (4, 9, 16, 36, 64)
-    plans = {n: make_plan(tiny(syn_steps=n)) for n in steps}
+    plans = {n: make_plan(tiny(syn_steps=n, states_mib=0.0)) for n in steps}  # checkpoints whatever N
     p = plans[4].step
     vec = p.num_params * 4
     saved = {n: next(part for part in pl.parts if part.name.startswith('saved by autograd')) for n, pl in plans.items()}
@@ -91,7 +92,7 @@ def test_bptt_grows_linearly_in_syn_steps_and_recompute_like_its_square_root():
         assert saved[b].recompute == saved[a].recompute  # one step's graph, whatever N
     for n in steps:  # N = k^2: k checkpoint pairs and k - 1 regenerated pairs
         k = math.isqrt(n)
-        rec = recompute_vectors(tiny(syn_steps=n))
+        rec = recompute_vectors(tiny(syn_steps=n, states_mib=0.0), p.num_params)
         assert rec['checkpoints'] + rec['segment'] == 4 * k - 2
     assert plans[64].growth('bptt') / plans[4].growth('bptt') > 8
     for n in steps:  # recompute: O(sqrt(N)) vectors over N = 4, plus each step's index batch and DSA draw
@@ -100,19 +101,43 @@ def test_bptt_grows_linearly_in_syn_steps_and_recompute_like_its_square_root():
         assert plans[n].growth('recompute') <= bound
 
 
+def test_recompute_keeps_every_state_within_its_budget_then_checkpoints():
+    """Up to the budget every (w_n, b_n) pair is kept and nothing regenerated; past it, the sqrt(N)
+    checkpoints: recompute's states never exceed the budget or the checkpoints' O(sqrt(N))."""
+    num_params = make_plan(tiny()).step.num_params
+    pair = 2 * num_params * 4
+    budget = 10 * pair / 2**20  # MiB: ten pairs
+    for n in (1, 4, 10, 11, 16, 40):
+        rec = recompute_vectors(tiny(syn_steps=n, states_mib=budget), num_params)
+        if n <= 10:
+            assert rec['checkpoints'] == 2 * n and rec['segment'] == 0
+        else:
+            assert rec == recompute_vectors(tiny(syn_steps=n, states_mib=0.0), num_params)
+        assert (rec['checkpoints'] + rec['segment']) * num_params * 4 <= max(budget * 2**20, 4 * math.isqrt(n) * pair)
+        kept, sqrt = (make_plan(tiny(syn_steps=n, states_mib=m)) for m in (budget, 0.0))
+        assert kept.growth('recompute') <= sqrt.growth('recompute') + budget * 2**20
+    # K students: the budget holds all K students' pairs
+    assert recompute_vectors(tiny(syn_steps=5, states_mib=budget, trajectories=2), num_params)['segment'] == 0
+    assert recompute_vectors(tiny(syn_steps=6, states_mib=budget, trajectories=2), num_params)['segment'] > 0
+
+
+@pytest.mark.parametrize('states_mib', [RECOMPUTE_STATES_MIB, 0.0])
 @pytest.mark.parametrize('syn_steps', [2, 5, 9, 10, 17])
 @pytest.mark.parametrize('middle, auto_steps', [((), False), ((1,), False), ((), True), ((1,), True)])
-def test_recompute_vectors_count_what_the_tape_keeps(syn_steps, middle, auto_steps):
+def test_recompute_vectors_count_what_the_tape_keeps(syn_steps, middle, auto_steps, states_mib):
     net, n = student(), 8
     w0 = net.flat_param()
     images = torch.randn(n, CHANNEL, *IM)
     tape = record_steps(net, images, torch.arange(n) % CLASSES, torch.tensor(0.01), w0, syn_steps=syn_steps,
                         batch_syn=n, generator=torch.Generator().manual_seed(0), keep=set(middle), target=w0 + 1,
-                        auto_steps=auto_steps, att_metric='l1')
+                        auto_steps=auto_steps, att_metric='l1', states_bytes=states_mib * 2**20)
     tensors = [t for k, pair in tape.checkpoints.items() if k for t in pair] + list(tape.kept.values())
     storages = {t.untyped_storage().data_ptr() for t in tensors} - {w0.untyped_storage().data_ptr()}
-    rec = recompute_vectors(tiny(syn_steps=syn_steps, middle_steps=middle, auto_steps=auto_steps))
-    every = checkpoint_every(syn_steps)
+    shape = tiny(syn_steps=syn_steps, middle_steps=middle, auto_steps=auto_steps, states_mib=states_mib)
+    rec = recompute_vectors(shape, w0.numel())
+    every = checkpoint_every(syn_steps, state_pair_bytes(w0), states_mib * 2**20)
+    assert tape.every == every == recompute_every(shape, w0.numel())
+    assert (every == 1) == (states_mib > 0)  # the tiny student's states fit the default budget
     read = set(middle) | {syn_steps}
     kept = sum(1 for s in read if s % every) + (auto_steps and syn_steps > 1)  # the plan's count
     assert rec['checkpoints'] == 2 * (syn_steps // every)
@@ -141,10 +166,13 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize('mode', ['bptt', 'recompute'])
+@pytest.mark.parametrize('mode, states_mib', [('bptt', RECOMPUTE_STATES_MIB), ('recompute', RECOMPUTE_STATES_MIB),
+                                              ('recompute', 0.0)])
 @pytest.mark.parametrize('syn_steps, syn_mom, middle, auto_steps', [(4, 0.0, (), False), (9, 0.9, (4,), True)])
-def test_predicted_growth_matches_the_live_tensor_bytes_of_an_iteration(mode, syn_steps, syn_mom, middle, auto_steps):
-    shape = tiny(ipc=4, syn_steps=syn_steps, syn_mom=syn_mom, middle_steps=middle, auto_steps=auto_steps)
+def test_predicted_growth_matches_the_live_tensor_bytes_of_an_iteration(mode, states_mib, syn_steps, syn_mom, middle,
+                                                                       auto_steps):
+    shape = tiny(ipc=4, syn_steps=syn_steps, syn_mom=syn_mom, middle_steps=middle, auto_steps=auto_steps,
+                 states_mib=states_mib)
     net = student()
     w0 = net.flat_param()
     gen = torch.Generator().manual_seed(0)
@@ -155,7 +183,7 @@ def test_predicted_growth_matches_the_live_tensor_bytes_of_an_iteration(mode, sy
                       [(n, w0 + 0.005, 1.0) for n in middle])
     live = LiveTensorBytes()
     with live:
-        match_and_backward(net, images, labels, lr, w0, targets, Unroll(syn_steps=syn_steps, batch_syn=shape.batch, syn_mom=syn_mom, mode=mode, auto_steps=auto_steps), generator=gen)
+        match_and_backward(net, images, labels, lr, w0, targets, Unroll(syn_steps=syn_steps, batch_syn=shape.batch, syn_mom=syn_mom, mode=mode, auto_steps=auto_steps, states_mib=states_mib), generator=gen)
     assert make_plan(shape).growth(mode) == pytest.approx(live.peak, rel=0.10)
 
 

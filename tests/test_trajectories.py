@@ -17,7 +17,7 @@ from networks import ConvNet
 from reparam_module import ReparamModule
 from trajmatch import matching, memplan
 from trajmatch.checkpoint import CursorGroup, GeneratorGroup, student_streams
-from trajmatch.matching import Targets, Unroll, match_and_backward
+from trajmatch.matching import RECOMPUTE_STATES_MIB, Targets, Unroll, match_and_backward
 from trajmatch.memplan import RunShape, make_plan
 from conftest import kill_at_unroll, tiny_buffers
 
@@ -48,14 +48,15 @@ def one_call(student, images, labels, w0, targets, u, generator, loss_weight):
     return loss, info, imgs.grad, alpha.grad
 
 
-@pytest.mark.parametrize('mode', ['bptt', 'recompute'])
+@pytest.mark.parametrize('mode, states_mib', [('bptt', RECOMPUTE_STATES_MIB), ('recompute', RECOMPUTE_STATES_MIB),
+                                              ('recompute', 0.0)])  # recompute: every state kept; checkpoints
 @pytest.mark.parametrize('syn_mom', [0.0, 0.9])
-def test_k_students_step_with_the_mean_of_k_single_trajectory_gradients(mode, syn_mom):
+def test_k_students_step_with_the_mean_of_k_single_trajectory_gradients(mode, states_mib, syn_mom):
     """Three different (w0, targets, ν) pairs, each with its own batch plan and DSA draws (6 images in
     batches of 4: a partial batch every other step), an intermediate term: the K-student call's image and
     syn_lr gradients are the mean of the three single calls' (measured: at most 6.7e-16 relative, float64)."""
     student, images, labels, w0s, finals, mids, nus = tiny_students()
-    u = Unroll(syn_steps=5, batch_syn=4, syn_mom=syn_mom, mode=mode)
+    u = Unroll(syn_steps=5, batch_syn=4, syn_mom=syn_mom, mode=mode, states_mib=states_mib)
     singles = [one_call(student, images, labels, w0, Targets(w0, f, [(2, m, 0.5)]), u,
                         torch.Generator().manual_seed(s), nu)
                for w0, f, m, s, nu in zip(w0s, finals, mids, SEEDS, nus)]

@@ -453,7 +453,10 @@ def bench_trajectories(device: str) -> list[dict]:
 
 VERSUS_CELLS = (('32x32x3', 1), ('32x32x3', 10), ('28x28x1', 1), ('28x28x1', 10))
 IMPLS = {'mtt': 'default', 'bptt': 'tuned', 'recompute': 'tuned', 'bptt_glibc': 'default', 'recompute_glibc': 'default',
-         'mtt_tuned': 'tuned'}
+         'mtt_tuned': 'tuned', 'recompute_sqrt': 'tuned'}
+# recompute's state budget per implementation (--recompute_states_mib); recompute_sqrt: always checkpoints
+# every ceil(sqrt(N)) steps, the schedule before the budget existed
+STATES_MIB = {'recompute_sqrt': 0.0}
 VERSUS_IMPLS = ('mtt', 'bptt', 'recompute')  # run by default; the others: --impls
 VERSUS_STEPS = 20
 VERSUS_ROUNDS, VERSUS_ITERS = 2, 3           # median of 6 timed iterations per implementation and cell
@@ -490,7 +493,7 @@ def mtt_iteration(model: str, shape: tuple, images, labels, syn_lr, start, targe
 
 def versus_child(case: str, ipc: str, impl: str, device: str, iters: str) -> dict:
     """One implementation on one cell in this fresh process (malloc as the parent's environment says)."""
-    from trajmatch.matching import Unroll, match_and_backward
+    from trajmatch.matching import RECOMPUTE_STATES_MIB, Unroll, match_and_backward
     dev = torch.device(device)
     student, images, labels, syn_lr, w0, targets, gen = random_cell(case, int(ipc), dev)
     model, channel, classes, im_size = MEMPLAN_CASES[case]
@@ -503,7 +506,8 @@ def versus_child(case: str, ipc: str, impl: str, device: str, iters: str) -> dic
                           syn_steps=VERSUS_STEPS, batch_syn=images.shape[0], generator=gen)
         else:
             match_and_backward(student, images, labels, syn_lr, w0, targets,
-                               Unroll(syn_steps=VERSUS_STEPS, batch_syn=images.shape[0], mode=kind), generator=gen)
+                               Unroll(syn_steps=VERSUS_STEPS, batch_syn=images.shape[0], mode=kind,
+                                      states_mib=STATES_MIB.get(impl, RECOMPUTE_STATES_MIB)), generator=gen)
 
     return {'case': case, 'ipc': int(ipc), 'impl': impl, **time_step(step, dev, int(iters)), 'device': device,
             'threads': torch.get_num_threads()}
@@ -558,12 +562,13 @@ def rate_child(case: str, ipc: str, device: str) -> dict:
             'first_order_sec': r['sec_per_iter'], 'device': device, 'threads': torch.get_num_threads()}
 
 
-def phases_child(case: str, ipc: str, device: str) -> dict:
+def phases_child(case: str, ipc: str, impl: str, device: str) -> dict:
     """Where recompute's time goes: median seconds of one step of each of its phases (matching.py) on this
     cell, and how many of each an iteration runs: the graph-free forward (record_steps: N free steps),
     the segments' regeneration (free steps again), the per-step re-taping (forward and create_graph
-    backward) and the vector-Jacobian / Hessian-vector product of the backward walk."""
-    from trajmatch.matching import _free_step, checkpoint_every, inner_loss, plan_steps
+    backward) and the vector-Jacobian / Hessian-vector product of the backward walk (the segments at
+    `impl`'s state budget: none to regenerate when every state is kept)."""
+    from trajmatch.matching import RECOMPUTE_STATES_MIB, _free_step, checkpoint_every, inner_loss, plan_steps, state_pair_bytes
     dev = torch.device(device)
     student, images, labels, syn_lr, w0, targets, gen = random_cell(case, int(ipc), dev)
     plan = plan_steps(images, images.shape[0], VERSUS_STEPS, gen, True)
@@ -584,12 +589,14 @@ def phases_child(case: str, ipc: str, device: str) -> dict:
     sec = {name: time_step(fn, dev, 5)['sec_per_iter'] for name, fn in
            (('free_step', free), ('taped_step', taped), ('taped_and_products', taped_and_products))}
     sec['products'] = sec.pop('taped_and_products') - sec['taped_step']
-    n, every = VERSUS_STEPS, checkpoint_every(VERSUS_STEPS)
+    n, every = VERSUS_STEPS, checkpoint_every(VERSUS_STEPS, state_pair_bytes(w0),
+                                                 STATES_MIB.get(impl, RECOMPUTE_STATES_MIB) * 2**20)
     counts = {'record': n, 'regenerate': sum(min(s + every, n) - s - 1 for s in range(0, n, every)), 'retape': n,
               'products': n}
     per_phase = {'record': counts['record'] * sec['free_step'], 'regenerate': counts['regenerate'] * sec['free_step'],
                  'retape': n * sec['taped_step'], 'products': n * sec['products']}
-    return {'case': case, 'ipc': int(ipc), 'step_sec': sec, 'steps': counts, 'phase_sec': per_phase,
+    return {'case': case, 'ipc': int(ipc), 'impl': impl, 'every': every, 'step_sec': sec, 'steps': counts,
+            'phase_sec': per_phase,
             'predicted_sec': sum(per_phase.values()), 'malloc': os.environ.get(OPT_OUT, 'tuned'), 'device': device}
 
 
@@ -630,7 +637,7 @@ def bench_versus(device: str, cells=VERSUS_CELLS, impls=VERSUS_IMPLS) -> list[di
                   f"({first_rate / 1e9:.1f} GFLOP/s, {rate['first_order_flops'] / 1e9:.1f} GFLOP per step)", flush=True)
         for impl in [i for i in cell if i.startswith('recompute')] if ipc >= 10 else []:
             env = {**one_thread, OPT_OUT: 'default'} if IMPLS[impl] == 'default' else one_thread
-            ph = run_child('phases', case, ipc, device, env=env)
+            ph = run_child('phases', case, ipc, impl, device, env=env)
             cell[impl]['phases'] = ph
             print(f"{case} ipc {ipc} {impl} phases (s per iteration, from one step each): " +
                   ', '.join(f"{k} {v:.2f} ({ph['steps'][k]} steps)" for k, v in ph['phase_sec'].items()) +

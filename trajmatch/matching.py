@@ -4,10 +4,11 @@ The student is a ReparamModule: its weights are one flat vector w, so an inner s
 w_n = w_{n-1} - α b_n with b_n = μ b_{n-1} + g_n (μ = 0: plain SGD) and the matching loss reaches
 the images S and α. Two ways to get that gradient, equal up to float rounding:
 - bptt: keep every step's graph (memory grows with syn_steps x batch_syn);
-- recompute: run the steps graph-free, keeping (w_n, b_n) every ceil(sqrt(N)) steps and what replays
-  each step (its batch and augmentation); then walk backwards segment by segment,
-  regenerating a segment's states and rebuilding one step's graph at a time to carry the adjoint
-  (graph memory of one step; O(sqrt(N)) parameter vectors).
+- recompute: run the steps graph-free, keeping every (w_n, b_n) while they fit in --recompute_states_mib
+  (else every ceil(sqrt(N)) steps) and what replays each step (its batch and augmentation); then walk
+  backwards segment by segment, regenerating a segment's states (none when all are kept) and rebuilding
+  one step's graph at a time to carry the adjoint (graph memory of one step; parameter vectors bounded
+  by the budget or O(sqrt(N))).
 Every random choice of an iteration (batches, augmentations) is drawn before the unroll (plan_steps) and
 reaches the device in one copy; recompute replays steps from that plan.
 
@@ -148,9 +149,22 @@ def _free_step(student, w, b, x, y, alpha, aug: Draw, *, syn_mom: float, loss_we
     return (w - alpha * b).detach(), b
 
 
-def checkpoint_every(syn_steps: int) -> int:
-    """Steps between recompute's checkpoints: ceil(sqrt(N)) keeps O(sqrt(N)) parameter vectors."""
+# recompute keeps every step's (w_n, b_n) while they fit in this many MiB (--recompute_states_mib)
+RECOMPUTE_STATES_MIB = 256.0
+
+
+def checkpoint_every(syn_steps: int, pair_bytes: int, budget_bytes: float) -> int:
+    """Steps between recompute's checkpoints. 1 (every state kept, nothing regenerated) while the N
+    (w_n, b_n) pairs of pair_bytes fit in budget_bytes; otherwise ceil(sqrt(N)), which keeps O(sqrt(N))
+    pairs and regenerates the states inside each segment graph-free. Either way memory is bounded in N."""
+    if syn_steps * pair_bytes <= budget_bytes:
+        return 1
     return max(1, math.ceil(math.sqrt(syn_steps)))
+
+
+def state_pair_bytes(w0: torch.Tensor) -> int:
+    """Bytes of one (w_n, b_n) pair of the unroll started at w0 (all K students' rows)."""
+    return 2 * w0.numel() * w0.element_size()
 
 
 @dataclass
@@ -166,12 +180,14 @@ class Tape:
 
 def record_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int, batch_syn: int,
                  generator: torch.Generator, keep: set[int], target: torch.Tensor, auto_steps: bool,
-                 att_metric: str, syn_mom: float = 0.0, use_dsa: bool = True, loss_weight: float = 1.0) -> Tape:
-    """Graph-free forward for --unroll recompute. Checkpoints every ceil(sqrt(N)) steps keep memory at
-    O(sqrt(N)) parameter vectors; ATT's N_opt is tracked on the fly (first minimum, as final_step)."""
+                 att_metric: str, syn_mom: float = 0.0, use_dsa: bool = True, loss_weight: float = 1.0,
+                 states_bytes: float = RECOMPUTE_STATES_MIB * 2**20) -> Tape:
+    """Graph-free forward for --unroll recompute. Keeps every (w_n, b_n) if they fit in states_bytes,
+    else checkpoints every ceil(sqrt(N)) steps (O(sqrt(N)) parameter vectors; checkpoint_every); ATT's
+    N_opt is tracked on the fly (first minimum, as final_step)."""
     device = syn_images.device
     images, alpha = syn_images.detach(), syn_lr.detach()
-    every = checkpoint_every(syn_steps)
+    every = checkpoint_every(syn_steps, state_pair_bytes(w0), states_bytes)
     w, b = w0.detach().to(device), None
     plan = plan_steps(syn_images, batch_syn, syn_steps, generator, use_dsa)
     # an intermediate term can fall on step 0 (N < M): the start itself, a constant the loss still reads
@@ -258,6 +274,7 @@ class Unroll:
     mode: str = 'bptt'          # UNROLLS
     auto_steps: bool = False    # ATT: match at N_opt <= syn_steps
     att_metric: str = 'l1'
+    states_mib: float = RECOMPUTE_STATES_MIB  # recompute: keep every state up to this (checkpoint_every)
 
 
 def match_and_backward(student, syn_images, syn_labels, syn_lr, w0: torch.Tensor, targets: Targets, u: Unroll, *,
@@ -284,7 +301,8 @@ def match_and_backward(student, syn_images, syn_labels, syn_lr, w0: torch.Tensor
                 loss.backward()
         else:
             tape = record_steps(student, syn_images, syn_labels, syn_lr, w0, keep=middle_steps, target=targets.final,
-                                auto_steps=u.auto_steps, att_metric=u.att_metric, **steps)
+                                auto_steps=u.auto_steps, att_metric=u.att_metric, states_bytes=u.states_mib * 2**20,
+                                **steps)
             n_final = tape.n_final
             leaves = {n: tape.kept[n].detach().requires_grad_(True) for n in {n_final} | middle_steps}
             loss, info = loss_terms(leaves, targets, n_final)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from trajmatch.augment import DSA_STRATEGY, Draw, draw, draw_group, parse_strategy
-from trajmatch.matching import checkpoint_every, inner_loss
+from trajmatch.matching import RECOMPUTE_STATES_MIB, checkpoint_every, inner_loss
 
 MiB, GiB = 2**20, 2**30
 GPU_GB = (24, 40, 80)              # the cards of the README table; a "G GB" card is taken as G GiB
@@ -65,6 +65,7 @@ class RunShape:
     num_test: int = 0                  # test images kept on the device for the evaluations
     eval_networks: int = 0             # evaluation networks trained together on the device between iterations
     trajectories: int = 1              # --trajectories K: students unrolled together, one per trajectory
+    states_mib: float = RECOMPUTE_STATES_MIB  # recompute keeps every (w_n, b_n) up to this (checkpoint_every)
 
     @property
     def num_syn(self) -> int:
@@ -209,9 +210,15 @@ def longest_segment(syn_steps: int, every: int) -> int:
     return max(min(every, syn_steps) - 1, syn_steps - last_start - 1)
 
 
-def recompute_vectors(shape: RunShape) -> dict[str, int]:
-    """Parameter-sized vectors recompute holds at its peak (the double backward of one walk step)."""
-    n, every = shape.syn_steps, checkpoint_every(shape.syn_steps)
+def recompute_every(shape: RunShape, num_params: int) -> int:
+    """recompute's checkpoint spacing at this shape (1: every state kept), as record_steps chooses it."""
+    return checkpoint_every(shape.syn_steps, 2 * shape.trajectories * num_params * 4, shape.states_mib * 2**20)
+
+
+def recompute_vectors(shape: RunShape, num_params: int) -> dict[str, int]:
+    """Parameter-sized vectors (per student) recompute holds at its peak (the double backward of one
+    walk step)."""
+    n, every = shape.syn_steps, recompute_every(shape, num_params)
     read = set(shape.middle_steps) | {n}  # the steps the loss reads: kept from the forward
     return {
         'checkpoints': 2 * (n // every),                        # (w_n, b_n) at every `every` steps
@@ -250,8 +257,8 @@ def make_plan(shape: RunShape, step: StepProbe | None = None) -> Plan:
     step = step or probe(shape)
     n, vec, k = shape.syn_steps, step.num_params * 4, shape.trajectories
     syn = shape.num_syn * shape.image_bytes
-    rec = recompute_vectors(shape)
-    every = checkpoint_every(n)
+    rec = recompute_vectors(shape, step.num_params)
+    every = recompute_every(shape, step.num_params)
     points = 3 + len(shape.middle_steps) + shape.weight_perturb  # θ*_t, θ*_{t+M}, w_0, θ*_{t+i}, perturbed start
     loss_terms = 1 + len(shape.middle_steps)
     batches = n * shape.batch * 8
@@ -270,8 +277,10 @@ def make_plan(shape: RunShape, step: StepProbe | None = None) -> Plan:
         both(f'test set on the device ({shape.num_test:,} images)', shape.num_test * (shape.image_bytes + 8), True),
         Part(f'saved by autograd{per}: bptt {n} steps, recompute 1', n * step.saved_bptt, step.saved_recompute,
              False),  # the probe's step is all K students'
-        Part(f'student states{per}: bptt w_1..w_{n}; recompute {rec["checkpoints"] // 2} checkpoint (every {every}) + '
-             f'{rec["segment"] // 2} segment (w, b) pairs', k * n * vec,
+        Part(f'student states{per}: bptt w_1..w_{n}; recompute ' +
+             (f'every (w, b) pair ({n}, within {shape.states_mib:g} MiB)' if every == 1 else
+              f'{rec["checkpoints"] // 2} checkpoint (every {every}) + {rec["segment"] // 2} segment (w, b) pairs'),
+             k * n * vec,
              k * (rec['checkpoints'] + rec['segment']) * vec, False),
         Part(f'adjoints, loss-term gradients, kept states{per}',
              k * (2 + loss_terms) * vec, k * rec['walk'] * vec, False),
