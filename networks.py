@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trajmatch.layers import AvgPool2, InstanceNorm, ReLU
+
 ImSize = tuple[int, int]
 
 # --------------------------------------------------------------------------
@@ -55,7 +57,8 @@ def make_norm(norm: str, channels: int) -> nn.Module:
     if norm == "instancenorm":
         # GroupNorm with one channel per group == instance norm with affine
         # parameters, and (unlike BatchNorm) no running statistics.
-        return nn.GroupNorm(channels, channels, affine=True)
+        # (trajmatch/layers.py: same layer, a cheaper second derivative for the unroll)
+        return InstanceNorm(channels)
     if norm == "batchnorm":
         return nn.BatchNorm2d(channels)
     if norm == "layernorm":
@@ -124,9 +127,9 @@ class ConvNet(nn.Module):
         for d in range(depth):
             layers += [nn.Conv2d(in_ch, width, kernel_size=3, padding=first_padding if d == 0 else 1),
                        make_norm(norm, width),
-                       nn.ReLU()]
+                       ReLU()]
             if pooling == "avgpooling":
-                layers.append(nn.AvgPool2d(kernel_size=2, stride=2))
+                layers.append(AvgPool2())
             elif pooling == "maxpooling":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             in_ch = width

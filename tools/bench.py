@@ -472,7 +472,8 @@ def mtt_iteration(model: str, shape: tuple, images, labels, syn_lr, start, targe
     from networks import get_network
     from reparam_module import ReparamModule
     from trajmatch.augment import dsa
-    student = ReparamModule(get_network(model, *shape).to(images.device))
+    from trajmatch.layers import stock_layers
+    student = ReparamModule(stock_layers(get_network(model, *shape)).to(images.device))
     params = [start.clone().requires_grad_(True)]
     chunks = []
     for _ in range(syn_steps):
