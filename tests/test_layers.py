@@ -50,9 +50,9 @@ def _second_order(module, x, seed=3):
     x = x.clone().requires_grad_(True)
     params = list(module.parameters())
     y = module(x)
-    gy = torch.randn(y.shape, generator=_gen(seed), dtype=F64).requires_grad_(True)
+    gy = torch.randn(y.shape, generator=_gen(seed), dtype=F64).to(x.device).requires_grad_(True)
     grads = torch.autograd.grad(y, [x, *params], gy, create_graph=True)
-    vs = [torch.randn(g.shape, generator=_gen(seed + 1 + i), dtype=F64) for i, g in enumerate(grads)]
+    vs = [torch.randn(g.shape, generator=_gen(seed + 1 + i), dtype=F64).to(x.device) for i, g in enumerate(grads)]
     second = torch.autograd.grad(grads, [x, gy, *params], vs, allow_unused=True, materialize_grads=True)
     return [y, *grads, *second]
 
@@ -63,7 +63,8 @@ def _second_order(module, x, seed=3):
     (AvgPool2, lambda: nn.AvgPool2d(kernel_size=2, stride=2)),
 ])
 @pytest.mark.parametrize('hw', [(8, 8), (7, 5)])
-def test_layers_equal_the_stock_layers_to_second_order(fast, stock, hw):
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_layers_equal_the_stock_layers_to_second_order(fast, stock, hw, layout, device='cpu'):
     torch.manual_seed(0)
     a = fast().double()
     if isinstance(a, InstanceNorm):  # non-trivial affine parameters
@@ -72,12 +73,23 @@ def test_layers_equal_the_stock_layers_to_second_order(fast, stock, hw):
             a.bias.normal_(generator=_gen(6))
     b = stock().double()
     b.load_state_dict(a.state_dict())
-    x = torch.randn(3, 4, *hw, generator=_gen(), dtype=F64)
+    a, b = a.to(device), b.to(device)
+    x = torch.randn(3, 4, *hw, generator=_gen(), dtype=F64).to(device).contiguous(memory_format=layout)
     got, want = _second_order(a, x), _second_order(b, x)
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g.shape == w.shape
         assert torch.allclose(g, w, rtol=1e-12, atol=1e-13), (g - w).abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize('fast, stock', [
+    (lambda: InstanceNorm(4), lambda: nn.GroupNorm(4, 4, affine=True)),
+    (ReLU, nn.ReLU),
+    (AvgPool2, lambda: nn.AvgPool2d(kernel_size=2, stride=2)),
+])
+def test_layers_equal_the_stock_layers_on_cuda(fast, stock):
+    test_layers_equal_the_stock_layers_to_second_order(fast, stock, (8, 8), torch.contiguous_format, device='cuda')
 
 
 def test_forward_is_the_stock_kernel_in_float32():

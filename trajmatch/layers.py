@@ -54,8 +54,14 @@ def fused_path(x: torch.Tensor) -> bool:
 
 # ---------------------------------------------------------------- instance norm (GroupNorm, C groups)
 
-def _channel_sums(t: torch.Tensor) -> torch.Tensor:
-    return t.sum((2, 3), keepdim=True)
+def _sums_with_xhat(t: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor):
+    """Per (sample, channel): Σ t x̂ and Σ t over the pixels, x̂ = (x - mean) rstd, in one fused pass:
+    native_group_norm_backward's γ and β gradients of the map seen as one sample of N·C channels."""
+    n, c, h, w = x.shape
+    _, s_tx, s_t = aten.native_group_norm_backward(t.reshape(1, n * c, h, w), x.reshape(1, n * c, h, w),
+                                                   mean.reshape(1, n * c), rstd.reshape(1, n * c), None,
+                                                   1, n * c, h * w, n * c, [False, True, True])
+    return s_tx.view(n, c, 1, 1), s_t.view(n, c, 1, 1)
 
 
 class _InstanceNorm(Function):
@@ -99,24 +105,24 @@ class _InstanceNormBackward(Function):
     @second_order_only
     def backward(ctx, ggx, ggw, ggb):
         gy, x, weight, mean, rstd = ctx.saved_tensors
-        n, c = x.shape[:2]
-        hw = x.shape[2] * x.shape[3]
-        r = rstd.view(n, c, 1, 1)
+        n, c, h, w = x.shape
+        hw = h * w
+        mu, r = mean.view(n, c, 1, 1), rstd.view(n, c, 1, 1)
         gr = weight.view(1, c, 1, 1) * r
         ggw, ggb = ggw.view(1, c, 1, 1), ggb.view(1, c, 1, 1)
-        xc = x - mean.view(n, c, 1, 1)                         # x̂ / r: centred once, no cancellation later
-        a = _channel_sums(gy) / hw
-        m = _channel_sums(ggx) / hw
-        b = r * _channel_sums(gy * xc) / hw                    # mean(gy x̂)
-        cc = r * _channel_sums(ggx * xc) / hw                  # mean(ggx x̂)
-        s = _channel_sums(ggx * gy) / hw - a * m - b * cc      # mean(ggx (gy - a - x̂ b))
-        beta_gy, beta_ggx = ggw - gr * cc, -gr * b             # G = beta_gy gy + beta_ggx ggx
+        # the five per-(sample, channel) means, in three fused passes (no temporaries of the map's size)
+        b, a = (t / hw for t in _sums_with_xhat(gy, x, mean, rstd))           # mean(gy x̂), mean(gy)
+        cc, m = (t / hw for t in _sums_with_xhat(ggx, x, mean, rstd))         # mean(ggx x̂), mean(ggx)
+        e = _sums_with_xhat(ggx, gy, torch.zeros_like(mean), torch.ones_like(rstd))[0] / hw  # mean(ggx gy)
+        s = e - a * m - b * cc                                                # mean(ggx (gy - a - x̂ b))
+        beta_gy, beta_ggx = ggw - gr * cc, -gr * b                            # G = beta_gy gy + beta_ggx ggx
         mean_g = beta_gy * a + beta_ggx * m
-        mean_gx = beta_gy * b + beta_ggx * cc                  # mean(G x̂)
-        # d gy = gr ggx + (ggw - gr cc) r xc + (ggb - gr m)
-        d_gy = torch.addcmul(ggb - gr * m, xc, beta_gy * r).addcmul_(ggx, gr.expand_as(r))
-        # d x = r beta_gy gy + r beta_ggx ggx - r mean_g - r² (mean_gx + gr s) xc
-        d_x = torch.addcmul(-r * mean_g, xc, -r * r * (mean_gx + gr * s))
+        k = r * (beta_gy * b + beta_ggx * cc + gr * s)                        # r (mean(G x̂) + γ r s)
+        # x̂ = r x - r μ: each output is one broadcast multiply-add on x, then one per other map
+        # d gy = gr ggx + beta_gy x̂ + (ggb - gr m)
+        d_gy = torch.addcmul(ggb - gr * m - beta_gy * r * mu, x, beta_gy * r).addcmul_(ggx, gr.expand_as(r))
+        # d x = r (G - mean_g) - k x̂
+        d_x = torch.addcmul(k * r * mu - r * mean_g, x, -k * r)
         d_x.addcmul_(gy, r * beta_gy).addcmul_(ggx, r * beta_ggx)
         d_w = (s * r).sum(0).view(c) * hw
         return d_gy, d_x, d_w, None, None
