@@ -67,8 +67,10 @@ QUICKSTART_FLOOR = {False: 0.85, True: 0.2}  # final-set accuracy (full: README 
 MEMPLAN_CELLS = {False: [('32x32x3', ipc, u, 20) for ipc in (1, 10) for u in ('bptt', 'recompute')],
                  True: [('Digits', 1, u, s) for u in ('bptt', 'recompute') for s in (10, 20)]}
 # bench cells at CIFAR shape: (ipc, unroll, syn_steps)
-BENCH_CELLS = {False: [(ipc, u, 20) for ipc in (1, 10) for u in ('bptt', 'recompute')],
-               True: [(1, u, 5) for u in ('bptt', 'recompute')]}
+# 'bptt_stock': bptt with PyTorch's own norm/ReLU/pooling (trajmatch.layers.stock_layers), whether our layers'
+# hand-written second derivative also pays on the device (measured on a CPU only: docs/benchmarks.md)
+BENCH_CELLS = {False: [(ipc, u, 20) for ipc in (1, 10) for u in ('bptt', 'recompute', 'bptt_stock')],
+               True: [(1, u, 5) for u in ('bptt', 'recompute', 'bptt_stock')]}
 CIFAR_CASE = '32x32x3'
 
 # bounds of the comparisons (relative differences, norm-wise: |a - b| / |b|)
@@ -556,13 +558,18 @@ def check_memplan(ctx: Ctx) -> dict:
 def bench_cell(unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
     """One benchmark cell at CIFAR shape, in this (fresh) process: ConvNet (width 128) on random 32x32x3
     images, 10 classes, batch_syn = the whole set; seconds per iteration (median of tools.bench.TIMED_ITERS
-    after a warm-up) and the peak memory growth, as tools.bench.distill_child measures them."""
+    after a warm-up) and the peak memory growth, as tools.bench.distill_child measures them. unroll
+    'bptt_stock': bptt through PyTorch's stock layers instead of trajmatch/layers.py's."""
     from tools.bench import MEMPLAN_CASES, random_cell, time_step
+    from reparam_module import ReparamModule
+    from trajmatch.layers import stock_layers
     from trajmatch.matching import Unroll, match_and_backward
     model, channel, classes, im_size = MEMPLAN_CASES[CIFAR_CASE]
     dev = torch.device(device)
     student, images, labels, syn_lr, w0, targets, gen = random_cell(CIFAR_CASE, ipc, dev)
-    u = Unroll(syn_steps=syn_steps, batch_syn=images.shape[0], mode=unroll)
+    if unroll.endswith('_stock'):
+        student = ReparamModule(stock_layers(student.module))  # a new student: its slots are the new layers'
+    u = Unroll(syn_steps=syn_steps, batch_syn=images.shape[0], mode=unroll.split('_')[0])
 
     def step():
         images.grad = syn_lr.grad = None

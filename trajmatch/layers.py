@@ -243,7 +243,8 @@ class AvgPool2(nn.AvgPool2d):
 
 def stock_layers(net: nn.Module) -> nn.Module:
     """net with every layer above replaced, in place, by the stock PyTorch layer it stands for (sharing
-    its parameters): the network as MTT's code builds it, for the benchmark's baseline and the tests."""
+    its parameters): the network as MTT's code builds it, for the benchmark's baseline and the tests.
+    Swap before wrapping the network in a ReparamModule, which binds its parameter slots once."""
     for name, child in list(net.named_children()):
         if isinstance(child, InstanceNorm):
             stock = nn.GroupNorm(child.num_groups, child.num_channels, eps=child.eps, affine=True)
