@@ -50,9 +50,9 @@ def test_versus_runs_end_to_end(monkeypatch):
     system time and faults, and the FLOP-rate child's figures."""
     monkeypatch.setattr(bench, 'VERSUS_ROUNDS', 1)
     monkeypatch.setattr(bench, 'VERSUS_ITERS', 1)
-    rows = bench.bench_versus('cpu', cells=[('Digits', 10)], impls=('mtt', 'bptt', 'recompute', 'recompute_sqrt'))
+    rows = bench.bench_versus('cpu', cells=[('Digits', 10)], impls=('mtt', 'bptt', 'recompute', 'recompute_sqrt', 'bptt_stock'))
     by = {r['impl']: r for r in rows}
-    assert set(by) == {'mtt', 'bptt', 'recompute', 'recompute_sqrt'}
+    assert set(by) == {'mtt', 'bptt', 'recompute', 'recompute_sqrt', 'bptt_stock'}
     assert by['mtt']['malloc'] == 'default' and by['bptt']['malloc'] == 'tuned'
     for r in rows:
         assert r['sec_per_iter'] > 0 and len(r['times']) == 1 and r['minor_faults_per_iter'] >= 0

@@ -140,9 +140,11 @@ MEMPLAN_CASES = {'Digits': ('ConvNetD2', 1, 10, (8, 8)), '32x32x3': ('ConvNet', 
 MEMPLAN_RAM_SHARE = 0.4  # run a cell only if its predicted growth is below this share of the free RAM
 
 
-def random_cell(case: str, ipc: int, dev: torch.device):
+def random_cell(case: str, ipc: int, dev: torch.device, stock: bool = False):
     """A MEMPLAN_CASES cell on random images (time and memory do not depend on the values): the student,
-    images, labels, syn_lr, w0, targets and the generator, seeded 0."""
+    images, labels, syn_lr, w0, targets and the generator, seeded 0. stock: the student's norm, ReLU and
+    pooling are PyTorch's own (trajmatch.layers.stock_layers), not trajmatch/layers.py's."""
+    from trajmatch.layers import stock_layers
     from trajmatch.matching import Targets
     from networks import get_network
     from reparam_module import ReparamModule
@@ -152,7 +154,8 @@ def random_cell(case: str, ipc: int, dev: torch.device):
     images = torch.randn(classes * ipc, channel, *im_size, generator=gen).to(dev).requires_grad_(True)
     labels = torch.arange(classes).repeat_interleave(ipc).to(dev)
     syn_lr = torch.tensor(0.01, device=dev, requires_grad=True)
-    student = ReparamModule(get_network(model, channel, classes, im_size).to(dev))
+    net = get_network(model, channel, classes, im_size)
+    student = ReparamModule((stock_layers(net) if stock else net).to(dev))
     w0 = student.flat_param()
     targets = Targets(w0, w0 + 0.01 * torch.randn(w0.shape, generator=gen).to(dev))
     return student, images, labels, syn_lr, w0, targets, gen
@@ -453,9 +456,10 @@ def bench_trajectories(device: str) -> list[dict]:
 
 VERSUS_CELLS = (('32x32x3', 1), ('32x32x3', 10), ('28x28x1', 1), ('28x28x1', 10))
 IMPLS = {'mtt': 'default', 'bptt': 'tuned', 'recompute': 'tuned', 'bptt_glibc': 'default', 'recompute_glibc': 'default',
-         'mtt_tuned': 'tuned', 'recompute_sqrt': 'tuned'}
+         'mtt_tuned': 'tuned', 'recompute_sqrt': 'tuned', 'bptt_stock': 'tuned', 'recompute_stock': 'tuned'}
 # recompute's state budget per implementation (--recompute_states_mib); recompute_sqrt: always checkpoints
-# every ceil(sqrt(N)) steps, the schedule before the budget existed
+# every ceil(sqrt(N)) steps, the schedule before the budget existed. *_stock: ours through PyTorch's stock
+# norm/ReLU/pooling (trajmatch.layers.stock_layers), the layers' share
 STATES_MIB = {'recompute_sqrt': 0.0}
 VERSUS_IMPLS = ('mtt', 'bptt', 'recompute')  # run by default; the others: --impls
 VERSUS_STEPS = 20
@@ -496,7 +500,7 @@ def versus_child(case: str, ipc: str, impl: str, device: str, iters: str) -> dic
     """One implementation on one cell in this fresh process (malloc as the parent's environment says)."""
     from trajmatch.matching import RECOMPUTE_STATES_MIB, Unroll, match_and_backward
     dev = torch.device(device)
-    student, images, labels, syn_lr, w0, targets, gen = random_cell(case, int(ipc), dev)
+    student, images, labels, syn_lr, w0, targets, gen = random_cell(case, int(ipc), dev, stock=impl.endswith('_stock'))
     model, channel, classes, im_size = MEMPLAN_CASES[case]
     kind = impl.split('_')[0]
 
@@ -571,7 +575,7 @@ def phases_child(case: str, ipc: str, impl: str, device: str) -> dict:
     `impl`'s state budget: none to regenerate when every state is kept)."""
     from trajmatch.matching import RECOMPUTE_STATES_MIB, _free_step, checkpoint_every, inner_loss, plan_steps, state_pair_bytes
     dev = torch.device(device)
-    student, images, labels, syn_lr, w0, targets, gen = random_cell(case, int(ipc), dev)
+    student, images, labels, syn_lr, w0, targets, gen = random_cell(case, int(ipc), dev, stock=impl.endswith('_stock'))
     plan = plan_steps(images, images.shape[0], VERSUS_STEPS, gen, True)
     idx, aug = plan.batches[0], plan.augs[0]
     x, y = images.detach()[idx], labels[idx]

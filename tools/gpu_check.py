@@ -561,14 +561,10 @@ def bench_cell(unroll: str, syn_steps: int, ipc: int, device: str) -> dict:
     after a warm-up) and the peak memory growth, as tools.bench.distill_child measures them. unroll
     'bptt_stock': bptt through PyTorch's stock layers instead of trajmatch/layers.py's."""
     from tools.bench import MEMPLAN_CASES, random_cell, time_step
-    from reparam_module import ReparamModule
-    from trajmatch.layers import stock_layers
     from trajmatch.matching import Unroll, match_and_backward
     model, channel, classes, im_size = MEMPLAN_CASES[CIFAR_CASE]
     dev = torch.device(device)
-    student, images, labels, syn_lr, w0, targets, gen = random_cell(CIFAR_CASE, ipc, dev)
-    if unroll.endswith('_stock'):
-        student = ReparamModule(stock_layers(student.module))  # a new student: its slots are the new layers'
+    student, images, labels, syn_lr, w0, targets, gen = random_cell(CIFAR_CASE, ipc, dev, stock=unroll.endswith('_stock'))
     u = Unroll(syn_steps=syn_steps, batch_syn=images.shape[0], mode=unroll.split('_')[0])
 
     def step():
