@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trajmatch.layers import AvgPool2, InstanceNorm, ReLU
+from trajmatch.layers import AvgPool2, Conv2d, InstanceNorm, ReLU
 
 ImSize = tuple[int, int]
 
@@ -125,7 +125,7 @@ class ConvNet(nn.Module):
         layers: list[nn.Module] = []
         in_ch = channel
         for d in range(depth):
-            layers += [nn.Conv2d(in_ch, width, kernel_size=3, padding=first_padding if d == 0 else 1),
+            layers += [Conv2d(in_ch, width, kernel_size=3, padding=first_padding if d == 0 else 1),
                        make_norm(norm, width),
                        ReLU()]
             if pooling == "avgpooling":

@@ -11,8 +11,9 @@ from torch.func import vmap
 
 from networks import get_network
 from reparam_module import ReparamModule
-from trajmatch.layers import (AvgPool2, InstanceNorm, ReLU, ThirdDerivativeError, _AvgPool2, _InstanceNorm, _ReLU,
-                              fused_path, pool2, stock_layers, unpool2)
+import trajmatch.layers as layers
+from trajmatch.layers import (AvgPool2, Conv2d, InstanceNorm, ReLU, ThirdDerivativeError, _AvgPool2, _Conv,
+                              _InstanceNorm, _ReLU, fused_path, pool2, stock_layers, unpool2)
 from trajmatch.matching import Targets, Unroll, match_and_backward
 
 F64 = torch.float64
@@ -45,6 +46,39 @@ def test_relu_and_pool_first_and_second_derivatives_match_finite_differences(sha
         assert torch.autograd.gradgradcheck(fn, (x,))
 
 
+@pytest.mark.parametrize('stride, padding, groups, bias', [(1, 1, 1, True), (2, 0, 2, False), (1, 3, 1, True)])
+def test_conv_first_and_second_derivatives_match_finite_differences(stride, padding, groups, bias):
+    x = torch.randn(2, 4, 7, 5, generator=_gen(), dtype=F64).requires_grad_(True)
+    w = torch.randn(6, 4 // groups, 3, 3, generator=_gen(1), dtype=F64).requires_grad_(True)
+    b = torch.randn(6, generator=_gen(2), dtype=F64).requires_grad_(True) if bias else None
+    conf = ((stride, stride), (padding, padding), (1, 1), groups)
+
+    def conv(x, w, b):
+        return _Conv.apply(x, w, b, conf)
+
+    assert torch.autograd.gradcheck(conv, (x, w, b))
+    assert torch.autograd.gradgradcheck(conv, (x, w, b))
+
+
+def test_conv_computes_only_the_gradients_the_pass_needs(monkeypatch):
+    """As the stock convolution: the inner step's autograd.grad(loss, w) does not compute the gradient of
+    the first layer's input (the images), the outer backward does; each part of the second derivative
+    only where asked."""
+    masks = []
+    real = layers._conv_backward
+    monkeypatch.setattr(layers, '_conv_backward', lambda *a: masks.append(a[-1]) or real(*a))
+    conv = Conv2d(3, 4, 3, padding=1).double()
+    images = torch.randn(2, 3, 6, 6, generator=_gen(), dtype=F64).requires_grad_(True)
+    x = images * 1.0  # an augmented copy, as in the unroll
+    g = torch.autograd.grad(conv(x).square().sum(), list(conv.parameters()), create_graph=True)
+    assert masks == [(False, True, True)]
+    masks.clear()
+    torch.autograd.grad(sum(t.sum() for t in g), images)
+    # the outer pass: d x from the second derivative (mask of the data part), none of the weight part
+    # (the input's gradient was not computed in the inner step), and the forward conv's own backward
+    assert (True, False, False) in masks and (False, True, False) not in masks
+
+
 def _second_order(module, x, seed=3):
     """Values, gradients and the derivative of <gradient, v> in every input: the products the unroll uses."""
     x = x.clone().requires_grad_(True)
@@ -57,11 +91,16 @@ def _second_order(module, x, seed=3):
     return [y, *grads, *second]
 
 
-@pytest.mark.parametrize('fast, stock', [
+LAYERS = [
     (lambda: InstanceNorm(4), lambda: nn.GroupNorm(4, 4, affine=True)),
     (ReLU, nn.ReLU),
     (AvgPool2, lambda: nn.AvgPool2d(kernel_size=2, stride=2)),
-])
+    (lambda: Conv2d(4, 5, 3, padding=1), lambda: nn.Conv2d(4, 5, 3, padding=1)),
+    (lambda: Conv2d(4, 6, 3, stride=2, groups=2, bias=False), lambda: nn.Conv2d(4, 6, 3, stride=2, groups=2, bias=False)),
+]
+
+
+@pytest.mark.parametrize('fast, stock', LAYERS)
 @pytest.mark.parametrize('hw', [(8, 8), (7, 5)])
 @pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
 def test_layers_equal_the_stock_layers_to_second_order(fast, stock, hw, layout, device='cpu'):
@@ -83,11 +122,7 @@ def test_layers_equal_the_stock_layers_to_second_order(fast, stock, hw, layout, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize('fast, stock', [
-    (lambda: InstanceNorm(4), lambda: nn.GroupNorm(4, 4, affine=True)),
-    (ReLU, nn.ReLU),
-    (AvgPool2, lambda: nn.AvgPool2d(kernel_size=2, stride=2)),
-])
+@pytest.mark.parametrize('fast, stock', LAYERS)
 def test_layers_equal_the_stock_layers_on_cuda(fast, stock):
     test_layers_equal_the_stock_layers_to_second_order(fast, stock, (8, 8), torch.contiguous_format, device='cuda')
 
@@ -165,12 +200,12 @@ def test_stock_layers_gives_the_stock_network_with_the_same_parameters():
     torch.manual_seed(0)
     net = get_network('ConvNet', 3, 10, (32, 32))
     kinds = {type(m) for m in net.modules()}
-    assert {InstanceNorm, ReLU, AvgPool2} <= kinds
+    assert {InstanceNorm, ReLU, AvgPool2, Conv2d} <= kinds
     keys = list(net.state_dict())
     weight = net.features[1].weight
     stock = stock_layers(copy.deepcopy(net))
     kinds = {type(m) for m in stock.modules()}
-    assert not kinds & {InstanceNorm, ReLU, AvgPool2} and {nn.GroupNorm, nn.ReLU, nn.AvgPool2d} <= kinds
+    assert not kinds & {InstanceNorm, ReLU, AvgPool2, Conv2d} and {nn.GroupNorm, nn.ReLU, nn.AvgPool2d, nn.Conv2d} <= kinds
     assert list(stock.state_dict()) == keys
     assert stock_layers(net).features[1].weight is weight  # in place, parameters shared
 

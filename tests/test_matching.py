@@ -100,6 +100,23 @@ def grads_of(mode, *, syn_mom=0.0, auto_steps=False, middle=True, loss_weight=1.
     return loss, info, imgs.grad, alpha.grad
 
 
+@pytest.mark.parametrize('states_mib', [RECOMPUTE_STATES_MIB, 0.0])
+@pytest.mark.parametrize('auto_steps', [False, True])
+def test_recompute_tapes_the_last_step_once(monkeypatch, states_mib, auto_steps):
+    """record_steps tapes step N and the walk starts from that graph: N forward passes, then N - 1 re-tapes
+    (plus the segments' regeneration when checkpointing). ATT knows N_opt only after step N: it re-tapes."""
+    import trajmatch.matching as matching
+    calls = []
+    real = matching.inner_loss
+    monkeypatch.setattr(matching, 'inner_loss', lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, info, _, _ = grads_of('recompute', auto_steps=auto_steps, states_mib=states_mib, middle=False)
+    n, top = 5, info['n_final']  # the walk starts at N_opt (ATT) or N
+    every = 1 if states_mib else 3  # ceil(sqrt(5))
+    regenerate = sum(min(s + every, top) - s - 1 for s in range(0, top, every))
+    retape = top if auto_steps else n - 1
+    assert len(calls) == n + retape + regenerate
+
+
 # recompute's two schedules: every state kept (the default budget, these tiny problems fit) and
 # checkpoints every ceil(sqrt(N)) steps with the segments regenerated (budget 0)
 SCHEDULES = [RECOMPUTE_STATES_MIB, 0.0]

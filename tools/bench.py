@@ -569,9 +569,9 @@ def rate_child(case: str, ipc: str, device: str) -> dict:
 
 def phases_child(case: str, ipc: str, impl: str, device: str) -> dict:
     """Where recompute's time goes: median seconds of one step of each of its phases (matching.py) on this
-    cell, and how many of each an iteration runs: the graph-free forward (record_steps: N free steps),
-    the segments' regeneration (free steps again), the per-step re-taping (forward and create_graph
-    backward) and the vector-Jacobian / Hessian-vector product of the backward walk (the segments at
+    cell, and how many of each an iteration runs: the forward (record_steps: N - 1 free steps and step N
+    taped), the segments' regeneration (free steps again), the per-step re-taping (forward and create_graph
+    backward, N - 1 steps) and the vector-Jacobian / Hessian-vector product of the backward walk (the segments at
     `impl`'s state budget: none to regenerate when every state is kept)."""
     from trajmatch.matching import RECOMPUTE_STATES_MIB, _free_step, checkpoint_every, inner_loss, plan_steps, state_pair_bytes
     dev = torch.device(device)
@@ -596,10 +596,12 @@ def phases_child(case: str, ipc: str, impl: str, device: str) -> dict:
     sec['products'] = sec.pop('taped_and_products') - sec['taped_step']
     n, every = VERSUS_STEPS, checkpoint_every(VERSUS_STEPS, state_pair_bytes(w0),
                                                  STATES_MIB.get(impl, RECOMPUTE_STATES_MIB) * 2**20)
-    counts = {'record': n, 'regenerate': sum(min(s + every, n) - s - 1 for s in range(0, n, every)), 'retape': n,
+    # record runs N - 1 steps graph-free and tapes step N, which the walk then does not re-tape (Tape.last)
+    counts = {'record': n, 'regenerate': sum(min(s + every, n) - s - 1 for s in range(0, n, every)), 'retape': n - 1,
               'products': n}
-    per_phase = {'record': counts['record'] * sec['free_step'], 'regenerate': counts['regenerate'] * sec['free_step'],
-                 'retape': n * sec['taped_step'], 'products': n * sec['products']}
+    per_phase = {'record': (n - 1) * sec['free_step'] + sec['taped_step'],
+                 'regenerate': counts['regenerate'] * sec['free_step'],
+                 'retape': counts['retape'] * sec['taped_step'], 'products': n * sec['products']}
     return {'case': case, 'ipc': int(ipc), 'impl': impl, 'every': every, 'step_sec': sec, 'steps': counts,
             'phase_sec': per_phase,
             'predicted_sec': sum(per_phase.values()), 'malloc': os.environ.get(OPT_OUT, 'tuned'), 'device': device}

@@ -239,6 +239,93 @@ class AvgPool2(nn.AvgPool2d):
         return super().forward(x)
 
 
+# ---------------------------------------------------------------- convolution
+#
+# PyTorch's convolution double backward (_convolution_double_backward) builds the input's part from a
+# transposed convolution, which on a CPU runs about 1.4x slower than the backward-data kernel that computes
+# the same map (docs/benchmarks.md). Here each part is one forward or backward kernel of the convolution.
+
+def engine_needs(ctx, i: int) -> bool:
+    """Whether the running backward pass needs the gradient of input i of the Function behind ctx (the
+    stock C++ nodes skip outputs the engine will not use, e.g. the images' gradient inside an inner
+    step's autograd.grad(loss, w)). Where the engine cannot tell (a leaf asked for by autograd.grad),
+    yes."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i][0]
+    if node is None:
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (RuntimeError, AttributeError):
+        return True
+
+
+class _Conv(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, conf):
+        stride, padding, dilation, groups = conf
+        ctx.conf, ctx.has_bias = conf, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        mask = (engine_needs(ctx, 0), engine_needs(ctx, 1), ctx.has_bias and engine_needs(ctx, 2))
+        gx, gw, gb = _ConvBackward.apply(gy, x, weight, ctx.conf, mask)
+        return gx, gw, gb, None
+
+
+def _conv_backward(gy, x, weight, conf, mask):
+    stride, padding, dilation, groups = conf
+    return aten.convolution_backward(gy, x, weight, [weight.shape[0]] if mask[2] else None, stride, padding,
+                                     dilation, False, [0, 0], groups, list(mask))
+
+
+class _ConvBackward(Function):
+    """(gx, gW, gb) = convolution_backward(gy), each only where asked. Its backward, for adjoints
+    (ḡx, ḡW, ḡb): d gy = conv(x, ḡW) + ḡb + conv(ḡx, W), d x = backward-data of conv(., ḡW) at gy,
+    d W = backward-weight of conv(ḡx, .) at gy (every part linear: one kernel each)."""
+
+    @staticmethod
+    def forward(ctx, gy, x, weight, conf, mask):
+        ctx.set_materialize_grads(False)
+        ctx.conf = conf
+        ctx.save_for_backward(gy, x, weight)
+        return _conv_backward(gy, x, weight, conf, mask)
+
+    @staticmethod
+    @second_order_only
+    def backward(ctx, ggx, ggw, ggb):
+        gy, x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = conf = ctx.conf
+        d_gy = d_x = d_w = None
+        if engine_needs(ctx, 0):
+            if ggw is not None:
+                d_gy = F.conv2d(x, ggw, ggb, stride, padding, dilation, groups)
+            elif ggb is not None:
+                d_gy = ggb.view(1, -1, 1, 1).expand_as(gy)
+            if ggx is not None:
+                t = F.conv2d(ggx, weight, None, stride, padding, dilation, groups)
+                d_gy = t if d_gy is None else t.add_(d_gy)
+        if ggw is not None and engine_needs(ctx, 1):
+            d_x = _conv_backward(gy, x, ggw, conf, (True, False, False))[0]
+        if ggx is not None and engine_needs(ctx, 2):
+            d_w = _conv_backward(gy, ggx, weight, conf, (False, True, False))[1]
+        return d_gy, d_x, d_w, None, None
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (zero padding given as numbers)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_path(x) and self.padding_mode == 'zeros' and not isinstance(self.padding, str) \
+                and self.weight.dtype == x.dtype:
+            return _Conv.apply(x, self.weight, self.bias, (self.stride, self.padding, self.dilation, self.groups))
+        return super().forward(x)
+
+
 # ---------------------------------------------------------------- the stock layers back
 
 def stock_layers(net: nn.Module) -> nn.Module:
@@ -253,6 +340,10 @@ def stock_layers(net: nn.Module) -> nn.Module:
             stock = nn.ReLU(inplace=child.inplace)
         elif isinstance(child, AvgPool2):
             stock = nn.AvgPool2d(kernel_size=2, stride=2)
+        elif isinstance(child, Conv2d):
+            stock = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                              child.dilation, child.groups, child.bias is not None, child.padding_mode)
+            stock.weight, stock.bias = child.weight, child.bias
         else:
             stock_layers(child)
             continue

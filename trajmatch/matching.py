@@ -167,15 +167,25 @@ def state_pair_bytes(w0: torch.Tensor) -> int:
     return 2 * w0.numel() * w0.element_size()
 
 
+def _taped_step(student, w_prev, images, idx, y, aug: Draw, *, loss_weight: float):
+    """Step n's inner gradient g_n with its graph, at the leaf w_prev and the images leaf: what the backward
+    walk differentiates (H_n v and dS from one vector-Jacobian product)."""
+    loss = inner_loss(student, w_prev, images[idx], y, aug=aug, loss_weight=loss_weight)
+    return torch.autograd.grad(loss, w_prev, create_graph=True)[0]
+
+
 @dataclass
 class Tape:
     """What the graph-free forward keeps: (w_n, b_n) every `every` steps, w_n at the steps the loss
-    reads, and the plan that replays each step exactly (batch, augmentation)."""
+    reads, and the plan that replays each step exactly (batch, augmentation). last: the final step N
+    taped rather than run graph-free, (w_{N-1} leaf, g_N, images leaf), so the walk starts without
+    re-taping it (not with ATT, whose N_opt is known only after step N)."""
     every: int
     checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor | None]]
     kept: dict[int, torch.Tensor]
     plan: StepPlan
     n_final: int = 0
+    last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def record_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int, batch_syn: int,
@@ -184,7 +194,9 @@ def record_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int,
                  states_bytes: float = RECOMPUTE_STATES_MIB * 2**20) -> Tape:
     """Graph-free forward for --unroll recompute. Keeps every (w_n, b_n) if they fit in states_bytes,
     else checkpoints every ceil(sqrt(N)) steps (O(sqrt(N)) parameter vectors; checkpoint_every); ATT's
-    N_opt is tracked on the fly (first minimum, as final_step)."""
+    N_opt is tracked on the fly (first minimum, as final_step). Without ATT the last step keeps its graph
+    (Tape.last): the walk back starts there, so it is computed once, not twice; the one step's graph is
+    what the walk holds anyway."""
     device = syn_images.device
     images, alpha = syn_images.detach(), syn_lr.detach()
     every = checkpoint_every(syn_steps, state_pair_bytes(w0), states_bytes)
@@ -194,8 +206,15 @@ def record_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int,
     tape = Tape(every, {0: (w, None)}, {0: w} if 0 in keep else {}, plan)
     best_e = best_n = best_w = None  # ATT's running first minimum, kept on the device: no sync per step
     for n, (idx, aug) in enumerate(zip(plan.batches, plan.augs), start=1):
-        w, b = _free_step(student, w, b, images[idx], syn_labels[idx], alpha, aug, syn_mom=syn_mom,
-                          loss_weight=loss_weight)
+        if n == syn_steps and not auto_steps:
+            w_prev, leaf = w.detach().requires_grad_(True), syn_images.detach().requires_grad_(True)
+            g = _taped_step(student, w_prev, leaf, idx, syn_labels[idx], aug, loss_weight=loss_weight)
+            b = g.detach() if (syn_mom == 0.0 or b is None) else syn_mom * b + g.detach()
+            w = w_prev.detach() - alpha * b
+            tape.last = (w_prev, g, leaf)
+        else:
+            w, b = _free_step(student, w, b, images[idx], syn_labels[idx], alpha, aug, syn_mom=syn_mom,
+                              loss_weight=loss_weight)
         if n % every == 0:
             tape.checkpoints[n] = (w, b)
         if n in keep or n == syn_steps:
@@ -223,7 +242,7 @@ def recompute_backward(student, syn_images, syn_labels, syn_lr, tape: Tape, seed
     dα += -b_n·λ, one vector-Jacobian product of g_n with v gives dS and H_n v, and
     λ_{n-1} = λ + H_n v (+ seed), λ_b,{n-1} = μ v. The walk goes segment by segment between
     checkpoints, regenerating each segment's states graph-free first; steps after the last loss term
-    cost nothing.
+    cost nothing; step N's graph comes from record_steps (Tape.last) when it taped it.
     """
     alpha = syn_lr.detach()
     batches, augs = tape.plan.batches, tape.plan.augs
@@ -232,7 +251,8 @@ def recompute_backward(student, syn_images, syn_labels, syn_lr, tape: Tape, seed
     lam_b = torch.zeros_like(lam)
     grad_s = torch.zeros_like(syn_images)
     grad_alpha = torch.zeros_like(alpha)
-    images = syn_images.detach().requires_grad_(True)
+    last, tape.last = tape.last, None  # step N's graph, taped by record_steps: released once used
+    images = last[2] if last is not None else syn_images.detach().requires_grad_(True)
     seg_end = n_top
     while seg_end > 0:
         seg_start = (seg_end - 1) // tape.every * tape.every
@@ -244,14 +264,18 @@ def recompute_backward(student, syn_images, syn_labels, syn_lr, tape: Tape, seed
                               syn_mom=syn_mom, loss_weight=loss_weight)
             ws[n], bs[n] = w, b
         for n in range(seg_end, seg_start, -1):
-            w_prev = ws[n - 1].detach().requires_grad_(True)
             idx = batches[n - 1]
-            loss = inner_loss(student, w_prev, images[idx], syn_labels[idx], aug=augs[n - 1],
-                              loss_weight=loss_weight)
-            g = torch.autograd.grad(loss, w_prev, create_graph=True)[0]
+            if last is not None and n == len(batches):
+                (w_prev, g, _), last = last, None
+            else:
+                w_prev = ws[n - 1].detach().requires_grad_(True)
+                g = _taped_step(student, w_prev, images, idx, syn_labels[idx], augs[n - 1], loss_weight=loss_weight)
             b_n = g.detach() if (syn_mom == 0.0 or bs[n - 1] is None) else syn_mom * bs[n - 1] + g.detach()
             grad_alpha -= (b_n * lam).sum()
             v = lam_b - alpha * lam
+            if n == 1:  # the start's adjoint λ_0 is not needed: the images' part of the product only
+                grad_s += torch.autograd.grad(g, images, grad_outputs=v)[0]
+                break
             hv, gs = torch.autograd.grad(g, [w_prev, images], grad_outputs=v)
             grad_s += gs
             lam = lam + hv + seeds.get(n - 1, 0)
