@@ -71,3 +71,13 @@ def test_versus_runs_end_to_end(monkeypatch):
         assert ph['steps'] == {'record': 20, 'regenerate': regenerated, 'retape': 19, 'products': 20}
         assert all(v > 0 for k, v in ph['phase_sec'].items() if ph['steps'][k])
         assert math.isclose(ph['predicted_sec'], sum(ph['phase_sec'].values()))
+
+
+def test_layers_part_times_both_kinds(monkeypatch):
+    """--only layers: one row per layer and batch, the stock and our layer's first and second derivative."""
+    monkeypatch.setattr(bench, 'LAYER_BATCHES', (2,))
+    rows = bench.bench_layers('cpu', repeats=1)
+    assert [r['layer'] for r in rows] == [c[0] for c in bench.layer_cells()]
+    for r in rows:
+        assert r['input'][0] == 2
+        assert all(r[f'{k}_{d}_ms'] > 0 for k in ('stock', 'ours') for d in ('first', 'second'))

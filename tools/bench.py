@@ -375,6 +375,59 @@ def bench_reparam(device: str, calls: int = 2000) -> dict:
     return r
 
 
+# ---------------------------------------------------------------- one layer's second derivative (--only layers)
+
+LAYER_BATCHES = (10, 100)  # the ConvNet-128 maps of a 32x32x3 unroll at ipc 1 and ipc 10
+
+
+def layer_cells():
+    """(name, ours, stock, input shape per image): trajmatch/layers.py's layers and the PyTorch layers
+    they stand for."""
+    from torch import nn
+    from trajmatch import layers
+    return [('instance norm', lambda: layers.InstanceNorm(128), lambda: nn.GroupNorm(128, 128), (128, 32, 32)),
+            ('ReLU', layers.ReLU, nn.ReLU, (128, 32, 32)),
+            ('2x2 average pooling', layers.AvgPool2, lambda: nn.AvgPool2d(2, 2), (128, 32, 32)),
+            ('conv 3->128', lambda: layers.Conv2d(3, 128, 3, padding=1), lambda: nn.Conv2d(3, 128, 3, padding=1),
+             (3, 32, 32)),
+            ('conv 128->128', lambda: layers.Conv2d(128, 128, 3, padding=1), lambda: nn.Conv2d(128, 128, 3, padding=1),
+             (128, 16, 16))]
+
+
+def bench_layers(device: str, repeats: int = 10) -> list[dict]:
+    """Milliseconds of one layer's forward + create_graph backward (the inner step) and of the backward of
+    that backward (the matching loss's), ours against the stock layer, median of `repeats` after a warm-up;
+    the input needs its gradient, as every layer's but the first does in the unroll."""
+    dev = torch.device(device)
+    rows = []
+    for batch in LAYER_BATCHES:
+        for name, ours, stock, shape in layer_cells():
+            row = {'layer': name, 'input': [batch, *shape], 'device': device}
+            for kind, make in (('stock', stock), ('ours', ours)):
+                torch.manual_seed(0)
+                layer = make().to(dev)
+                params = list(layer.parameters())
+                x = torch.randn(batch, *shape, device=dev, requires_grad=True)
+                gy = torch.randn(layer(x).shape, device=dev)
+                taped = {}
+
+                def first():
+                    grads = torch.autograd.grad(layer(x), [x, *params], gy, create_graph=True)
+                    taped['g'] = [g for g in grads if g.requires_grad]  # a bias's gradient is constant here
+
+                def second():
+                    torch.autograd.grad(taped['g'], [x, *params], [torch.ones_like(t) for t in taped['g']],
+                                        retain_graph=True, allow_unused=True)
+
+                row[f'{kind}_first_ms'] = _median_time(first, repeats) * 1e3
+                row[f'{kind}_second_ms'] = _median_time(second, repeats) * 1e3
+            rows.append(row)
+            print(f"layer {name:>20} {'x'.join(map(str, row['input'])):>14}: forward + backward "
+                  f"{row['stock_first_ms']:7.2f} -> {row['ours_first_ms']:7.2f} ms, double backward "
+                  f"{row['stock_second_ms']:7.2f} -> {row['ours_second_ms']:7.2f} ms (stock -> ours)", flush=True)
+    return rows
+
+
 def bench_loop(device: str, buffer_path: str, iters: int = 20) -> dict:
     """Seconds per distill.py iteration (ipc 10, syn_steps 20, Digits), everything in the loop included
     (expert loading, unroll, update, logging): the time of a run of 5 + iters iterations minus that of
@@ -692,7 +745,7 @@ def run_child(name: str, *args, env: dict | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-PARTS = ['distill', 'loop', 'reparam', 'expert', 'eval', 'cross', 'trajectories', 'versus', 'memplan']
+PARTS = ['distill', 'loop', 'reparam', 'expert', 'eval', 'cross', 'trajectories', 'layers', 'versus', 'memplan']
 LONG = ('versus', 'memplan')  # not run by default: half an hour and more on a 2-core CPU
 
 
@@ -741,6 +794,8 @@ def main(argv=None):
         result['memplan'] = bench_memplan(device)
     if 'trajectories' in args.only:
         result['trajectories'] = bench_trajectories(device)
+    if 'layers' in args.only:
+        result['layers'] = bench_layers(device)
     if 'versus' in args.only:
         cells = [(c.split(':')[0], int(c.split(':')[1])) for c in args.cells]
         result['versus'] = bench_versus(device, cells, tuple(args.impls))
