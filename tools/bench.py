@@ -394,37 +394,47 @@ def layer_cells():
              (128, 16, 16))]
 
 
-def bench_layers(device: str, repeats: int = 10) -> list[dict]:
+def layers_child(batch: str, device: str, repeats: str = '10') -> list[dict]:
     """Milliseconds of one layer's forward + create_graph backward (the inner step) and of the backward of
-    that backward (the matching loss's), ours against the stock layer, median of `repeats` after a warm-up;
-    the input needs its gradient, as every layer's but the first does in the unroll."""
+    that backward (the matching loss's), ours against the stock layer, median of `repeats` after a warm-up.
+    As inside the unroll, the layer's input and its output's gradient both carry gradients (they depend on
+    the weights through the other layers), and the double backward returns all of them."""
     dev = torch.device(device)
     rows = []
+    for name, ours, stock, shape in layer_cells():
+        row = {'layer': name, 'input': [int(batch), *shape], 'device': device}
+        for kind, make in (('stock', stock), ('ours', ours)):
+            torch.manual_seed(0)
+            layer = make().to(dev)
+            params = list(layer.parameters())
+            x = torch.randn(int(batch), *shape, device=dev, requires_grad=True)
+            gy = torch.randn(layer(x).shape, device=dev, requires_grad=True)
+            taped = {}
+
+            def first():
+                grads = torch.autograd.grad(layer(x), [x, *params], gy, create_graph=True)
+                taped['g'] = [g for g in grads if g.requires_grad]
+
+            def second():
+                torch.autograd.grad(taped['g'], [x, gy, *params], [torch.ones_like(t) for t in taped['g']],
+                                    retain_graph=True, allow_unused=True)
+
+            row[f'{kind}_first_ms'] = _median_time(first, int(repeats)) * 1e3
+            row[f'{kind}_second_ms'] = _median_time(second, int(repeats)) * 1e3
+        rows.append(row)
+    return rows
+
+
+def bench_layers(device: str, repeats: int = 10) -> list[dict]:
+    """layers_child at each of LAYER_BATCHES, one fresh process each, one thread, malloc tuned."""
+    rows = []
     for batch in LAYER_BATCHES:
-        for name, ours, stock, shape in layer_cells():
-            row = {'layer': name, 'input': [batch, *shape], 'device': device}
-            for kind, make in (('stock', stock), ('ours', ours)):
-                torch.manual_seed(0)
-                layer = make().to(dev)
-                params = list(layer.parameters())
-                x = torch.randn(batch, *shape, device=dev, requires_grad=True)
-                gy = torch.randn(layer(x).shape, device=dev)
-                taped = {}
-
-                def first():
-                    grads = torch.autograd.grad(layer(x), [x, *params], gy, create_graph=True)
-                    taped['g'] = [g for g in grads if g.requires_grad]  # a bias's gradient is constant here
-
-                def second():
-                    torch.autograd.grad(taped['g'], [x, *params], [torch.ones_like(t) for t in taped['g']],
-                                        retain_graph=True, allow_unused=True)
-
-                row[f'{kind}_first_ms'] = _median_time(first, repeats) * 1e3
-                row[f'{kind}_second_ms'] = _median_time(second, repeats) * 1e3
-            rows.append(row)
-            print(f"layer {name:>20} {'x'.join(map(str, row['input'])):>14}: forward + backward "
+        got = run_child('layers', batch, device, repeats, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        for row in got:
+            print(f"layer {row['layer']:>20} {'x'.join(map(str, row['input'])):>14}: forward + backward "
                   f"{row['stock_first_ms']:7.2f} -> {row['ours_first_ms']:7.2f} ms, double backward "
                   f"{row['stock_second_ms']:7.2f} -> {row['ours_second_ms']:7.2f} ms (stock -> ours)", flush=True)
+        rows += got
     return rows
 
 
@@ -735,7 +745,8 @@ def _trajectories(k, ipc, device):
 # name: (function of the command line's strings, whether the child tunes malloc as the entry points do);
 # memplan's children measure RSS with glibc's mmap threshold fixed instead (bench_memplan)
 CHILDREN = {'distill': (_distill, True), 'memplan': (_memplan, False), 'trajectories': (_trajectories, True),
-            'versus': (versus_child, True), 'rate': (rate_child, True), 'phases': (phases_child, True)}
+            'versus': (versus_child, True), 'rate': (rate_child, True), 'phases': (phases_child, True),
+            'layers': (layers_child, True)}
 
 
 def run_child(name: str, *args, env: dict | None = None) -> dict:

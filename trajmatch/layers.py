@@ -119,12 +119,14 @@ class _InstanceNormBackward(Function):
         mean_g = beta_gy * a + beta_ggx * m
         k = r * (beta_gy * b + beta_ggx * cc + gr * s)                        # r (mean(G x̂) + γ r s)
         # x̂ = r x - r μ: each output is one broadcast multiply-add on x, then one per other map
-        # d gy = gr ggx + beta_gy x̂ + (ggb - gr m)
-        d_gy = torch.addcmul(ggb - gr * m - beta_gy * r * mu, x, beta_gy * r).addcmul_(ggx, gr.expand_as(r))
-        # d x = r (G - mean_g) - k x̂
-        d_x = torch.addcmul(k * r * mu - r * mean_g, x, -k * r)
-        d_x.addcmul_(gy, r * beta_gy).addcmul_(ggx, r * beta_ggx)
-        d_w = (s * r).sum(0).view(c) * hw
+        d_gy = d_x = d_w = None
+        if engine_needs(ctx, 0):  # d gy = gr ggx + beta_gy x̂ + (ggb - gr m)
+            d_gy = torch.addcmul(ggb - gr * m - beta_gy * r * mu, x, beta_gy * r).addcmul_(ggx, gr.expand_as(r))
+        if engine_needs(ctx, 1):  # d x = r (G - mean_g) - k x̂
+            d_x = torch.addcmul(k * r * mu - r * mean_g, x, -k * r)
+            d_x.addcmul_(gy, r * beta_gy).addcmul_(ggx, r * beta_ggx)
+        if engine_needs(ctx, 2):
+            d_w = (s * r).sum(0).view(c) * hw
         return d_gy, d_x, d_w, None, None
 
 
@@ -167,7 +169,7 @@ class _ReLUBackward(Function):
     @second_order_only
     def backward(ctx, ggx):
         y, = ctx.saved_tensors
-        return aten.threshold_backward(ggx, y, 0), None
+        return (aten.threshold_backward(ggx, y, 0) if engine_needs(ctx, 0) else None), None
 
 
 class ReLU(nn.ReLU):
@@ -224,7 +226,7 @@ class _AvgPool2Backward(Function):
     @staticmethod
     @second_order_only
     def backward(ctx, ggx):
-        return pool2(ggx), None
+        return (pool2(ggx) if engine_needs(ctx, 0) else None), None
 
 
 class AvgPool2(nn.AvgPool2d):
