@@ -1,25 +1,28 @@
-"""Instance norm, ReLU and 2x2 average pooling with a cheaper second derivative (docs/benchmarks.md).
+"""Convolution, instance norm, ReLU and 2x2 average pooling with a cheaper second derivative.
 
 Trajectory matching differentiates the student's gradient: every inner step runs a layer's backward with
 create_graph=True, and the matching loss's backward then runs that backward's backward. PyTorch's own
-layers pay for this in three places, none of which changes a value:
+layers pay for this in four places, none of which changes a value:
 - GroupNorm's create_graph backward is a composite of a dozen element-wise ops (so that it can be
   differentiated), and its derivative walks back through all of them;
 - the derivatives of ReLU's and average pooling's backward with respect to their saved input are zero,
-  but autograd materialises those zeros as full tensors and adds them into the adjoint;
-- each of these leaves extra tensors on the tape.
+  but autograd materialises those zeros as full tensors and adds them into the adjoints;
+- NCHW average pooling and its backward are slow kernels on a CPU;
+- the convolution's double backward builds its input part from a transposed convolution.
 Here each layer is a pair of autograd Functions: the forward's backward is a Function whose forward is the
-fused ATen kernel (native_group_norm_backward, threshold_backward, avg_pool2d_backward) and whose backward
-is that kernel's derivative written out: for instance norm a handful of per-channel reductions and fused
-multiply-adds (the formulas below), for ReLU and pooling the same linear map again and nothing for the
-saved input. The second derivative is not differentiable again: a third derivative raises ThirdDerivativeError.
+fused ATen kernel (convolution_backward, native_group_norm_backward, threshold_backward; pooling by slices)
+and whose backward is that kernel's derivative written out: for instance norm a handful of per-channel
+reductions and fused multiply-adds (the formulas below), for the convolution one forward or backward kernel
+per part, for ReLU and pooling the same linear map again and nothing for the saved input. Each part is
+computed only when the running backward pass needs it (engine_needs). The second derivative is not
+differentiable again: a third derivative raises ThirdDerivativeError.
 
-The modules are nn.GroupNorm / nn.ReLU / nn.AvgPool2d subclasses with the same parameters, names and
-state dict; they take the fused path only where it helps and is supported (autograd recording, no autocast,
-no torch.func transform such as the stacked students' vmap, float32/float64 4-d input, instance norm's one
-channel per group) and call the stock functional otherwise. tests/test_layers.py checks values, gradients
-and second derivatives against the stock layers in float64, and the trajectory-matching gradient of a
-ConvNet built from them against one built from the stock layers.
+The modules are nn.Conv2d / nn.GroupNorm / nn.ReLU / nn.AvgPool2d subclasses with the same parameters,
+names and state dict; they take the fused path only where it is supported (autograd recording, no autocast,
+no torch.func transform such as the stacked students' vmap, float32/float64 4-d input) and call the stock
+functional otherwise. tests/test_layers.py checks values, gradients and second derivatives against the stock
+layers and finite differences in float64, and the trajectory-matching gradient of a ConvNet built from them
+against one built from the stock layers. Timings: docs/benchmarks.md; formulas: docs/method.md, section 2.
 """
 import torch
 import torch.nn as nn
