@@ -210,7 +210,9 @@ def test_stock_layers_gives_the_stock_network_with_the_same_parameters():
     assert stock_layers(net).features[1].weight is weight  # in place, parameters shared
 
 
-@pytest.mark.parametrize('model, shape', [('ConvNet', (3, 10, (16, 16))), ('ConvNetW32', (1, 10, (28, 28)))])
+@pytest.mark.parametrize('model, shape', [('ConvNet', (3, 10, (16, 16))), ('ConvNetW32', (1, 10, (28, 28))),
+                                          ('ConvNetLN', (3, 10, (16, 16))), ('ConvNetNN', (3, 10, (16, 16))),
+                                          ('ConvNetBN', (3, 10, (16, 16)))])
 @pytest.mark.parametrize('mode', ['bptt', 'recompute'])
 @pytest.mark.parametrize('syn_mom', [0.0, 0.5])
 def test_matching_gradient_equals_the_stock_networks(model, shape, mode, syn_mom):
