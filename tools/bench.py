@@ -142,8 +142,8 @@ MEMPLAN_RAM_SHARE = 0.4  # run a cell only if its predicted growth is below this
 
 def random_cell(case: str, ipc: int, dev: torch.device, stock: bool = False):
     """A MEMPLAN_CASES cell on random images (time and memory do not depend on the values): the student,
-    images, labels, syn_lr, w0, targets and the generator, seeded 0. stock: the student's norm, ReLU and
-    pooling are PyTorch's own (trajmatch.layers.stock_layers), not trajmatch/layers.py's."""
+    images, labels, syn_lr, w0, targets and the generator, seeded 0. stock: the student's convolution, norm,
+    ReLU and pooling are PyTorch's own (trajmatch.layers.stock_layers), not trajmatch/layers.py's."""
     from trajmatch.layers import stock_layers
     from trajmatch.matching import Targets
     from networks import get_network
@@ -522,7 +522,7 @@ IMPLS = {'mtt': 'default', 'bptt': 'tuned', 'recompute': 'tuned', 'bptt_glibc': 
          'mtt_tuned': 'tuned', 'recompute_sqrt': 'tuned', 'bptt_stock': 'tuned', 'recompute_stock': 'tuned'}
 # recompute's state budget per implementation (--recompute_states_mib); recompute_sqrt: always checkpoints
 # every ceil(sqrt(N)) steps, the schedule before the budget existed. *_stock: ours through PyTorch's stock
-# norm/ReLU/pooling (trajmatch.layers.stock_layers), the layers' share
+# conv/norm/ReLU/pooling (trajmatch.layers.stock_layers), the layers' share
 STATES_MIB = {'recompute_sqrt': 0.0}
 VERSUS_IMPLS = ('mtt', 'bptt', 'recompute')  # run by default; the others: --impls
 VERSUS_STEPS = 20

@@ -67,7 +67,7 @@ QUICKSTART_FLOOR = {False: 0.85, True: 0.2}  # final-set accuracy (full: README 
 MEMPLAN_CELLS = {False: [('32x32x3', ipc, u, 20) for ipc in (1, 10) for u in ('bptt', 'recompute')],
                  True: [('Digits', 1, u, s) for u in ('bptt', 'recompute') for s in (10, 20)]}
 # bench cells at CIFAR shape: (ipc, unroll, syn_steps)
-# 'bptt_stock': bptt with PyTorch's own norm/ReLU/pooling (trajmatch.layers.stock_layers), whether our layers'
+# 'bptt_stock': bptt with PyTorch's own conv/norm/ReLU/pooling (trajmatch.layers.stock_layers), whether our layers'
 # hand-written second derivative also pays on the device (measured on a CPU only: docs/benchmarks.md)
 BENCH_CELLS = {False: [(ipc, u, 20) for ipc in (1, 10) for u in ('bptt', 'recompute', 'bptt_stock')],
                True: [(1, u, 5) for u in ('bptt', 'recompute', 'bptt_stock')]}

@@ -48,6 +48,22 @@ def second_order_only(backward):
     return wrapped
 
 
+def engine_needs(ctx, i: int) -> bool:
+    """Whether the running backward pass needs the gradient of input i of the Function behind ctx (the
+    stock C++ nodes skip outputs the engine will not use, e.g. the images' gradient inside an inner
+    step's autograd.grad(loss, w)). Where the engine cannot tell (a leaf asked for by autograd.grad),
+    yes."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i][0]
+    if node is None:
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (RuntimeError, AttributeError):
+        return True
+
+
 def fused_path(x: torch.Tensor) -> bool:
     """Whether the custom Functions apply: a recorded float 4-d call outside autocast and torch.func."""
     return (torch.is_grad_enabled() and x.dim() == 4 and x.dtype in (torch.float32, torch.float64)
@@ -249,22 +265,6 @@ class AvgPool2(nn.AvgPool2d):
 # PyTorch's convolution double backward (_convolution_double_backward) builds the input's part from a
 # transposed convolution, which on a CPU runs about 1.4x slower than the backward-data kernel that computes
 # the same map (docs/benchmarks.md). Here each part is one forward or backward kernel of the convolution.
-
-def engine_needs(ctx, i: int) -> bool:
-    """Whether the running backward pass needs the gradient of input i of the Function behind ctx (the
-    stock C++ nodes skip outputs the engine will not use, e.g. the images' gradient inside an inner
-    step's autograd.grad(loss, w)). Where the engine cannot tell (a leaf asked for by autograd.grad),
-    yes."""
-    if not ctx.needs_input_grad[i]:
-        return False
-    node = ctx.next_functions[i][0]
-    if node is None:
-        return False
-    try:
-        return bool(torch._C._will_engine_execute_node(node))
-    except (RuntimeError, AttributeError):
-        return True
-
 
 class _Conv(Function):
     @staticmethod

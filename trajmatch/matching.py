@@ -122,6 +122,11 @@ def inner_loss(student, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, au
     return F.cross_entropy(student(apply_draw(x, aug), w), y) * loss_weight
 
 
+def heavy_ball(b: torch.Tensor | None, g: torch.Tensor, syn_mom: float) -> torch.Tensor:
+    """b_n = μ b_{n-1} + g_n (b_1 = g_1; μ = 0: plain SGD, b_n = g_n)."""
+    return g if (syn_mom == 0.0 or b is None) else syn_mom * b + g
+
+
 def unroll(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int, batch_syn: int,
            generator: torch.Generator, syn_mom: float = 0.0, use_dsa: bool = True,
            loss_weight: float = 1.0) -> list[torch.Tensor]:
@@ -132,7 +137,7 @@ def unroll(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int, batch
     for idx, aug in zip(plan.batches, plan.augs):
         loss = inner_loss(student, w, syn_images[idx], syn_labels[idx], aug=aug, loss_weight=loss_weight)
         g = torch.autograd.grad(loss, w, create_graph=True)[0]
-        b = g if (syn_mom == 0.0 or b is None) else syn_mom * b + g
+        b = heavy_ball(b, g, syn_mom)
         w = w - syn_lr * b
         ws.append(w)
     return ws
@@ -145,7 +150,7 @@ def _free_step(student, w, b, x, y, alpha, aug: Draw, *, syn_mom: float, loss_we
     w = w.detach().requires_grad_(True)
     loss = inner_loss(student, w, x, y, aug=aug, loss_weight=loss_weight)
     g = torch.autograd.grad(loss, w)[0]
-    b = g if (syn_mom == 0.0 or b is None) else syn_mom * b + g
+    b = heavy_ball(b, g, syn_mom)
     return (w - alpha * b).detach(), b
 
 
@@ -209,7 +214,7 @@ def record_steps(student, syn_images, syn_labels, syn_lr, w0, *, syn_steps: int,
         if n == syn_steps and not auto_steps:
             w_prev, leaf = w.detach().requires_grad_(True), syn_images.detach().requires_grad_(True)
             g = _taped_step(student, w_prev, leaf, idx, syn_labels[idx], aug, loss_weight=loss_weight)
-            b = g.detach() if (syn_mom == 0.0 or b is None) else syn_mom * b + g.detach()
+            b = heavy_ball(b, g.detach(), syn_mom)
             w = w_prev.detach() - alpha * b
             tape.last = (w_prev, g, leaf)
         else:
@@ -270,7 +275,7 @@ def recompute_backward(student, syn_images, syn_labels, syn_lr, tape: Tape, seed
             else:
                 w_prev = ws[n - 1].detach().requires_grad_(True)
                 g = _taped_step(student, w_prev, images, idx, syn_labels[idx], augs[n - 1], loss_weight=loss_weight)
-            b_n = g.detach() if (syn_mom == 0.0 or bs[n - 1] is None) else syn_mom * bs[n - 1] + g.detach()
+            b_n = heavy_ball(bs[n - 1], g.detach(), syn_mom)
             grad_alpha -= (b_n * lam).sum()
             v = lam_b - alpha * lam
             if n == 1:  # the start's adjoint λ_0 is not needed: the images' part of the product only
